@@ -1,0 +1,132 @@
+"""Dequantizing matrix-vector products, on four backends.
+
+    dequant_matvec(x, w, scales, biases, bits=, group_size=)            x (..., in) -> (..., out)
+    gather_dequant_matvec(x, w, scales, biases, indices, bits=, ...)    -> (..., K, out)
+
+Backends: "metal" (mx.fast.metal_kernel), "cuda" (mx.fast.cuda_kernel), "mlx" (MLX's own
+quantized_matmul / gather_qmm), "reference" (pure-MLX shifts and masks, the ground truth),
+"auto" (metal, else cuda, else mlx). flashmoe's kernels cover affine 2/4/8 bits; bits 3/5/6
+and the fp formats (mxfp4, nvfp4, mxfp8) go through MLX's quantized_matmul on every backend.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ..errors import BackendUnavailableError, FlashMoeError  # noqa: F401 (re-exported)
+from . import gpu, reference
+
+BACKENDS = ("metal", "cuda", "mlx", "reference")
+KERNEL_BITS = (2, 4, 8)
+
+
+def backend_available(backend: str) -> bool:
+    """Whether `backend` can run here (the GPU ones need their GPU as the default device)."""
+    on_gpu = mx.default_device() == mx.gpu
+    if backend == "metal":
+        return on_gpu and mx.metal.is_available()
+    if backend == "cuda":
+        return on_gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
+    return backend in BACKENDS
+
+
+def available_backends() -> list[str]:
+    """The backends that can run on this machine, fastest first."""
+    return [b for b in BACKENDS if backend_available(b)]
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """`backend`, or for "auto" the best one available; a clear error if it cannot run here."""
+    if backend == "auto":
+        return available_backends()[0]  # "mlx" always runs
+    if backend not in BACKENDS:
+        raise FlashMoeError(f"unknown kernel backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+    if not backend_available(backend):
+        raise BackendUnavailableError(
+            f"kernel backend {backend!r} cannot run here (default device {mx.default_device()}, "
+            f"available: {available_backends()})"
+        )
+    return backend
+
+
+def dequant_matvec(x, w, scales, biases, *, bits: int, group_size: int, mode: str = "affine", backend: str = "auto"):
+    """x (..., in) @ dequantize(w).T -> (..., out), for a quantized w (out, in * bits / 32)."""
+    _check_shapes(x, w, scales, biases, bits, group_size, mode)
+    backend = resolve_backend(backend)
+    if not _own_kernel(bits, mode) or backend == "mlx":
+        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
+    if backend == "reference":
+        return reference.dequant_matvec(x, w, scales, biases, bits=bits, group_size=group_size)
+    rows = x.reshape(-1, x.shape[-1])  # (P, in)
+    y = gpu.matvec(backend, rows, w, scales, biases, bits=bits, group_size=group_size)
+    return y.reshape(*x.shape[:-1], w.shape[-2])
+
+
+def gather_dequant_matvec(
+    x, w, scales, biases, indices, *, bits: int, group_size: int, mode: str = "affine", backend: str = "auto"
+):
+    """x against the experts `indices` (..., K) of a stacked w (E, out, in * bits / 32) -> (..., K, out).
+
+    x is (..., in), one input shared by the K experts (gate/up projections), or
+    (..., K, in), one input per selected expert (down projection).
+    """
+    _check_shapes(x, w, scales, biases, bits, group_size, mode)
+    shared = _check_gather(x, w, indices)
+    backend = resolve_backend(backend)
+    if not _own_kernel(bits, mode) or backend == "mlx":
+        xg = x[..., None, None, :] if shared else x[..., None, :]  # (..., 1 or K, 1, in)
+        y = mx.gather_qmm(
+            xg, w, scales, biases, rhs_indices=indices, transpose=True,
+            group_size=group_size, bits=bits, mode=mode,
+        )  # (..., K, 1, out)
+        return y.squeeze(-2)
+    if backend == "reference":
+        return reference.gather_dequant_matvec(x, w, scales, biases, indices, bits=bits, group_size=group_size)
+    k = indices.shape[-1]
+    y = gpu.gathered_matvec(
+        backend, x.reshape(-1, x.shape[-1]), w, scales, biases,
+        indices.reshape(-1).astype(mx.uint32),
+        x_div=k if shared else 1, bits=bits, group_size=group_size,
+    )  # (P, out) with P = prod(indices.shape)
+    return y.reshape(*indices.shape, w.shape[-2])
+
+
+def _own_kernel(bits: int, mode: str) -> bool:
+    return mode == "affine" and bits in KERNEL_BITS
+
+
+def _check_shapes(x, w, scales, biases, bits, group_size, mode) -> None:
+    """Refuse inputs whose shapes disagree with bits and group size, naming both."""
+    in_dim = scales.shape[-1] * group_size
+    problems = []
+    if w.dtype != mx.uint32:
+        problems.append(f"packed weights must be uint32, found {w.dtype}")
+    if w.shape[-1] * 32 != in_dim * bits:
+        problems.append(
+            f"w {w.shape} holds {w.shape[-1] * 32 / in_dim:g} bits per value for in_dim {in_dim} "
+            f"(scales {scales.shape} x group_size {group_size}), expected {bits}"
+        )
+    if w.shape[:-1] != scales.shape[:-1]:
+        problems.append(f"w {w.shape} and scales {scales.shape} differ in their leading dims")
+    if x.shape[-1] != in_dim:
+        problems.append(f"x has {x.shape[-1]} inputs, the weights expect {in_dim}")
+    if (mode == "affine") != (biases is not None):
+        problems.append(f"mode {mode!r} {'needs' if mode == 'affine' else 'takes no'} biases")
+    elif biases is not None and biases.shape != scales.shape:
+        problems.append(f"biases {biases.shape} must match scales {scales.shape}")
+    if problems:
+        raise FlashMoeError("dequant_matvec: " + "; ".join(problems))
+
+
+def _check_gather(x, w, indices) -> bool:
+    """Validate a gathered call; True when x is shared by the K experts."""
+    if w.ndim != 3:
+        raise FlashMoeError(f"gather_dequant_matvec: w must be stacked experts (E, out, words), found {w.shape}")
+    if x.ndim == indices.ndim and x.shape[:-1] == indices.shape[:-1]:
+        return True
+    if x.ndim == indices.ndim + 1 and x.shape[:-1] == indices.shape:
+        return False
+    raise FlashMoeError(
+        f"gather_dequant_matvec: x {x.shape} must be indices.shape[:-1] + (in,) or "
+        f"indices.shape + (in,) for indices {indices.shape}"
+    )

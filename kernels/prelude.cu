@@ -1,0 +1,23 @@
+// CUDA prelude for the kernel bodies in *.inc, which are written once in a small
+// subset common to Metal and CUDA. The part above "@body" goes into the kernel's
+// header; the part below opens the kernel body. A warp plays a SIMD group.
+
+__device__ __forceinline__ float fm_warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
+  return v;
+}
+
+#define FM_SHARED __shared__
+#define FM_BARRIER() __syncthreads()
+#define FM_SIMD_SUM(v) fm_warp_sum(v)
+#define FM_FMA(a, b, c) fmaf(a, b, c)
+#define FM_FLOAT4(a, b, c, d) make_float4(a, b, c, d)
+
+// @body
+const int fm_lane = int(threadIdx.x) & 31;   // lane in its warp, 0..31
+const int fm_warp = int(threadIdx.x) >> 5;   // warp in its block
+const int fm_thread = int(threadIdx.x);      // thread in its block
+const int fm_group_x = int(blockIdx.x);
+const int fm_group_y = int(blockIdx.y);

@@ -1,0 +1,17 @@
+// Metal prelude for the kernel bodies in *.inc, which are written once in a small
+// subset common to Metal and CUDA. The part above "@body" goes into the kernel's
+// header; the part below opens the kernel body. MLX's metal_kernel adds the thread
+// attributes it finds named in the body (thread_index_in_simdgroup, ...).
+
+#define FM_SHARED threadgroup
+#define FM_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define FM_SIMD_SUM(v) simd_sum(v)
+#define FM_FMA(a, b, c) fma(a, b, c)
+#define FM_FLOAT4(a, b, c, d) float4(a, b, c, d)
+
+// @body
+const int fm_lane = int(thread_index_in_simdgroup);        // lane in its SIMD group, 0..31
+const int fm_warp = int(simdgroup_index_in_threadgroup);   // SIMD group in its threadgroup
+const int fm_thread = int(thread_index_in_threadgroup);    // thread in its threadgroup
+const int fm_group_x = int(threadgroup_position_in_grid.x);
+const int fm_group_y = int(threadgroup_position_in_grid.y);
