@@ -1,0 +1,94 @@
+"""Dequant-matvec speed: every available backend next to mx.quantized_matmul, in one run.
+
+    python benchmarks/kernels.py [--backends cuda,mlx] [--calls 50] [--repeats 7] [--json out.json]
+
+For each (out, in) shape and bits: the median time of one matvec (1 x in activations,
+many calls per evaluation so per-call sync overhead does not dominate), the achieved
+GB/s of weight bytes (packed weights + scales + biases), that figure as a share of this
+machine's measured memory bandwidth, and the time relative to mx.quantized_matmul.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import mlx.core as mx
+
+from flashmoe import compute_dtype, kernels
+
+SHAPES = [(4096, 4096), (16384, 4096)]  # (out, in)
+BITS = (4, 8)
+GROUP_SIZE = 64
+
+
+def timed(fn, calls: int, repeats: int) -> float:
+    """Median seconds per call: `calls` calls per evaluation, `repeats` evaluations, one warm-up."""
+    mx.eval(fn())
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval([fn() for _ in range(calls)])  # one sync for many calls, as in a decode step
+        samples.append((time.perf_counter() - start) / calls)
+    return statistics.median(samples)
+
+
+def memory_bandwidth(calls: int, repeats: int) -> float:
+    """Measured GB/s of an elementwise add over 256 MiB of float32 (two reads and one write)."""
+    a, b = mx.random.normal((64, 1 << 20)), mx.random.normal((64, 1 << 20))
+    seconds = timed(lambda: a + b, max(1, calls // 10), repeats)
+    return 3 * a.nbytes / seconds / 1e9
+
+
+def bench_shape(out_dim, in_dim, bits, backends, calls, repeats) -> list[dict]:
+    """One row per backend for one matrix shape and bit width."""
+    w = mx.random.normal((out_dim, in_dim)).astype(mx.bfloat16)
+    q, scales, biases = mx.quantize(w, group_size=GROUP_SIZE, bits=bits)
+    x = mx.random.normal((1, in_dim)).astype(compute_dtype(mx.bfloat16))
+    weight_bytes = q.nbytes + scales.nbytes + biases.nbytes
+    rows = []
+    for backend in backends:
+        def call(backend=backend):
+            return kernels.dequant_matvec(x, q, scales, biases, bits=bits, group_size=GROUP_SIZE, backend=backend)
+        seconds = timed(call, calls, repeats)
+        rows.append(dict(shape=f"{out_dim}x{in_dim}", bits=bits, backend=backend,
+                         us=seconds * 1e6, gbps=weight_bytes / seconds / 1e9))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default=",".join(kernels.available_backends()))
+    parser.add_argument("--calls", type=int, default=50, help="matvecs per evaluation")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    backends = args.backends.split(",")
+    if "mlx" not in backends:
+        backends.append("mlx")  # the baseline: mx.quantized_matmul
+
+    bandwidth = memory_bandwidth(args.calls, args.repeats)
+    print(f"device {mx.default_device()}, activations {compute_dtype(mx.bfloat16)}, bf16 scales/biases, "
+          f"g{GROUP_SIZE}; measured memory bandwidth {bandwidth:.1f} GB/s (elementwise add)")
+    print(f"{'shape':>11} {'bits':>4} {'backend':>20} {'median us':>10} {'GB/s':>8} {'% of bw':>8} {'vs qmm':>7}")
+    rows = []
+    for out_dim, in_dim in SHAPES:
+        for bits in BITS:
+            group = bench_shape(out_dim, in_dim, bits, backends, args.calls, args.repeats)
+            base = next(r for r in group if r["backend"] == "mlx")["us"]
+            for r in group:
+                r["share_of_bandwidth"] = r["gbps"] / bandwidth
+                r["speedup_vs_quantized_matmul"] = base / r["us"]
+                name = "mlx (quantized_matmul)" if r["backend"] == "mlx" else r["backend"]
+                print(f"{r['shape']:>11} {bits:>4} {name:>20} {r['us']:>10.1f} {r['gbps']:>8.1f} "
+                      f"{100 * r['share_of_bandwidth']:>7.1f}% {r['speedup_vs_quantized_matmul']:>6.2f}x")
+            rows += group
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=str(mx.default_device()), bandwidth_gbps=bandwidth, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
