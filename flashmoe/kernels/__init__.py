@@ -57,9 +57,7 @@ def dequant_matvec(x, w, scales, biases, *, bits: int, group_size: int, mode: st
         return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
     if backend == "reference":
         return reference.dequant_matvec(x, w, scales, biases, bits=bits, group_size=group_size)
-    rows = x.reshape(-1, x.shape[-1])  # (P, in)
-    y = gpu.matvec(backend, rows, w, scales, biases, bits=bits, group_size=group_size)
-    return y.reshape(*x.shape[:-1], w.shape[-2])
+    return gpu.matvec(backend, x, w, scales, biases, bits=bits, group_size=group_size)
 
 
 def gather_dequant_matvec(
@@ -82,13 +80,12 @@ def gather_dequant_matvec(
         return y.squeeze(-2)
     if backend == "reference":
         return reference.gather_dequant_matvec(x, w, scales, biases, indices, bits=bits, group_size=group_size)
-    k = indices.shape[-1]
-    y = gpu.gathered_matvec(
-        backend, x.reshape(-1, x.shape[-1]), w, scales, biases,
-        indices.reshape(-1).astype(mx.uint32),
-        x_div=k if shared else 1, bits=bits, group_size=group_size,
-    )  # (P, out) with P = prod(indices.shape)
-    return y.reshape(*indices.shape, w.shape[-2])
+    idx = indices if indices.dtype == mx.uint32 else indices.astype(mx.uint32)
+    return gpu.gathered_matvec(
+        backend, x, w, scales, biases, idx,
+        x_div=indices.shape[-1] if shared else 1, bits=bits, group_size=group_size,
+        out_shape=(*indices.shape, w.shape[-2]),
+    )
 
 
 def _own_kernel(bits: int, mode: str) -> bool:

@@ -14,7 +14,9 @@ import mlx.core as mx
 
 from . import sources
 
-ROWS_PER_GROUP = 8  # output rows per threadgroup, one SIMD group (warp) each
+SIMDS_PER_GROUP = 8  # SIMD groups (warps) per threadgroup
+ROWS_PER_SIMD = 1  # output rows per SIMD group: each x value read from shared memory serves them all
+WORD_LOADS_IN_FLIGHT = 4  # uint32 loads each lane issues before using them
 X_TILE = 2048  # input values staged in shared memory at a time (8 KiB of float32)
 INPUT_NAMES = ["x", "w", "scales", "biases", "idx", "dims"]
 
@@ -51,10 +53,15 @@ def _zeros(pairs: int) -> mx.array:
     return mx.zeros((pairs,), dtype=mx.uint32)
 
 
-def gathered_matvec(backend, x, w, scales, biases, idx, *, x_div, bits, group_size) -> mx.array:
-    """x (P / x_div, in), w (E, out, words), idx (P,) uint32 -> y (P, out) in x's dtype."""
-    pairs, (experts, out_dim, _), in_dim = idx.shape[0], w.shape, x.shape[-1]
-    threads = ROWS_PER_GROUP * 32
+def gathered_matvec(backend, x, w, scales, biases, idx, *, x_div, bits, group_size, out_shape) -> mx.array:
+    """Pairs p = 0..P-1 (P = idx.size): y[p] = dequant(w[idx[p]]) @ x[p // x_div] -> y of out_shape.
+
+    x (P / x_div rows of in), w (E, out, words) or (out, words) when idx is all zeros,
+    row-contiguous: the kernel indexes flat memory, so no reshape (an extra op per call) is needed.
+    """
+    pairs, out_dim, in_dim = idx.size, w.shape[-2], x.shape[-1]
+    threads = SIMDS_PER_GROUP * 32
+    rows_per_group = SIMDS_PER_GROUP * ROWS_PER_SIMD
     kwargs = {} if _poison is None else {"init_value": _poison}
     (y,) = _kernel(backend)(
         inputs=[x, w, scales, biases, idx, _dims(out_dim, in_dim, x_div)],
@@ -62,12 +69,14 @@ def gathered_matvec(backend, x, w, scales, biases, idx, *, x_div, bits, group_si
             ("T", x.dtype),
             ("BITS", bits),
             ("GROUP_SIZE", group_size),
-            ("ROWS", ROWS_PER_GROUP),
+            ("SIMDS", SIMDS_PER_GROUP),
+            ("RPS", ROWS_PER_SIMD),
+            ("UNROLL", WORD_LOADS_IN_FLIGHT),
             ("TILE", X_TILE),
         ],
-        grid=(pairs * threads, math.ceil(out_dim / ROWS_PER_GROUP), 1),
+        grid=(pairs * threads, math.ceil(out_dim / rows_per_group), 1),
         threadgroup=(threads, 1, 1),
-        output_shapes=[(pairs, out_dim)],
+        output_shapes=[out_shape],
         output_dtypes=[x.dtype],
         **kwargs,
     )
@@ -75,9 +84,9 @@ def gathered_matvec(backend, x, w, scales, biases, idx, *, x_div, bits, group_si
 
 
 def matvec(backend, x, w, scales, biases, *, bits, group_size) -> mx.array:
-    """x (P, in) against one matrix w (out, words) -> (P, out): the gathered kernel with one expert."""
-    pairs = x.shape[0]
+    """x (..., in) against one matrix w (out, words) -> (..., out): the gathered kernel with expert 0."""
+    pairs = x.size // x.shape[-1]
     return gathered_matvec(
-        backend, x, w[None], scales[None], biases[None], _zeros(pairs),
-        x_div=1, bits=bits, group_size=group_size,
+        backend, x, w, scales, biases, _zeros(pairs),
+        x_div=1, bits=bits, group_size=group_size, out_shape=(*x.shape[:-1], w.shape[-2]),
     )

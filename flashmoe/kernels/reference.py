@@ -27,15 +27,22 @@ def dequantize(w: mx.array, scales: mx.array, biases: mx.array, *, bits: int, gr
     return (groups * scale + bias).reshape(q.shape)
 
 
+def dot(weights: mx.array, x: mx.array) -> mx.array:
+    """weights (..., out, in) . x (..., in) -> (..., out) by multiply-and-sum in true float32.
+
+    Not a matmul: a GPU's float32 matmul may round its inputs through TF32 (~1e-3).
+    """
+    return (weights * x.astype(mx.float32)[..., None, :]).sum(-1)
+
+
 def dequant_matvec(x, w, scales, biases, *, bits: int, group_size: int) -> mx.array:
     """x (..., in) @ dequantize(w).T -> (..., out), computed in float32, returned in x's dtype."""
     weights = dequantize(w, scales, biases, bits=bits, group_size=group_size)  # (out, in)
-    return (x.astype(mx.float32) @ weights.T).astype(x.dtype)
+    return dot(weights, x).astype(x.dtype)
 
 
 def gather_dequant_matvec(x, w, scales, biases, indices, *, bits: int, group_size: int) -> mx.array:
     """x (..., in) or (..., K, in) against experts `indices` (..., K) of w (E, out, words) -> (..., K, out)."""
     weights = dequantize(w[indices], scales[indices], biases[indices], bits=bits, group_size=group_size)
     xk = x[..., None, :] if x.ndim == indices.ndim else x  # (..., K or 1, in)
-    y = weights @ xk.astype(mx.float32)[..., None]  # (..., K, out, 1)
-    return y.squeeze(-1).astype(x.dtype)
+    return dot(weights, xk).astype(x.dtype)  # (..., K, out)
