@@ -146,3 +146,15 @@ def test_gpu_kernel_objects_are_built_once(monkeypatch):
         gpu.matvec(backend, mx.zeros((2, 128)), q, scales, biases, bits=4, group_size=64)
     gpu._kernel.cache_clear()
     assert len(built) == 2
+
+
+@pytest.mark.parametrize("mode,bits,group_size", [("mxfp4", 4, 32), ("mxfp8", 8, 32)])
+def test_fp_modes_gathered_run_through_gather_qmm(mode, bits, group_size, seed):
+    w = mx.random.normal((4, 24, 256))
+    q, scales = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)
+    dense = mx.dequantize(q, scales, group_size=group_size, bits=bits, mode=mode)
+    indices = mx.array([[0, 3], [2, 2]], dtype=mx.uint32)
+    x = mx.random.normal((2, 256))
+    y = kernels.gather_dequant_matvec(x, q, scales, None, indices, bits=bits, group_size=group_size, mode=mode)
+    ref = exact_matmul(dense[indices], x[:, None, :, None]).squeeze(-1)
+    assert y.shape == (2, 2, 24) and rel_err(y, ref) < TOLERANCE
