@@ -62,8 +62,12 @@ class ModelArgs:
             fields["attention_bias"] = True
         if model_type in ("qwen3_next", "qwen3_5_moe"):
             fields.setdefault("full_attention_interval", 4)
+        if model_type == "qwen3_5_moe":
+            fields.setdefault("norm_topk_prob", True)  # mlx-lm's default for this family
         known = {f.name for f in dataclasses.fields(cls)}
-        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in fields]
+        required = [f for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [f.name for f in required if f.name not in fields]
         if missing:
             raise FlashMoeError(f"config.json: {model_type} needs {missing}, which are missing")
         args = cls(**{k: v for k, v in fields.items() if k in known and v is not None})

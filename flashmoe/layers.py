@@ -80,9 +80,10 @@ class Embedding:
         t = self.table
         if t.spec is None:
             return t.weight[tokens]
-        rows = mx.dequantize(t.weight[tokens], t.scales[tokens], None if t.biases is None else t.biases[tokens],
-                             **t._kw())
-        return rows.astype(self.dtype)
+        # Scales in the compute dtype first: mx.dequantize returns the scales' dtype (bf16 on disk).
+        scales = t.scales[tokens] if t.spec.mode != "affine" else t.scales[tokens].astype(self.dtype)
+        biases = None if t.biases is None else t.biases[tokens].astype(self.dtype)
+        return mx.dequantize(t.weight[tokens], scales, biases, **t._kw()).astype(self.dtype)
 
     def as_linear(self, x: mx.array) -> mx.array:
         return self.table(x)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_map_with_path
 
 # Widths of 128 let every group size (32/64/128) quantize every linear layer.
 _COMMON = dict(
@@ -51,14 +52,23 @@ def gates_at_8_bits(path: str, _module) -> dict | bool:
     return True
 
 
-def write_checkpoint(directory: Path, model_type: str, *, group_size=64, bits=4, predicate=None, seed=0) -> Path:
+def write_checkpoint(
+    directory: Path, model_type: str, *, group_size=64, bits=4, predicate=None, seed=0, overrides=None
+) -> Path:
     """Build a random mlx-lm model of `model_type`, quantize it as mlx-lm does, save it to `directory`."""
     from mlx_lm.utils import quantize_model, save_config, save_model
 
     module = importlib.import_module(f"mlx_lm.models.{model_type}")
     config = json.loads(json.dumps(CONFIGS[model_type]))
+    fields = config.get("text_config", config)
+    fields.update(overrides or {})
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(config))
+    cast = getattr(model, "cast_predicate", lambda _: True)  # as mlx-lm's convert: bf16, A_log kept
+    model.update(tree_map_with_path(
+        lambda k, v: v.astype(mx.bfloat16) if cast(k) and mx.issubdtype(v.dtype, mx.floating) else v,
+        model.parameters(),
+    ))
     predicate = predicate or getattr(model, "quant_predicate", None) or gates_at_8_bits
     model, config = quantize_model(model, config, group_size, bits, quant_predicate=predicate)
     directory.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,88 @@
+"""The Mixture-of-Experts block, one implementation for all four architectures.
+
+Shape letters: B batch, T tokens, D hidden, E experts, K experts per token, I expert width.
+
+    router    logits = gate(x)                       (B, T, E)   at the gate's own bits (often 8)
+              probs  = softmax(logits) in float32
+              top-K experts, weights renormalised when norm_topk_prob
+    experts   y_k = down_k(silu(gate_k(x)) * up_k(x))  (B, T, K, D) through the gathered kernel
+              y   = sum_k w_k y_k                       (B, T, D)
+    shared    y  += sigmoid(shared_expert_gate(x)) * shared_expert(x)   where the model has one
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .config import ModelArgs
+from .errors import FlashMoeError
+from .profile import timer
+from .weights import TensorStore
+
+
+class MLP:
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); dense layers and the shared expert."""
+
+    def __init__(self, store: TensorStore, prefix: str):
+        self.gate_proj = store.linear(f"{prefix}.gate_proj")
+        self.up_proj = store.linear(f"{prefix}.up_proj")
+        self.down_proj = store.linear(f"{prefix}.down_proj")
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class Routing:
+    """One MoE layer's routing decision (kept for analysis: notebooks, tests)."""
+
+    logits: mx.array  # (B, T, E) router scores before the softmax
+    experts: mx.array  # (B, T, K) chosen expert ids
+    weights: mx.array  # (B, T, K) their mixing weights
+
+
+class MoE:
+    """Router, K routed experts through the gathered kernel, optional gated shared expert."""
+
+    def __init__(self, store: TensorStore, prefix: str, args: ModelArgs, k: int | None = None):
+        self.k = k or args.num_experts_per_tok
+        if not 1 <= self.k <= args.num_experts:
+            raise FlashMoeError(f"experts per token must be in 1..{args.num_experts}, found k={self.k}")
+        self.norm_topk_prob = args.norm_topk_prob
+        self.gate = store.linear(f"{prefix}.gate")  # the router: (E, D)
+        self.gate_proj = store.experts(f"{prefix}.switch_mlp.gate_proj")  # (E, I, D)
+        self.up_proj = store.experts(f"{prefix}.switch_mlp.up_proj")  # (E, I, D)
+        self.down_proj = store.experts(f"{prefix}.switch_mlp.down_proj")  # (E, D, I)
+        has_shared = store.has(f"{prefix}.shared_expert.gate_proj.weight")
+        self.shared_expert = MLP(store, f"{prefix}.shared_expert") if has_shared else None
+        self.shared_expert_gate = store.linear(f"{prefix}.shared_expert_gate") if has_shared else None
+        self.last_routing: Routing | None = None
+
+    def route(self, x: mx.array) -> Routing:
+        """The router's choice for x (B, T, D): top-K experts and their weights."""
+        logits = self.gate(x)  # (B, T, E)
+        probs = mx.softmax(logits.astype(mx.float32), axis=-1, precise=True)
+        experts = mx.argpartition(probs, kth=-self.k, axis=-1)[..., -self.k:]  # (B, T, K)
+        weights = mx.take_along_axis(probs, experts, axis=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        return Routing(logits, experts, weights.astype(x.dtype))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        routing = self.last_routing = self.route(x)
+        timer.mark("routing", routing.experts, routing.weights)
+        experts = routing.experts
+        hidden = silu(self.gate_proj(x, experts)) * self.up_proj(x, experts)  # (B, T, K, I)
+        y = self.down_proj(hidden, experts)  # (B, T, K, D)
+        y = (y * routing.weights[..., None]).sum(axis=-2)  # (B, T, D)
+        timer.mark("experts", y)
+        if self.shared_expert is not None:
+            y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            timer.mark("shared expert", y)
+        return y
+
+
+def silu(x: mx.array) -> mx.array:
+    return x * mx.sigmoid(x)
