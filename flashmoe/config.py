@@ -58,6 +58,7 @@ class ModelArgs:
         if rope:  # qwen3_5_moe keeps rope settings here
             fields.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
             fields.setdefault("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+            fields.setdefault("rope_scaling", rope)  # its "type" decides the scaling, as rope_scaling's does
         if model_type == "qwen2_moe":
             fields["attention_bias"] = True
         if model_type in ("qwen3_next", "qwen3_5_moe"):
