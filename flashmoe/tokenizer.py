@@ -1,0 +1,169 @@
+"""Text <-> token ids for a model folder: tokenizer.json, its EOS ids, its chat template, streaming decode."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .errors import FlashMoeError
+
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def _read_json(path: Path) -> dict:
+    """The JSON object in `path`, or {} when the file is absent."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise FlashMoeError(f"{path}: not valid JSON ({e})") from e
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _as_ids(value: Any) -> set[int]:
+    """An eos_token_id field (int, list of ints or absent) as a set."""
+    if isinstance(value, int):
+        return {value}
+    return {v for v in value if isinstance(v, int)} if isinstance(value, list) else set()
+
+
+def _chat_template(folder: Path, config: dict) -> str | None:
+    """tokenizer_config.json's chat_template (a string or named templates), else chat_template.jinja."""
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    if isinstance(template, dict):
+        template = template.get("default")
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    return template
+
+
+def _raise_exception(message: str) -> None:
+    """Templates call raise_exception(...) to reject a conversation they cannot render."""
+    raise TemplateError(message)
+
+
+def _tojson(value: Any, indent: int | None = None, **kwargs: Any) -> str:
+    """JSON without HTML escaping, as transformers renders templates (jinja's own tojson escapes <, >, &)."""
+    return json.dumps(value, ensure_ascii=False, indent=indent, **kwargs)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    """The same sandbox transformers renders chat templates in, so prompts match theirs."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+class Tokenizer:
+    """A model folder's tokenizer: encode, decode, EOS ids and chat template."""
+
+    def __init__(self, backend: tokenizers.Tokenizer, eos_token_ids: set[int], chat_template: str | None = None,
+                 special_tokens: dict[str, str] | None = None, source: str = "tokenizer"):
+        self.backend = backend
+        self.eos_token_ids = set(eos_token_ids)
+        self.chat_template = chat_template
+        self.special_tokens = dict(special_tokens or {})  # bos_token, eos_token, ... as text
+        self.source = source  # where it was read from, for error messages
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer":
+        """Read tokenizer.json, tokenizer_config.json, generation_config.json and config.json from `path`."""
+        folder = Path(path)
+        file = folder / "tokenizer.json"
+        if not file.is_file():
+            raise FlashMoeError(f"{file}: no tokenizer.json; a model folder needs one to turn text into tokens")
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise FlashMoeError(f"{file}: cannot be read as a tokenizer ({e})") from e
+        config = _read_json(folder / "tokenizer_config.json")
+        special = {k: t for k in SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k))) is not None}
+        eos = _as_ids(_read_json(folder / "generation_config.json").get("eos_token_id"))
+        eos |= _as_ids(_read_json(folder / "config.json").get("eos_token_id"))
+        if "eos_token" in special and backend.token_to_id(special["eos_token"]) is not None:
+            eos.add(backend.token_to_id(special["eos_token"]))
+        return cls(backend, eos, _chat_template(folder, config), special, source=str(folder))
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer knows, added tokens included."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; no second BOS when the text (e.g. a rendered chat) already starts with one."""
+        bos = self.special_tokens.get("bos_token")
+        add_special = not (bos and text.startswith(bos))
+        return self.backend.encode(text, add_special_tokens=add_special).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids`, special tokens included (the caller decides which ids to drop, e.g. EOS)."""
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any) -> str:
+        """Render `messages` ([{"role": ..., "content": ...}]) with the model's chat template."""
+        if self.chat_template is None:
+            raise FlashMoeError(
+                f"{self.source}: tokenizer_config.json has no chat_template (and there is no chat_template.jinja); "
+                "run without --chat"
+            )
+        try:
+            template = _environment().from_string(self.chat_template)
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   **self.special_tokens, **extra)
+        except TemplateError as e:
+            raise FlashMoeError(f"{self.source}: the chat template failed: {e}") from e
+
+    def detokenizer(self) -> "StreamingDetokenizer":
+        """A fresh streaming decoder for one generation."""
+        return StreamingDetokenizer(self)
+
+
+class StreamingDetokenizer:
+    """Turns ids into text one at a time, never emitting half of a multi-byte character.
+
+    Byte-level BPE pieces can end inside a UTF-8 character, which decodes to U+FFFD; such
+    text is held back until a later piece completes it. Each increment is the difference
+    between decoding from an already-emitted boundary with and without the new ids, so
+    decoders that treat a word start specially (leading spaces) see their context.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._decode = tokenizer.decode
+        self.tokens: list[int] = []
+        self._prefix = 0  # ids before here are emitted and no longer re-decoded
+        self._read = 0  # ids before here are emitted
+
+    def add_token(self, token: int) -> str:
+        """Add one id; return the text it completes ("" while a character is still partial)."""
+        self.tokens.append(token)
+        emitted = self._decode(self.tokens[self._prefix:self._read])
+        text = self._decode(self.tokens[self._prefix:])
+        if text.endswith("\ufffd") or len(text) <= len(emitted):
+            return ""
+        self._prefix, self._read = self._read, len(self.tokens)
+        return text[len(emitted):]
+
+    def finalize(self) -> str:
+        """Whatever is still held back (a trailing partial character decodes as U+FFFD)."""
+        emitted = self._decode(self.tokens[self._prefix:self._read])
+        text = self._decode(self.tokens[self._prefix:])
+        self._prefix = self._read = len(self.tokens)
+        return text[len(emitted):]
