@@ -76,7 +76,7 @@ def _check(args: argparse.Namespace) -> None:
     """Argument combinations argparse cannot express."""
     if args.system is not None and not args.chat:
         raise UsageError("--system needs --chat")
-    if args.model is None:  # TODO(lead): drop once loading.load(None) has a bundled model
+    if args.model is None:  # until the embedded default model exists (issue 4)
         raise UsageError(NO_DEFAULT_MODEL)
     if not Path(args.model).exists():
         raise UsageError(f"--model {args.model}: no such file or directory")

@@ -25,15 +25,16 @@ from .weights import TensorStore
 
 
 def load(path: str | Path | None = None, backend: str = "auto", quant: str = "config",
-         k: int | None = None) -> tuple[Model, Tokenizer]:
+         k: int | None = None, dtype: mx.Dtype | None = None) -> tuple[Model, Tokenizer]:
     """Load a model and its tokenizer. `quant="global"` reproduces the 4-bit-only engine's bug."""
     directory = _checkpoint_dir(path)
-    model = load_model(directory, backend=backend, quant=quant, k=k)
+    model = load_model(directory, backend=backend, quant=quant, k=k, dtype=dtype)
     return model, Tokenizer.from_dir(directory)
 
 
-def load_model(directory: str | Path, backend: str = "auto", quant: str = "config", k: int | None = None) -> Model:
-    """The model alone (no tokenizer needed)."""
+def load_model(directory: str | Path, backend: str = "auto", quant: str = "config", k: int | None = None,
+               dtype: mx.Dtype | None = None) -> Model:
+    """The model alone (no tokenizer needed). `dtype` overrides the compute dtype (precision.compute_dtype)."""
     config = read_config(directory)
     args = ModelArgs.from_config(config)
     plan = resolve(config)
@@ -44,7 +45,7 @@ def load_model(directory: str | Path, backend: str = "auto", quant: str = "confi
                       f"({', '.join(sorted({name.split('.')[0] for name in dropped}))}.*)", stacklevel=2)
     store = TensorStore(
         tensors, specs=specs, default_spec=plan.default, quant=quant,
-        backend=kernels.resolve_backend(backend), dtype=compute_dtype(_stored_dtype(tensors)),
+        backend=kernels.resolve_backend(backend), dtype=dtype or compute_dtype(_stored_dtype(tensors)),
         source=str(directory),
     )
     model = Model(store, args, k=k)

@@ -86,3 +86,16 @@ def test_unknown_model_type_lists_the_supported_ones(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(FlashMoeError, match="qwen3_next"):
         load_model(tmp_path)
+
+
+def test_fewer_experts_per_token_on_request(checkpoint, seed):
+    default, fewer = load_model(checkpoint, backend="mlx"), load_model(checkpoint, backend="mlx", k=1)
+    tokens = mx.random.randint(0, default.args.vocab_size, (1, 5))
+    assert rel_err(fewer(tokens), default(tokens)) > 1e-3
+    for routing in fewer.routing().values():
+        assert routing.experts.shape == (1, 5, 1)
+        # One expert: renormalised its weight is 1, otherwise it is its softmax probability (< 1).
+        assert mx.all(routing.weights == 1.0).item() == fewer.args.norm_topk_prob
+    with pytest.raises(FlashMoeError, match="experts per token must be in 1..8"):
+        load_model(checkpoint, k=9)
+
