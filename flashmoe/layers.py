@@ -16,6 +16,11 @@ from . import kernels
 from .quant import QuantSpec
 
 
+def silu(x: mx.array) -> mx.array:
+    """x * sigmoid(x), the SwiGLU and Gated DeltaNet activation."""
+    return x * mx.sigmoid(x)
+
+
 @dataclass
 class Linear:
     """y = x @ W.T (+ bias), W plain (out, in) or quantized (out, in * bits / 32) per `spec`."""

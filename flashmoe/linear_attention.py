@@ -19,6 +19,7 @@ import mlx.core as mx
 from .cache import LinearAttentionCache
 from .config import ModelArgs
 from .errors import FlashMoeError
+from .layers import silu
 from .weights import TensorStore
 
 QK_L2_EPS = 1e-6  # the reference l2norm's eps, added to sum(x^2)
@@ -65,7 +66,7 @@ class GatedDeltaNet:
     def __call__(self, x: mx.array, cache: LinearAttentionCache | None = None) -> mx.array:
         B, T, _ = x.shape
         qkv, z, b, a = self._project(x)  # (B, T, C), (B, T, H_v, d_v), (B, T, H_v) x2
-        conv = _silu(self._conv(qkv, cache))  # (B, T, C)
+        conv = silu(self._conv(qkv, cache))  # (B, T, C)
         q, k, v = mx.split(conv, [self.key_dim, 2 * self.key_dim], axis=-1)
         q = q.reshape(B, T, self.n_k, self.d_k)  # (B, T, H_k, d_k)
         k = k.reshape(B, T, self.n_k, self.d_k)
@@ -125,7 +126,7 @@ class GatedDeltaNet:
     def _gated_norm(self, out: mx.array, z: mx.array) -> mx.array:
         """RMSNorm(out) * silu(z), the product in float32 (mlx-lm's precise_swiglu)."""
         normed = mx.fast.rms_norm(out, self.norm, self.eps)  # (B, T, H_v, d_v)
-        return (_silu(z.astype(mx.float32)) * normed.astype(mx.float32)).astype(out.dtype)
+        return (silu(z.astype(mx.float32)) * normed.astype(mx.float32)).astype(out.dtype)
 
     def _conv_weight(self, store: TensorStore, name: str) -> mx.array:
         """The depthwise kernel as mlx-lm saves it, (C, W, 1), turned to (W, C)."""
@@ -137,10 +138,6 @@ class GatedDeltaNet:
                 f"(mlx-lm's sanitized layout: channels, kernel width, 1)"
             )
         return weight[:, :, 0].T  # (W, C)
-
-
-def _silu(x: mx.array) -> mx.array:
-    return x * mx.sigmoid(x)
 
 
 def _softplus(x: mx.array) -> mx.array:

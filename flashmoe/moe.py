@@ -18,6 +18,7 @@ import mlx.core as mx
 
 from .config import ModelArgs
 from .errors import FlashMoeError
+from .layers import silu
 from .profile import timer
 from .weights import TensorStore
 
@@ -82,7 +83,3 @@ class MoE:
             y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
             timer.mark("shared expert", y)
         return y
-
-
-def silu(x: mx.array) -> mx.array:
-    return x * mx.sigmoid(x)
