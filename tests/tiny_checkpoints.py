@@ -53,7 +53,8 @@ def gates_at_8_bits(path: str, _module) -> dict | bool:
 
 
 def write_checkpoint(
-    directory: Path, model_type: str, *, group_size=64, bits=4, predicate=None, seed=0, overrides=None
+    directory: Path, model_type: str, *, group_size=64, bits=4, predicate=None, seed=0, overrides=None,
+    quantize=True,
 ) -> Path:
     """Build a random mlx-lm model of `model_type`, quantize it as mlx-lm does, save it to `directory`."""
     from mlx_lm.utils import quantize_model, save_config, save_model
@@ -70,7 +71,8 @@ def write_checkpoint(
         model.parameters(),
     ))
     predicate = predicate or getattr(model, "quant_predicate", None) or gates_at_8_bits
-    model, config = quantize_model(model, config, group_size, bits, quant_predicate=predicate)
+    if quantize:
+        model, config = quantize_model(model, config, group_size, bits, quant_predicate=predicate)
     directory.mkdir(parents=True, exist_ok=True)
     save_model(directory, model)
     save_config(config, directory / "config.json")
