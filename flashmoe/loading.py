@@ -15,6 +15,7 @@ import mlx.core as mx
 from . import kernels
 from .checkpoint import read_config, safetensors_files, tensor_infos
 from .config import ModelArgs
+from .default_model import DEFAULT_MODEL_DIR, default_model_dir
 from .errors import FlashMoeError
 from .model import Model
 from .precision import compute_dtype
@@ -67,7 +68,10 @@ def read_tensors(directory: str | Path) -> dict[str, mx.array]:
 
 def _checkpoint_dir(path) -> Path:
     if path is None:
-        raise FlashMoeError("no default model is bundled yet: pass a checkpoint directory")
+        path = default_model_dir()
+        if path is None:
+            raise FlashMoeError(f"no default model in this install ({DEFAULT_MODEL_DIR} is missing): "
+                                "pass a checkpoint directory")
     directory = Path(path)
     if not directory.is_dir():
         raise FlashMoeError(f"{directory}: not a directory (expected a checkpoint with config.json)")
