@@ -1,6 +1,6 @@
 """flashmoe: quantized Mixture-of-Experts models on MLX, with its own dequantization kernels."""
 
-from . import kernels, quant
+from . import default_model, kernels, quant
 from .checkpoint import check_checkpoint
 from .generate import GenerationStep, generate, stream_generate
 from .loading import load
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "default_model",
     "GenerationStep",
     "StreamingDetokenizer",
     "Tokenizer",

@@ -8,11 +8,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from . import profile
+from .default_model import default_model_dir
 from .errors import FlashMoeError
 from .generate import format_stats, format_timing, stream_generate
 
 DEFAULT_PROMPT = "def fibonacci(n):"
-NO_DEFAULT_MODEL = "no default model is bundled yet; pass --model PATH (an MLX model folder)"
+NO_DEFAULT_MODEL = "this install has no bundled default model; pass --model PATH (an MLX model folder)"
 
 
 class UsageError(Exception):
@@ -41,7 +42,8 @@ def _number(kind: type, low: float, high: float | None = None, low_open: bool = 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m flashmoe`."""
     p = _Parser(prog="flashmoe", description="Generate text with a quantized MoE model on MLX.")
-    p.add_argument("--model", help="MLX model folder (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--model", help="MLX model folder (config.json, *.safetensors, tokenizer.json); "
+                                   "default: the bundled flashmoe-coder-tiny")
     p.add_argument("--prompt", help=f"prompt text, or - to read stdin (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--max-tokens", type=_number(int, 1), default=100, help="most tokens to generate")
     p.add_argument("--temp", type=_number(float, 0.0), default=0.0, help="sampling temperature; 0 is greedy")
@@ -76,9 +78,9 @@ def _check(args: argparse.Namespace) -> None:
     """Argument combinations argparse cannot express."""
     if args.system is not None and not args.chat:
         raise UsageError("--system needs --chat")
-    if args.model is None:  # until the embedded default model exists (issue 4)
+    if args.model is None and default_model_dir() is None:
         raise UsageError(NO_DEFAULT_MODEL)
-    if not Path(args.model).exists():
+    if args.model is not None and not Path(args.model).exists():
         raise UsageError(f"--model {args.model}: no such file or directory")
 
 

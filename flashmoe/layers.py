@@ -62,15 +62,17 @@ class Linear:
 class ExpertLinear(Linear):
     """E stacked experts, W (E, out, in) plain or quantized; each token uses K of them."""
 
-    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:  # noqa: D102 (see module doc)
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:  # noqa: D102
         shared = x.ndim == indices.ndim  # one input for all K experts (gate/up) or one each (down)
         if self.spec is None:
             xg = x[..., None, None, :] if shared else x[..., None, :]  # (..., 1 or K, 1, in)
-            return mx.gather_mm(xg, self.weight.swapaxes(-1, -2), rhs_indices=indices).squeeze(-2)
-        if indices.size == indices.shape[-1]:  # one token: decode, flashmoe's gathered kernel
+            w = self.weight.swapaxes(-1, -2)
+            return mx.gather_mm(xg, w, rhs_indices=indices, sorted_indices=sorted_indices).squeeze(-2)
+        if indices.size == indices.shape[-1] and not sorted_indices:  # one token: decode, flashmoe's kernel
             return kernels.gather_dequant_matvec(x, *self._packed(), indices, **self._kw(), backend=self.backend)
         xg = x[..., None, None, :] if shared else x[..., None, :]
-        y = mx.gather_qmm(xg, *self._packed(), rhs_indices=indices, transpose=True, **self._kw())
+        y = mx.gather_qmm(xg, *self._packed(), rhs_indices=indices, transpose=True, sorted_indices=sorted_indices,
+                          **self._kw())
         return y.squeeze(-2)  # (..., K, out)
 
 

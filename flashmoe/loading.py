@@ -21,30 +21,40 @@ from .model import Model
 from .precision import compute_dtype
 from .quant import check_tensors, resolve
 from .sanitize import sanitize
+from .streaming import StreamOptions, open_stream
 from .tokenizer import Tokenizer
 from .weights import TensorStore
 
 
 def load(path: str | Path | None = None, backend: str = "auto", quant: str = "config",
-         k: int | None = None, dtype: mx.Dtype | None = None) -> tuple[Model, Tokenizer]:
+         k: int | None = None, dtype: mx.Dtype | None = None, stream_experts: bool | StreamOptions = False,
+         expert_cache_mb: float | None = None) -> tuple[Model, Tokenizer]:
     """Load a model and its tokenizer. `quant="global"` reproduces the 4-bit-only engine's bug."""
     directory = _checkpoint_dir(path)
-    model = load_model(directory, backend=backend, quant=quant, k=k, dtype=dtype)
+    model = load_model(directory, backend=backend, quant=quant, k=k, dtype=dtype, stream_experts=stream_experts,
+                       expert_cache_mb=expert_cache_mb)
     return model, Tokenizer.from_dir(directory)
 
 
 def load_model(directory: str | Path, backend: str = "auto", quant: str = "config", k: int | None = None,
-               dtype: mx.Dtype | None = None) -> Model:
-    """The model alone (no tokenizer needed). `dtype` overrides the compute dtype (precision.compute_dtype)."""
+               dtype: mx.Dtype | None = None, stream_experts: bool | StreamOptions = False,
+               expert_cache_mb: float | None = None) -> Model:
+    """The model alone (no tokenizer needed). `dtype` overrides the compute dtype (precision.compute_dtype).
+
+    `stream_experts` leaves the routed experts on disk and reads the selected ones per layer
+    (flashmoe.streaming); `expert_cache_mb` sizes its LRU of recently used experts (0: none).
+    """
     config = read_config(directory)
     args = ModelArgs.from_config(config)
     plan = resolve(config)
-    specs = check_tensors(plan, tensor_infos(directory))
-    tensors, specs, dropped = sanitize(read_tensors(directory), specs, args)
+    stream = open_stream(Path(directory), args, stream_experts, expert_cache_mb)  # None: experts resident
+    specs = check_tensors(plan, tensor_infos(directory) | (stream.tensor_infos() if stream else {}))
+    tensors = read_tensors(directory) if stream is None else stream.without_experts(read_tensors(directory))
+    tensors, specs, dropped = sanitize(tensors, specs, args)
     if dropped:
         warnings.warn(f"{directory}: {len(dropped)} tensors not used by flashmoe were dropped "
                       f"({', '.join(sorted({name.split('.')[0] for name in dropped}))}.*)", stacklevel=2)
-    store = TensorStore(
+    store = (TensorStore if stream is None else stream.store)(
         tensors, specs=specs, default_spec=plan.default, quant=quant,
         backend=kernels.resolve_backend(backend), dtype=dtype or compute_dtype(_stored_dtype(tensors)),
         source=str(directory),

@@ -60,6 +60,7 @@ class Model:
         has_head = store.has(f"{root}lm_head.weight") or not args.tie_word_embeddings
         self.lm_head = store.linear(f"{root}lm_head") if has_head else None
         self.misread_modules = list(store.misread_modules)  # quant="global": what was read at the wrong bits
+        self.stream_stats = store.stream_stats  # expert streaming counters (None when experts are resident)
 
     def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
         """tokens (B, T) int32 -> logits (B, T, vocab); caches are updated in place."""

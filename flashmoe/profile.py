@@ -13,8 +13,8 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 
-PHASES = ("embedding", "attention", "linear attention", "routing", "experts", "shared expert", "dense mlp",
-          "output", "sampling")
+PHASES = ("embedding", "attention", "linear attention", "routing", "expert i/o", "experts", "shared expert",
+          "dense mlp", "output", "sampling")
 
 
 class PhaseTimer:

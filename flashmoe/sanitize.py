@@ -45,6 +45,11 @@ def sanitize(tensors: dict, specs: dict[str, Resolved], args: ModelArgs) -> tupl
     return tensors, specs, dropped
 
 
+def canonical_name(key: str, args: ModelArgs) -> str:
+    """A stored name as sanitize renames it (streamed experts are renamed without being loaded)."""
+    return _qwen3_5_name(key) if args.model_type == "qwen3_5_moe" else key
+
+
 def _qwen3_5_name(key: str) -> str:
     if key.startswith("model.language_model"):
         return key.replace("model.language_model", "language_model.model", 1)

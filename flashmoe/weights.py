@@ -37,6 +37,7 @@ class TensorStore:
         self.tensors, self.specs, self.default_spec = dict(tensors), specs or {}, default_spec
         self.quant, self.backend, self.dtype, self.source = quant, backend, dtype, source
         self.misread_modules: list[str] = []  # quant="global": modules read at the wrong bits
+        self.stream_stats = None  # expert streaming counters (flashmoe.streaming.StreamingStore sets them)
 
     def has(self, name: str) -> bool:
         return name in self.tensors
@@ -58,6 +59,10 @@ class TensorStore:
     def experts(self, prefix: str) -> ExpertLinear:
         """Stacked experts under `prefix` (mlx-lm's switch_mlp layout: weight (E, out, in))."""
         return self._build(ExpertLinear, prefix, False)
+
+    def expert_stream(self, prefix: str):
+        """Experts of the MoE block at `prefix` read from disk per call, or None: resident (StreamingStore streams)."""
+        return None
 
     def embedding(self, prefix: str) -> Embedding:
         return Embedding(self.linear(prefix), dtype=self.dtype)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import mlx.core as mx
@@ -30,13 +29,9 @@ class PhaseModel(MockModel):
 
 @pytest.fixture
 def loaded(monkeypatch, tiny_dir):
-    """Patch flashmoe.loading.load; return a record of its calls (a stub module stands in until loading.py exists)."""
-    try:
-        import flashmoe.loading as loading
-    except ImportError:
-        loading = types.ModuleType("flashmoe.loading")
-        monkeypatch.setitem(sys.modules, "flashmoe.loading", loading)
-        monkeypatch.setattr(flashmoe, "loading", loading, raising=False)
+    """Patch flashmoe.loading.load; return a record of its calls."""
+    import flashmoe.loading as loading
+
     tok = Tokenizer.from_dir(tiny_dir)
     record = {"model": MockModel(tok.vocab_size), "tokenizer": tok, "calls": []}
 
@@ -150,9 +145,13 @@ def test_missing_model_path_gives_one_line(loaded, tmp_path, capsys):
     assert str(missing) in one_error_line(capsys.readouterr().err)
 
 
-def test_no_model_says_none_is_bundled(loaded, capsys):
+def test_no_model_uses_the_bundled_one_or_says_there_is_none(loaded, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "default_model_dir", lambda: None)
     assert cli.main(["--prompt", "hi"]) == 2
-    assert "no default model is bundled yet" in one_error_line(capsys.readouterr().err)
+    assert "no bundled default model" in one_error_line(capsys.readouterr().err)
+    monkeypatch.setattr(cli, "default_model_dir", lambda: Path("bundled"))
+    assert cli.main(["--prompt", "hi", "--max-tokens", "2"]) == 0
+    assert loaded["calls"][-1]["path"] is None  # flashmoe.load(None): the bundled model
 
 
 def test_errors_while_loading_give_one_line_and_exit_1(loaded, tiny_dir, monkeypatch, capsys):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import mlx.core as mx
 
-import flashmoe
 from flashmoe import compute_dtype
 from flashmoe.kernels import sources
 
