@@ -18,6 +18,7 @@ import time
 import mlx.core as mx
 
 from flashmoe import compute_dtype, kernels
+from flashmoe.profiling import measure_bandwidth
 
 SHAPES = [(4096, 4096), (16384, 4096)]  # (out, in)
 BITS = (4, 8)
@@ -33,13 +34,6 @@ def timed(fn, calls: int, repeats: int) -> float:
         mx.eval([fn() for _ in range(calls)])  # one sync for many calls, as in a decode step
         samples.append((time.perf_counter() - start) / calls)
     return statistics.median(samples)
-
-
-def memory_bandwidth(calls: int, repeats: int) -> float:
-    """Measured GB/s of an elementwise add over 256 MiB of float32 (two reads and one write)."""
-    a, b = mx.random.normal((64, 1 << 20)), mx.random.normal((64, 1 << 20))
-    seconds = timed(lambda: a + b, max(1, calls // 10), repeats)
-    return 3 * a.nbytes / seconds / 1e9
 
 
 def bench_shape(out_dim, in_dim, bits, backends, calls, repeats) -> list[dict]:
@@ -69,9 +63,9 @@ def main() -> None:
     if "mlx" not in backends:
         backends.append("mlx")  # the baseline: mx.quantized_matmul
 
-    bandwidth = memory_bandwidth(args.calls, args.repeats)
+    bandwidth = measure_bandwidth(repeats=args.repeats)
     print(f"device {mx.default_device()}, activations {compute_dtype(mx.bfloat16)}, bf16 scales/biases, "
-          f"g{GROUP_SIZE}; measured memory bandwidth {bandwidth:.1f} GB/s (elementwise add)")
+          f"g{GROUP_SIZE}; measured memory bandwidth {bandwidth:.1f} GB/s (flashmoe.profiling.measure_bandwidth)")
     print(f"{'shape':>11} {'bits':>4} {'backend':>20} {'median us':>10} {'GB/s':>8} {'% of bw':>8} {'vs qmm':>7}")
     rows = []
     for out_dim, in_dim in SHAPES:
