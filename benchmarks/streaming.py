@@ -2,6 +2,9 @@
 
     python benchmarks/streaming.py suite --model DIR [--cache-mb 0,2048] [--threads 4] [--json out.json]
     python benchmarks/streaming.py threads --model DIR [--threads 1,2,4,8,16]
+    python benchmarks/streaming.py io --model DIR [--threads 8,16] [--tokens 4]   (reads alone, no model)
+    python benchmarks/streaming.py trace --model DIR --tokens 40 --trace ids.npy  (record the experts chosen)
+    python benchmarks/streaming.py replay --model DIR --trace ids.npy --cache-mb 0,2048,8192   (reads alone)
     python benchmarks/streaming.py mlx-lm --model DIR --limit-gb 16
     python benchmarks/streaming.py run --model DIR [...]      (one measurement; what suite starts)
 
@@ -32,6 +35,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from flashmoe.checkpoint import read_config
+from flashmoe.config import ModelArgs
+from flashmoe.expert_files import open_layout
+from flashmoe.expert_io import ExpertReader
 from flashmoe.loading import load_model
 from flashmoe.stream_stats import format_stream_stats
 from flashmoe.streaming import StreamOptions
@@ -97,6 +104,70 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def io_only(model: str, threads: int, tokens: int, seed: int) -> dict:
+    """The reads alone, cold: K experts drawn uniformly per MoE layer per token, through ExpertReader."""
+    directory = Path(model)
+    args = ModelArgs.from_config(read_config(directory))
+    layout = open_layout(directory, args)
+    reader = ExpertReader(layout.files, threads=threads)
+    drop_page_cache(directory)
+    rng = np.random.default_rng(seed)
+    reads = size = hits = 0
+    read_s = upload_s = 0.0
+    tic = time.perf_counter()
+    for _ in range(tokens):
+        for layer in layout.layers.values():
+            ids = np.sort(rng.choice(layer.num_experts, args.num_experts_per_tok, replace=False))
+            _, report = reader.read(layer, ids)
+            reads, size, hits = reads + report.reads, size + report.bytes, hits + report.page_cache_bytes
+            read_s, upload_s = read_s + report.seconds, upload_s + report.upload_seconds
+    seconds = time.perf_counter() - tic
+    return dict(model=model, layout=layout.kind, threads=threads, tokens=tokens, ms_per_token=1e3 * seconds / tokens,
+                read_ms_per_token=1e3 * read_s / tokens, upload_ms_per_token=1e3 * upload_s / tokens,
+                read_gb_per_s=size / read_s / 1e9, bytes_per_token=size / tokens, reads_per_token=reads / tokens,
+                page_cache_hit_rate=hits / size)
+
+
+def trace(model: str, path: str, prompt: int, tokens: int, seed: int) -> dict:
+    """Decode `tokens` tokens and save the experts each MoE layer chose: (tokens, layers, K) ids in `path`."""
+    streamed = load_model(model, stream_experts=True)
+    ids = np.random.default_rng(seed).integers(0, streamed.args.vocab_size, prompt + tokens)
+    cache = streamed.make_cache()
+    mx.eval(streamed(mx.array(ids[None, :prompt]), cache))
+    steps = []
+    for token in ids[prompt:].tolist():
+        mx.eval(streamed(mx.array([[token]]), cache))
+        steps.append([np.array(r.experts).reshape(-1) for r in streamed.routing().values()])
+    np.save(path, np.array(steps, dtype=np.int32))
+    return dict(model=model, trace=path, tokens=tokens)
+
+
+def replay(model: str, path: str, threads: int, cache_mb: float) -> dict:
+    """Read a recorded trace twice through ExpertReader, no compute: cold (page cache dropped), then warm."""
+    directory = Path(model)
+    layout = open_layout(directory, ModelArgs.from_config(read_config(directory)))
+    layers = sorted(layout.layers.values(), key=lambda layer: layer.layer)
+    steps = np.load(path)  # (tokens, layers, K)
+    reader = ExpertReader(layout.files, threads=threads, cache_bytes=int(cache_mb * 2**20))
+    drop_page_cache(directory)
+    result = dict(model=model, layout=layout.kind, threads=threads, cache_mb=cache_mb, tokens=len(steps))
+    for name in ("cold", "warm"):
+        totals = dict(bytes=0, hits=0, cached=0, experts=0, seconds=0.0)
+        tic = time.perf_counter()
+        for step in steps:
+            for layer, ids in zip(layers, step):
+                _, report = reader.read(layer, np.unique(ids))
+                totals["bytes"] += report.bytes
+                totals["hits"] += report.page_cache_bytes
+                totals["cached"] += report.cached
+                totals["experts"] += report.experts
+        seconds = time.perf_counter() - tic
+        result[name] = dict(ms_per_token=1e3 * seconds / len(steps), bytes_per_token=totals["bytes"] / len(steps),
+                            page_cache_hit_rate=totals["hits"] / max(totals["bytes"], 1),
+                            lru_hit_rate=totals["cached"] / totals["experts"])
+    return result
+
+
 def measure(model: str, **options) -> dict:
     """`run` in a fresh process; adds its peak RSS."""
     argv = [sys.executable, __file__, "run", "--model", model]
@@ -149,10 +220,10 @@ def _vm_status(pid: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["run", "suite", "threads", "mlx-lm"])
+    parser.add_argument("command", choices=["run", "suite", "threads", "io", "trace", "replay", "mlx-lm"])
     parser.add_argument("--model", required=True)
     parser.add_argument("--cache-mb", default="0", help="LRU size in MB (suite: a comma list)")
-    parser.add_argument("--threads", default="4", help="I/O threads (threads: a comma list)")
+    parser.add_argument("--threads", default="16", help="I/O threads (threads, io: a comma list)")
     parser.add_argument("--prompt", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--warmup", type=int, default=48, help="unmeasured tokens before the warm run; -1: no warm run")
@@ -160,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-drop", action="store_true", help="keep the page cache (not a cold start)")
     parser.add_argument("--limit-gb", type=float, default=16.0, help="mlx-lm: address-space cap")
     parser.add_argument("--timeout", type=float, default=900.0, help="mlx-lm: seconds before it is killed")
+    parser.add_argument("--trace", help="trace/replay: the .npy file of recorded expert ids")
     parser.add_argument("--json", help="append the results to this JSON-lines file")
     args = parser.parse_args(argv)
     common = dict(prompt=args.prompt, tokens=args.tokens, seed=args.seed)
@@ -170,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "suite":
         results = [measure(args.model, cache_mb=c, threads=args.threads, warmup=args.warmup, **common)
                    for c in args.cache_mb.split(",")]
+    elif args.command == "trace":
+        results = [trace(args.model, args.trace, args.prompt, args.tokens, args.seed)]
+    elif args.command == "replay":
+        results = [replay(args.model, args.trace, int(args.threads), float(c)) for c in args.cache_mb.split(",")]
+    elif args.command == "io":
+        results = [io_only(args.model, int(t), args.tokens, args.seed) for t in args.threads.split(",")]
     elif args.command == "threads":
         results = [measure(args.model, threads=t, warmup=-1, **common) for t in args.threads.split(",")]
     else:

@@ -11,6 +11,7 @@ from . import profile
 from .default_model import default_model_dir
 from .errors import FlashMoeError
 from .generate import format_stats, format_timing, stream_generate
+from .stream_stats import format_stream_stats
 
 DEFAULT_PROMPT = "def fibonacci(n):"
 NO_DEFAULT_MODEL = "this install has no bundled default model; pass --model PATH (an MLX model folder)"
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", help="system message (needs --chat)")
     p.add_argument("--timing", action="store_true", help="print a per-phase time table to stderr")
+    p.add_argument("--stream-experts", action="store_true",
+                   help="read the selected experts from disk per layer instead of loading them (models larger than memory)")
+    p.add_argument("--expert-cache-mb", type=_number(float, 0.0), default=None,
+                   help="with --stream-experts: an LRU of recently used experts, in MB (default 0: the OS page cache alone)")
     return p
 
 
@@ -78,6 +83,8 @@ def _check(args: argparse.Namespace) -> None:
     """Argument combinations argparse cannot express."""
     if args.system is not None and not args.chat:
         raise UsageError("--system needs --chat")
+    if args.expert_cache_mb is not None and not args.stream_experts:
+        raise UsageError("--expert-cache-mb needs --stream-experts")
     if args.model is None and default_model_dir() is None:
         raise UsageError(NO_DEFAULT_MODEL)
     if args.model is not None and not Path(args.model).exists():
@@ -89,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     from .loading import load  # imported late: argument errors need no model code
 
     prompt = _read_prompt(args)
-    model, tokenizer = load(args.model, backend=args.backend, quant=args.quant, k=args.k)
+    streaming = {"stream_experts": True, "expert_cache_mb": args.expert_cache_mb} if args.stream_experts else {}
+    model, tokenizer = load(args.model, backend=args.backend, quant=args.quant, k=args.k, **streaming)
     if args.chat:
         prompt = _chat_prompt(tokenizer, args, prompt)
     step = None
@@ -103,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
         print("=" * 10 + "\n" + format_stats(step), file=sys.stderr)
     if timer is not None:
         print(format_timing(timer), file=sys.stderr)
+        if getattr(model, "stream_stats", None) is not None:
+            print(format_stream_stats(model.stream_stats), file=sys.stderr)
     return 0
 
 

@@ -41,7 +41,7 @@ class StreamOptions:
     """How experts are streamed (the defaults are what measured fastest here: benchmarks/STREAMING.md)."""
 
     expert_cache_mb: float = 0.0  # LRU of recently used experts; 0 relies on the OS page cache alone
-    io_threads: int = 4  # reads in flight
+    io_threads: int = 16  # reads in flight (one expert each)
     buffer_mb: float = 256.0  # most expert bytes read at once (prefill reads its union in groups this large)
     probe_page_cache: bool = True  # count page-cache hits with RWF_NOWAIT (flashmoe.expert_io)
 
@@ -120,16 +120,17 @@ class StreamingStore(TensorStore):
         return super().finish(ignore_prefixes)
 
     def _streamed_spec(self, module: str, layer: LayerExperts) -> QuantSpec | None:
+        """The projection's quantization (None: plain weights), refusing what streaming cannot replay."""
+        for piece in layer.pieces:
+            if piece.dtype not in NUMPY_DTYPES:
+                raise FlashMoeError(f"{self.source}: tensor '{piece.name}' has dtype {piece.dtype}, "
+                                    f"which expert streaming cannot read (expected one of {sorted(NUMPY_DTYPES)})")
         if not any(p.part.endswith("scales") for p in layer.pieces):
             return None
         spec = self._spec(module)
         if self.quant == "global" and self.default_spec is not None and spec != self.default_spec:
             raise FlashMoeError(f"{self.source}: quant='global' would misread '{module}' ({spec}); "
                                 "that replay is not supported with stream_experts")
-        for piece in layer.pieces:
-            if piece.dtype not in NUMPY_DTYPES:
-                raise FlashMoeError(f"{self.source}: tensor '{piece.name}' has dtype {piece.dtype}, "
-                                    f"which expert streaming cannot read (expected one of {sorted(NUMPY_DTYPES)})")
         return spec
 
 

@@ -35,8 +35,8 @@ def loaded(monkeypatch, tiny_dir):
     tok = Tokenizer.from_dir(tiny_dir)
     record = {"model": MockModel(tok.vocab_size), "tokenizer": tok, "calls": []}
 
-    def fake_load(path, backend="auto", quant="config", k=None):
-        record["calls"].append({"path": path, "backend": backend, "quant": quant, "k": k})
+    def fake_load(path, backend="auto", quant="config", k=None, **streaming):
+        record["calls"].append({"path": path, "backend": backend, "quant": quant, "k": k, **streaming})
         return record["model"], record["tokenizer"]
 
     monkeypatch.setattr(loading, "load", fake_load, raising=False)
@@ -188,3 +188,11 @@ def test_end_to_end_with_the_real_loader(tmp_path, capsys, model_type):
     err = capsys.readouterr().err
     assert "Generation: " in err and "Peak memory: " in err
     assert all(phase in err for phase in ("attention", "routing", "experts", "sampling"))
+
+
+def test_streaming_options_reach_load_and_need_each_other(loaded, tiny_dir, capsys):
+    assert cli.main(["--model", str(tiny_dir), "--expert-cache-mb", "64"]) == 2
+    assert "--expert-cache-mb needs --stream-experts" in one_error_line(capsys.readouterr().err)
+    argv = ["--model", str(tiny_dir), "--stream-experts", "--expert-cache-mb", "64", "--max-tokens", "2"]
+    assert cli.main(argv) == 0
+    assert loaded["calls"][-1]["stream_experts"] is True and loaded["calls"][-1]["expert_cache_mb"] == 64.0

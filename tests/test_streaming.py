@@ -68,6 +68,15 @@ def test_prefill_in_small_groups_equals_resident(checkpoint, seed):
     assert model.stream_stats.prefill.calls == len(model.moe_layers)  # one call per layer, many reads
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_plain_bf16_experts_stream_too(tmp_path, layout, seed):
+    source = write_checkpoint(tmp_path / "plain", "qwen3_moe", quantize=False)
+    directory = source if layout == "safetensors" else repack(source, tmp_path / "packed", log=lambda *_: None)
+    tokens = mx.random.randint(0, 256, (1, 6))
+    err = rel_err(streamed(directory)(tokens), load_model(source, backend="mlx")(tokens))
+    assert err < TOLERANCE, f"rel err {err:.3g} (seed {seed})"
+
+
 def test_lru_serves_repeats_with_the_same_logits(checkpoint, seed):
     _, directories, resident = checkpoint
     model = streamed(directories["repacked"], expert_cache_mb=64)
@@ -185,6 +194,15 @@ def test_experts_stored_one_by_one_are_refused(tmp_path):
                                                            "BF16", (4, 4))]) as writer:
         writer.write("model.layers.0.mlp.experts.0.up_proj.weight", np.zeros(16, np.uint16))
     with pytest.raises(FlashMoeError, match=r"extra\.safetensors.*experts\.0\.up_proj\.weight.*convert"):
+        streamed(source)
+
+
+def test_expert_count_disagreeing_with_config_names_file_and_tensor(tmp_path):
+    source = write_checkpoint(tmp_path / "src", "qwen3_moe")
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "num_experts": 16}))
+    with pytest.raises(FlashMoeError, match=r"model\.safetensors: tensor 'model\.layers\.\d\.mlp\.switch_mlp\..*"
+                                            r"has shape \[8, .*expected \(16, out, in\)"):
         streamed(source)
 
 
