@@ -11,12 +11,9 @@ from __future__ import annotations
 import mlx.core as mx
 
 from flashmoe import kernels
+from flashmoe.profiling import rel_err
 
 SHAPES = [(1, 64), (13, 256), (37, 1024), (300, 2048), (9, 4224), (17, 8192), (45, 96)]
-
-
-def rel_err(y, ref) -> float:
-    return (mx.max(mx.abs(y.astype(mx.float32) - ref)) / mx.max(mx.abs(ref))).item()
 
 
 def worst_error(backend: str, bits: int) -> tuple[float, float]:

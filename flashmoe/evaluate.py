@@ -1,4 +1,4 @@
-"""Held-out perplexity and routing statistics: the measurements the notebooks and tests share."""
+"""Held-out perplexity: the measurement the notebooks, training and tests share."""
 
 from __future__ import annotations
 
@@ -19,15 +19,15 @@ def perplexity(model: Model, tokens, *, seq_len: int = 256, batch: int = 8, max_
     for start in range(0, len(windows), batch):
         for window in _same_length(windows[start : start + batch]):
             chunk = mx.array(np.stack(window))  # (b, L + 1)
-            logits = model(chunk[:, :-1]).astype(mx.float32)  # (b, L, V)
-            losses = nn_cross_entropy(logits, chunk[:, 1:])
+            losses = token_nll(model(chunk[:, :-1]), chunk[:, 1:])  # (b, L)
             total += losses.sum().item()  # a sync per batch: this is a measurement
             count += losses.size
     return math.exp(total / count)
 
 
-def nn_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
-    """Per-token cross-entropy, (B, T, V) logits against (B, T) ids -> (B, T)."""
+def token_nll(logits: mx.array, targets: mx.array) -> mx.array:
+    """Negative log-likelihood of each target in nats: (B, T, V), (B, T) -> (B, T) float32."""
+    logits = logits.astype(mx.float32)
     return mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
@@ -37,19 +37,3 @@ def _same_length(windows: list) -> list[list]:
     for w in windows:
         groups.setdefault(len(w), []).append(w)
     return list(groups.values())
-
-
-def expert_load(model: Model, tokens: mx.array) -> dict[int, np.ndarray]:
-    """Per MoE layer, the share of routed slots each expert gets for `tokens` (B, T)."""
-    model(tokens)
-    loads = {}
-    for layer, routing in model.routing().items():
-        experts = np.array(routing.experts).reshape(-1)
-        loads[layer] = np.bincount(experts, minlength=model.args.num_experts) / experts.size
-    return loads
-
-
-def routing_entropy(load: np.ndarray) -> float:
-    """Entropy (bits) of an expert-load distribution; log2(E) when perfectly balanced."""
-    p = load[load > 0]
-    return float(-(p * np.log2(p)).sum())

@@ -45,12 +45,6 @@ class Linear:
     def out_features(self) -> int:
         return self.weight.shape[-2]
 
-    def dense_weight(self) -> mx.array:
-        """W as a float (out, in) matrix (for analysis; the forward pass never builds it)."""
-        if self.spec is None:
-            return self.weight
-        return mx.dequantize(*self._packed(), **self._kw())
-
     def _packed(self):
         return self.weight, self.scales, self.biases
 

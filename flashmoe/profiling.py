@@ -86,7 +86,7 @@ def kernel_errors(bits: int, group_size: int, out_dim: int = 256, in_dim: int = 
     errors = {}
     for backend in kernels.available_backends():
         y = kernels.dequant_matvec(x, w, scales, biases, bits=bits, group_size=group_size, backend=backend)
-        errors[backend] = _rel_err(y, ref)
+        errors[backend] = rel_err(y, ref)
     return errors
 
 
@@ -129,7 +129,7 @@ def compare_formulas(out_dim: int, in_dim: int, bits: int = 4, group_size: int =
     naive = lambda: naive_form(q, s, b, x, group_size)  # noqa: E731
     fma = lambda: fma_form(q, s, b, x, group_size)  # noqa: E731
     return FormulaComparison(median_seconds(naive, repeats), median_seconds(fma, repeats),
-                             _rel_err(naive(), ref), _rel_err(fma(), ref))
+                             rel_err(naive(), ref), rel_err(fma(), ref))
 
 
 # --------------------------------------------------------------------------- decoding
@@ -184,6 +184,16 @@ def greedy_tokens(model: Any, make_cache: Callable[[], list], ids: list[int], st
         out.append(token)
         logits = model(mx.array([[token]]), cache=cache)
     return out
+
+
+def forced_decode_logits(model: Any, prompt: list[int], tokens: list[int]) -> mx.array:
+    """Logits (len(tokens), V) of each decode step (B=1, T=1: the kernel path) when fed `tokens` after `prompt`.
+
+    Teacher-forced, so two models compared this way see the same inputs whatever they predict.
+    """
+    cache = model.make_cache()
+    model(mx.array([prompt]), cache)
+    return mx.concatenate([model(mx.array([[t]]), cache)[:, -1] for t in tokens])
 
 
 def greedy_tokens_per_second(model: Any, make_cache: Callable[[], list], ids: list[int], steps: int = 32,
@@ -245,6 +255,7 @@ def k_sweep(directory, ks: list[int], heldout, prompt: list[int], *, decode_toke
     return points
 
 
-def _rel_err(y: mx.array, ref: mx.array) -> float:
+def rel_err(y: mx.array, ref: mx.array) -> float:
+    """max |y - ref| / max |ref|, in float32."""
     y, ref = np.array(y.astype(mx.float32)), np.array(ref.astype(mx.float32))
     return float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30))

@@ -49,9 +49,6 @@ class TensorStore:
         value = self.tensors.pop(name)
         return value.astype(self.dtype) if cast and mx.issubdtype(value.dtype, mx.floating) else value
 
-    def take_optional(self, name: str) -> mx.array | None:
-        return self.take(name) if name in self.tensors else None
-
     def linear(self, prefix: str, *, bias: bool = False) -> Linear:
         """The linear layer stored under `prefix` (`prefix.weight`, and `.scales`/`.biases` if quantized)."""
         return self._build(Linear, prefix, bias)

@@ -10,10 +10,10 @@ import pytest
 from flashmoe import check_checkpoint
 from flashmoe.convert import main as convert_main
 from flashmoe.loading import load_model
+from flashmoe.profiling import greedy_tokens, mlx_lm_cache, mlx_lm_model
 from flashmoe.quant import QuantSpec
 
 from .conftest import rel_err
-from .test_engine import greedy, mlx_lm_float32
 from .tiny_checkpoints import write_checkpoint
 
 
@@ -43,13 +43,11 @@ def test_routers_at_8_bits_everything_else_at_4_in_both_sections(converted):
 
 
 def test_mlx_lm_loads_the_conversion_and_agrees(converted, seed):
-    from mlx_lm.models.cache import make_prompt_cache
-
-    ours, reference = load_model(converted, backend="mlx"), mlx_lm_float32(converted)
+    ours, reference = load_model(converted, backend="mlx"), mlx_lm_model(converted)
     tokens = mx.random.randint(0, 256, (1, 10))
     assert rel_err(ours(tokens), reference(tokens)) < 1e-3
     prompt = [5, 6, 7]
-    assert greedy(ours, ours.make_cache, prompt, 16) == greedy(reference, lambda: make_prompt_cache(reference), prompt, 16)
+    assert greedy_tokens(ours, ours.make_cache, prompt, 16) == greedy_tokens(reference, mlx_lm_cache(reference), prompt, 16)
 
 
 def test_overrides_make_variants(float_checkpoint, tmp_path):

@@ -15,8 +15,8 @@ import flashmoe
 from flashmoe.default_model import default_model_dir
 from flashmoe.evaluate import perplexity
 from flashmoe.loading import load_model
+from flashmoe.profiling import greedy_tokens, mlx_lm_cache, mlx_lm_model
 
-from .test_engine import greedy, mlx_lm_float32
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["def parse(", "import os\n", "class Config:", "for i in range(", "    def __init__(self"]
@@ -32,14 +32,12 @@ def bundled():
 
 
 def test_mlx_lm_generates_the_same_greedy_tokens_for_five_prompts(bundled):
-    from mlx_lm.models.cache import make_prompt_cache
-
     model, tokenizer = bundled
-    reference = mlx_lm_float32(default_model_dir())
+    reference = mlx_lm_model(default_model_dir())
     for prompt in PROMPTS:
         ids = tokenizer.encode(prompt)
-        theirs = greedy(reference, lambda: make_prompt_cache(reference), ids, 24)
-        assert greedy(model, model.make_cache, ids, 24) == theirs, prompt
+        theirs = greedy_tokens(reference, mlx_lm_cache(reference), ids, 24)
+        assert greedy_tokens(model, model.make_cache, ids, 24) == theirs, prompt
 
 
 @pytest.mark.slow

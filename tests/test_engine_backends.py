@@ -10,6 +10,7 @@ import pytest
 
 from flashmoe import kernels
 from flashmoe.loading import load_model
+from flashmoe.profiling import forced_decode_logits
 
 from .conftest import rel_err
 
@@ -24,20 +25,13 @@ def checkpoint(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("qwen3_next"), "qwen3_next")
 
 
-def forced_decode(model, prompt: list[int], tokens: list[int]) -> mx.array:
-    """Logits of each decode step (B=1, T=1: the kernel path) when fed `tokens` after `prompt`."""
-    cache = model.make_cache()
-    model(mx.array([prompt]), cache)
-    return mx.concatenate([model(mx.array([[t]]), cache)[:, -1] for t in tokens])
-
-
 @pytest.mark.parametrize("backend", [b for b in kernels.BACKENDS if b != "reference"])
 def test_decode_matches_the_reference_backend_in_float32(checkpoint, backend, seed):
     if not kernels.backend_available(backend):
         pytest.skip(f"backend {backend!r} cannot run here")
     prompt = [3, 14, 15, 92, 65]
     tokens = mx.random.randint(0, 200, (16,)).tolist()
-    reference = forced_decode(load_model(checkpoint, backend="reference", dtype=mx.float32), prompt, tokens)
-    logits = forced_decode(load_model(checkpoint, backend=backend, dtype=mx.float32), prompt, tokens)
+    reference = forced_decode_logits(load_model(checkpoint, backend="reference", dtype=mx.float32), prompt, tokens)
+    logits = forced_decode_logits(load_model(checkpoint, backend=backend, dtype=mx.float32), prompt, tokens)
     err = rel_err(logits, reference)
     assert err < 1e-4, f"{backend}: rel err {err:.3g} (seed {seed})"

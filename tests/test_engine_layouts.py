@@ -62,22 +62,25 @@ def test_hugging_face_layout_loads_to_the_same_model(checkpoint, tmp_path, seed)
     assert err < 1e-6, f"rel err {err:.3g} (seed {seed})"
 
 
+def copy_with(checkpoint, directory, edit):
+    """A copy of `checkpoint` in `directory` whose tensors are `edit(tensors)`."""
+    (directory / "config.json").write_text((checkpoint / "config.json").read_text())
+    mx.save_safetensors(str(directory / "model.safetensors"), edit(mx.load(str(checkpoint / "model.safetensors"))))
+    return directory
+
+
 def test_unused_and_missing_tensors_are_named(checkpoint, tmp_path):
-    weights = mx.load(str(checkpoint / "model.safetensors"))
-    (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
-    mx.save_safetensors(str(tmp_path / "model.safetensors"), {**weights, "model.extra.weight": mx.zeros((2, 2))})
+    copy_with(checkpoint, tmp_path, lambda w: {**w, "model.extra.weight": mx.zeros((2, 2))})
     with pytest.raises(FlashMoeError, match="model.extra.weight"):
         load_model(tmp_path)
-    norm = next(k for k in weights if k.endswith("model.norm.weight"))
-    mx.save_safetensors(str(tmp_path / "model.safetensors"), {k: v for k, v in weights.items() if k != norm})
+    norm = next(k for k in mx.load(str(checkpoint / "model.safetensors")) if k.endswith("model.norm.weight"))
+    copy_with(checkpoint, tmp_path, lambda w: {k: v for k, v in w.items() if k != norm})
     with pytest.raises(FlashMoeError, match=f"'{norm}' is missing"):
         load_model(tmp_path)
 
 
 def test_mtp_tensors_are_dropped_with_a_warning(checkpoint, tmp_path):
-    weights = mx.load(str(checkpoint / "model.safetensors"))
-    (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
-    mx.save_safetensors(str(tmp_path / "model.safetensors"), {**weights, "mtp.fc.weight": mx.zeros((2, 2))})
+    copy_with(checkpoint, tmp_path, lambda w: {**w, "mtp.fc.weight": mx.zeros((2, 2))})
     with pytest.warns(UserWarning, match="mtp"):
         load_model(tmp_path)
 

@@ -12,10 +12,10 @@ import pytest
 from mlx.utils import tree_flatten
 
 from flashmoe.loading import load, load_model
+from flashmoe.profiling import mlx_lm_model
 from flashmoe.synth import PRESETS, global_plan, layer_plan, synth_config, write_synthetic
 
 from .conftest import rel_err
-from .test_engine import mlx_lm_float32
 
 SMALL = dict(hidden_size=256, num_experts=128, moe_intermediate_size=128, shared_expert_intermediate_size=128,
              vocab_size=1024, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
@@ -57,7 +57,7 @@ def small(request, tmp_path_factory):
 
 def test_small_synthetic_runs_the_same_in_mlx_lm_and_flashmoe(small):
     tokens = mx.random.randint(0, SMALL["vocab_size"], (1, 32))
-    reference = mlx_lm_float32(small)(tokens)
+    reference = mlx_lm_model(small)(tokens)
     assert rel_err(load_model(small)(tokens), reference) < 1e-3
     assert rel_err(load_model(small, stream_experts=True)(tokens), reference) < 1e-3
 

@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from flashmoe.config import ModelArgs
+from flashmoe.evaluate import token_nll
 from flashmoe.model import Model
 from flashmoe.moe import Routing
 from flashmoe.weights import TensorStore
@@ -30,12 +31,6 @@ def check_params(params: dict[str, mx.array], args: ModelArgs) -> None:
     store = TensorStore(dict(params), source="training parameters")
     Model(store, args)
     store.finish()
-
-
-def token_nll(logits: mx.array, targets: mx.array) -> mx.array:
-    """Negative log-likelihood of each target in nats: (B, T, V), (B, T) -> (B, T) float32."""
-    logits = logits.astype(mx.float32)
-    return mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
 def routing_losses(routing: dict[int, Routing], num_experts: int) -> tuple[mx.array, mx.array]:

@@ -23,7 +23,7 @@ from flashmoe.loading import load_model
 from .checkpoint import read_state
 from .corpus import DATA_DIR
 from .data import eval_windows, load_tokens
-from .objective import token_nll
+from flashmoe.evaluate import token_nll
 
 
 def routing_stats(logits: mx.array, experts: mx.array, num_experts: int) -> tuple[np.ndarray, float]:
