@@ -25,7 +25,7 @@ def test_the_installed_package_finds_its_kernel_sources(tmp_path):
     assert run.returncode == 0, run.stderr
     package, source_dir = map(Path, run.stdout.split())
     if "site-packages" in package.parts:  # a wheel install, as in CI: the sources are the wheel's own copy
-        assert package == source_dir.parent, f"sources at {source_dir}, package at {package}"
+        assert source_dir == package / "kernels" / "src", f"sources at {source_dir}, package at {package}"
 
 
 def test_both_preludes_open_the_same_body():

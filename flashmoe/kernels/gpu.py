@@ -1,6 +1,6 @@
 """Launching the dequant-matvec kernel through mx.fast.metal_kernel or mx.fast.cuda_kernel.
 
-Both backends run the same body (kernels/dequant_matvec.inc); only the prelude differs.
+Both backends run the same body (src/dequant_matvec.inc); only the prelude differs.
 Kernel objects are built once per backend; MLX compiles one variant per template
 (dtype, bits, group size) and caches it by name.
 """

@@ -1,4 +1,4 @@
-"""Kernel source files: found inside the installed wheel, or in the repository's kernels/."""
+"""Kernel source files (flashmoe/kernels/src/, shipped in the wheel as package data)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,8 @@ BODY_MARKER = "// @body"
 
 
 def source_dir() -> Path:
-    """The folder holding the kernel sources (the wheel's copy, else the repository's)."""
-    try:
-        return Path(str(resources.files("flashmoe._kernel_sources")))
-    except ModuleNotFoundError:  # running from a source tree that was not pip-installed
-        return Path(__file__).resolve().parents[2] / "kernels"
+    """The folder holding the kernel sources."""
+    return Path(str(resources.files("flashmoe.kernels") / "src"))
 
 
 @functools.cache

@@ -1,1 +1,0 @@
-"""Kernel sources (.metal, .cu, .inc), shipped inside the wheel as flashmoe._kernel_sources."""
