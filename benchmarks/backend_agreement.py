@@ -13,8 +13,8 @@ import sys
 import mlx.core as mx
 
 from flashmoe import kernels
-from flashmoe.loading import load_model
-from flashmoe.profiling import forced_decode_logits
+from flashmoe.loader import load_model
+from flashmoe.analysis.parity import forced_decode_logits
 
 
 def main(checkpoint: str) -> None:

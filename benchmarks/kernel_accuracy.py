@@ -11,7 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from flashmoe import kernels
-from flashmoe.profiling import rel_err
+from flashmoe.analysis.parity import rel_err
 
 SHAPES = [(1, 64), (13, 256), (37, 1024), (300, 2048), (9, 4224), (17, 8192), (45, 96)]
 

@@ -18,7 +18,7 @@ import time
 import mlx.core as mx
 
 from flashmoe import compute_dtype, kernels
-from flashmoe.profiling import measure_bandwidth
+from flashmoe.analysis.bench import measure_bandwidth
 
 SHAPES = [(4096, 4096), (16384, 4096)]  # (out, in)
 BITS = (4, 8)

@@ -35,13 +35,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from flashmoe.checkpoint import read_config
-from flashmoe.config import ModelArgs
-from flashmoe.expert_files import open_layout
-from flashmoe.expert_io import ExpertReader
-from flashmoe.loading import load_model
-from flashmoe.stream_stats import format_stream_stats
-from flashmoe.streaming import StreamOptions
+from flashmoe.loader import read_config
+from flashmoe.models.args import ModelArgs
+from flashmoe.streaming.layout import open_layout
+from flashmoe.streaming.reader import ExpertReader
+from flashmoe.loader import load_model
+from flashmoe.streaming.stats import format_stream_stats
+from flashmoe.streaming.experts import StreamOptions
 
 
 def drop_page_cache(directory: Path) -> int:
@@ -67,7 +67,7 @@ def decode(model, cache, ids: np.ndarray) -> float:
 
 
 def phase(model, seconds: float, tokens: int, kind: str = "decode") -> dict:
-    summary = model.stream_stats.summary()[kind]
+    summary = model.report.stream_stats.summary()[kind]
     return dict(tokens_per_s=tokens / seconds, seconds=seconds, **{k: v for k, v in summary.items()
                                                                     if k != "io_ms_per_layer"})
 
@@ -81,26 +81,26 @@ def run(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(args.seed)
     ids = rng.integers(0, model.args.vocab_size, args.prompt + 2 * args.tokens + args.warmup + 1)
     mx.eval(model(mx.array([[int(ids[-1])]]), model.make_cache()))  # brings the non-expert weights in
-    result = dict(model=str(directory), layout=model.stream_stats.layout, cache_mb=args.cache_mb,
+    result = dict(model=str(directory), layout=model.report.stream_stats.layout, cache_mb=args.cache_mb,
                   threads=args.threads, load_s=time.perf_counter() - tic, k=model.args.num_experts_per_tok,
                   moe_layers=len(model.moe_layers),
-                  expert_bytes=model.layers[model.moe_layers[0]].mlp.streamed.layer.expert_bytes)
+                  expert_bytes=model.layers[model.moe_layers[0]].mlp.experts.layer.expert_bytes)
     result["dropped_bytes"] = drop_page_cache(directory) if not args.no_drop else 0
-    model.stream_stats.reset()
+    model.report.stream_stats.reset()
     cache = model.make_cache()
     tic = time.perf_counter()
     mx.eval(model(mx.array(ids[None, :args.prompt]), cache))
     result["prefill"] = phase(model, time.perf_counter() - tic, args.prompt, "prefill")
     at = args.prompt
     result["cold"] = phase(model, decode(model, cache, ids[at:at + args.tokens]), args.tokens)
-    print(format_stream_stats(model.stream_stats), file=sys.stderr)
+    print(format_stream_stats(model.report.stream_stats), file=sys.stderr)
     at += args.tokens
     if args.warmup >= 0:
         decode(model, cache, ids[at:at + args.warmup])
-        model.stream_stats.reset()
+        model.report.stream_stats.reset()
         at += args.warmup
         result["warm"] = phase(model, decode(model, cache, ids[at:at + args.tokens]), args.tokens)
-        print(format_stream_stats(model.stream_stats), file=sys.stderr)
+        print(format_stream_stats(model.report.stream_stats), file=sys.stderr)
     return result
 
 

@@ -1,12 +1,10 @@
 """flashmoe: quantized Mixture-of-Experts models on MLX, with its own dequantization kernels."""
 
-from . import default_model, kernels, quant
-from .checkpoint import check_checkpoint
-from .generate import GenerationStep, generate, stream_generate
-from .loading import load
+from . import kernels, quant
 from .errors import BackendUnavailableError, FlashMoeError, QuantConfigError, QuantMismatchError
+from .generate import GenerationStep, generate, stream_generate
+from .loader import check_checkpoint, compute_dtype, default_model_dir, load, load_model
 from .misread import misread_as
-from .precision import compute_dtype
 from .sample import make_sampler
 from .tokenizer import StreamingDetokenizer, Tokenizer
 
@@ -14,7 +12,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
-    "default_model",
+    "default_model_dir",
+    "load_model",
     "GenerationStep",
     "StreamingDetokenizer",
     "Tokenizer",

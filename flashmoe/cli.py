@@ -7,11 +7,12 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from . import profile
-from .default_model import default_model_dir
+from . import timing
+from .loader import default_model_dir
 from .errors import FlashMoeError
-from .generate import format_stats, format_timing, stream_generate
-from .stream_stats import format_stream_stats
+from .generate import format_stats, stream_generate
+from .timing import format_timing
+from .streaming.stats import format_stream_stats
 
 DEFAULT_PROMPT = "def fibonacci(n):"
 NO_DEFAULT_MODEL = "this install has no bundled default model; pass --model PATH (an MLX model folder)"
@@ -93,7 +94,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, stream the text to stdout and the statistics to stderr."""
-    from .loading import load  # imported late: argument errors need no model code
+    from .loader import load
 
     prompt = _read_prompt(args)
     streaming = {"stream_experts": True, "expert_cache_mb": args.expert_cache_mb} if args.stream_experts else {}
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     if args.chat:
         prompt = _chat_prompt(tokenizer, args, prompt)
     step = None
-    with profile.timing() if args.timing else nullcontext() as timer:
+    with timing.timing() if args.timing else nullcontext() as timer:
         for step in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, temperature=args.temp,
                                     top_p=args.top_p, top_k=args.top_k, seed=args.seed):
             sys.stdout.write(step.text)
@@ -111,8 +112,9 @@ def run(args: argparse.Namespace) -> int:
         print("=" * 10 + "\n" + format_stats(step), file=sys.stderr)
     if timer is not None:
         print(format_timing(timer), file=sys.stderr)
-        if getattr(model, "stream_stats", None) is not None:
-            print(format_stream_stats(model.stream_stats), file=sys.stderr)
+        stats = model.report.stream_stats if getattr(model, "report", None) else None
+        if stats is not None:
+            print(format_stream_stats(stats), file=sys.stderr)
     return 0
 
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import mlx.core as mx
 
-from . import profile
+from . import timing
 from .errors import FlashMoeError
 from .sample import Sampler, make_sampler
 from .tokenizer import Tokenizer
@@ -48,10 +48,10 @@ def prefill(model: Any, tokens: mx.array, cache: list, chunk: int) -> None:
 
 def decode_one_token(model: Any, token: mx.array, cache: list, sampler: Sampler) -> mx.array:
     """The id that follows `token` (1,), as a lazy (1,) array."""
-    profile.timer.restart()  # the caller's handling of the last token belongs to no phase
+    timing.timer.restart()  # the caller's handling of the last token belongs to no phase
     logits = model(token[:, None], cache)[:, -1, :]  # (1, 1) -> (1, 1, V) -> (1, V)
     next_token = sampler(logits)
-    profile.timer.mark("sampling", next_token)
+    timing.timer.mark("sampling", next_token)
     return next_token
 
 
@@ -93,8 +93,8 @@ def stream_generate(model: Any, tokenizer: Tokenizer, prompt: str | list[int], m
         return
     mx.random.seed(seed)
     first, cache, prompt_tps = _prompt_phase(model, ids, sampler, prefill_chunk)
-    if profile.timer.enabled:
-        profile.timer.reset()  # the per-phase table covers decode steps only
+    if timing.timer.enabled:
+        timing.timer.reset()  # the per-phase table covers decode steps only
     tic = time.perf_counter()
     detokenizer = tokenizer.detokenizer()
     for n, token in enumerate(decode_tokens(model, first, cache, sampler, max_tokens)):
@@ -124,14 +124,3 @@ def format_stats(step: GenerationStep) -> str:
     )
 
 
-def format_timing(timer: profile.PhaseTimer) -> str:
-    """Per-phase table: ms per decoded token and share of the total."""
-    steps = max(timer.calls.get("sampling", 0), 1)  # one sampling mark per decode step
-    phases = [p for p in profile.PHASES if p in timer.seconds] + sorted(set(timer.seconds) - set(profile.PHASES))
-    total = sum(timer.seconds.values())
-    lines = [f"{'phase':<18}{'ms/token':>10}{'share':>8}"]
-    for phase in phases:
-        share = timer.seconds[phase] / total if total else 0.0
-        lines.append(f"{phase:<18}{1e3 * timer.seconds[phase] / steps:>10.3f}{share:>8.1%}")
-    lines.append(f"{'total':<18}{1e3 * total / steps:>10.3f}{1.0 if total else 0.0:>8.1%}")
-    return "\n".join(lines) + f"\n({steps} decode steps timed)"

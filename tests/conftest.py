@@ -1,13 +1,16 @@
-"""Shared fixtures: fresh random data each run (seed printed on failure), backend skips."""
+"""Shared fixtures: a fresh seed each run (printed on failure), the tiny tokenizer. Helpers: tests/helpers.py."""
 
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
 
-from flashmoe import kernels
+from flashmoe.tokenizer import Tokenizer
+
+from tests.helpers import write_tiny_tokenizer
 
 
 @pytest.fixture
@@ -18,18 +21,11 @@ def seed() -> int:
     return value
 
 
-def require_backend(backend: str) -> None:
-    """Skip, with the reason, when `backend` cannot run on this machine."""
-    if not kernels.backend_available(backend):
-        why = {
-            "metal": "Metal is not available (mx.metal.is_available() is False); the Apple Silicon CI runs these",
-            "cuda": "CUDA is not available (needs an NVIDIA GPU and mlx[cuda13])",
-        }[backend]
-        pytest.skip(why)
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return write_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
 
 
-def rel_err(y: mx.array, ref: mx.array) -> float:
-    """max |y - ref| / max |ref| in float32 (NaN when y has NaN, e.g. a poisoned row left unwritten)."""
-    y, ref = y.astype(mx.float32), ref.astype(mx.float32)
-    err = mx.max(mx.abs(y - ref)) / mx.maximum(mx.max(mx.abs(ref)), 1e-30)
-    return float(mx.where(mx.any(mx.isnan(y)), mx.array(float("nan")), err).item())
+@pytest.fixture
+def tok(tiny_dir) -> Tokenizer:
+    return Tokenizer.from_dir(tiny_dir)

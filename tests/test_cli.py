@@ -1,4 +1,4 @@
-"""`python -m flashmoe` in-process, with flashmoe.loading.load replaced by the mock model + tiny tokenizer."""
+"""`python -m flashmoe` in-process, with flashmoe.loader.load replaced by the mock model + tiny tokenizer."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import mlx.core as mx
 import pytest
 
 import flashmoe
-from flashmoe import cli, profile
+from flashmoe import cli, timing
 from flashmoe.tokenizer import Tokenizer
-from tests.test_generate import MULTIBYTE, MockModel, script_model, tiny_dir  # noqa: F401  (tiny_dir: fixture)
+from tests.helpers import MULTIBYTE, MockModel, script_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,14 +23,14 @@ class PhaseModel(MockModel):
 
     def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
         logits = super().__call__(tokens, cache)
-        profile.timer.mark("experts", logits)
+        timing.timer.mark("experts", logits)
         return logits
 
 
 @pytest.fixture
 def loaded(monkeypatch, tiny_dir):
-    """Patch flashmoe.loading.load; return a record of its calls."""
-    import flashmoe.loading as loading
+    """Patch flashmoe.loader.load; return a record of its calls."""
+    import flashmoe.loader as loading
 
     tok = Tokenizer.from_dir(tiny_dir)
     record = {"model": MockModel(tok.vocab_size), "tokenizer": tok, "calls": []}
@@ -120,7 +120,7 @@ def test_timing_prints_a_phase_table(loaded, tiny_dir, capsys):
     for phase in ("experts", "sampling", "total"):
         assert phase in rows and rows[phase].rstrip().endswith("%")
     assert "(4 decode steps timed)" in err  # the first token belongs to the prompt phase
-    assert not profile.timer.enabled
+    assert not timing.timer.enabled
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -158,7 +158,7 @@ def test_errors_while_loading_give_one_line_and_exit_1(loaded, tiny_dir, monkeyp
     def broken(*args, **kwargs):
         raise flashmoe.FlashMoeError(f"{tiny_dir}/config.json: model_type 'llama' is not supported")
 
-    monkeypatch.setattr(sys.modules["flashmoe.loading"], "load", broken)
+    monkeypatch.setattr(sys.modules["flashmoe.loader"], "load", broken)
     assert cli.main(["--model", str(tiny_dir)]) == 1
     assert "model_type 'llama'" in one_error_line(capsys.readouterr().err)
 
@@ -179,9 +179,9 @@ def test_python_m_flashmoe_with_a_missing_model_exits_cleanly():
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen3_next"])
 def test_end_to_end_with_the_real_loader(tmp_path, capsys, model_type):
-    """A tiny random checkpoint through flashmoe.loading.load: the CLI runs it and times its phases."""
-    from tests.test_generate import write_tiny_tokenizer
-    from tests.tiny_checkpoints import write_checkpoint
+    """A tiny random checkpoint through flashmoe.loader.load: the CLI runs it and times its phases."""
+    from tests.helpers import write_tiny_tokenizer
+    from tests.helpers import write_checkpoint
 
     folder = write_tiny_tokenizer(write_checkpoint(tmp_path / model_type, model_type))
     assert cli.main(["--model", str(folder), "--prompt", "Le café", "--max-tokens", "5", "--timing"]) == 0

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import flashmoe
-from flashmoe.default_model import default_model_dir
-from flashmoe.evaluate import perplexity
-from flashmoe.loading import load_model
-from flashmoe.profiling import greedy_tokens, mlx_lm_cache, mlx_lm_model
+from flashmoe.loader import default_model_dir
+from flashmoe.analysis.evaluate import perplexity
+from flashmoe.loader import load_model
+from flashmoe.analysis.parity import greedy_tokens, mlx_lm_cache, mlx_lm_model
 
 
 REPO = Path(__file__).resolve().parents[1]

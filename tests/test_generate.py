@@ -3,101 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from types import SimpleNamespace
-from typing import Callable
 
 import mlx.core as mx
 import pytest
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from flashmoe.errors import FlashMoeError
 from flashmoe.generate import generate, stream_generate
 from flashmoe.sample import make_sampler, top_k_filter, top_p_filter
 from flashmoe.tokenizer import StreamingDetokenizer, Tokenizer
 
-SENTENCES = [
-    "def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
-    "Le café est très bon, déjà vu à Paris.",
-    "中文测试：你好，世界。模型生成文本。",
-    "Emoji time 🎉🚀 and more 🎉 fun 🙂.",
-    "The quick brown fox jumps over the lazy dog.",
-]
-MULTIBYTE = "café 中文 🎉🚀 déjà"
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def write_tiny_tokenizer(folder: Path) -> Path:
-    """Train a ~300-id byte-level BPE and write the files a model folder carries."""
-    bpe = HFTokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(SENTENCES, trainer)
-    folder.mkdir(parents=True, exist_ok=True)
-    bpe.save(str(folder / "tokenizer.json"))
-    config = {"eos_token": {"content": "<|im_end|>"}, "chat_template": CHAT_TEMPLATE}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
-    return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> Path:
-    return write_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
-
-
-@pytest.fixture
-def tok(tiny_dir) -> Tokenizer:
-    return Tokenizer.from_dir(tiny_dir)
-
-
-class RecordingCache:
-    """Stands in for a layer cache: remembers every id the model was fed through it."""
-
-    def __init__(self):
-        self.fed: list[int] = []
-        self.state_reads = 0  # prefill forces the state once per chunk
-
-    @property
-    def state(self) -> list[mx.array]:
-        self.state_reads += 1
-        return [mx.array(self.fed or [0])]
-
-
-class MockModel:
-    """Deterministic logits peaked at rule(position, token); by default the next id is (token + 1) % V."""
-
-    def __init__(self, vocab_size: int, rule: Callable[[int, int], int] | None = None):
-        self.args = SimpleNamespace(vocab_size=vocab_size)
-        self.rule = rule or (lambda position, token: (token + 1) % vocab_size)
-        self.calls: list[int] = []  # T of every forward call
-
-    def make_cache(self) -> list[RecordingCache]:
-        return [RecordingCache(), RecordingCache()]
-
-    def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
-        ids = tokens[0].tolist()
-        start = len(cache[0].fed) if cache else 0
-        for c in cache or []:
-            c.fed.extend(ids)
-        self.calls.append(len(ids))
-        peaks = mx.array([[self.rule(start + t, tok) for t, tok in enumerate(ids)]])  # (1, T)
-        distance = (mx.arange(self.args.vocab_size)[None, None, :] - peaks[..., None]) % self.args.vocab_size
-        return -0.5 * distance.astype(mx.float32)  # (1, T, V): the peak id has 0, the rest decay
-
-
-def script_model(tokenizer: Tokenizer, prompt_len: int, script: list[int]) -> MockModel:
-    """A mock model that answers a prompt of `prompt_len` ids with `script`."""
-    last = prompt_len - 1
-    return MockModel(tokenizer.vocab_size, lambda p, t: script[p - last] if 0 <= p - last < len(script) else 1)
-
+from tests.helpers import MULTIBYTE, MockModel, script_model
 
 # --- tokenizer ---------------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import pytest
 from flashmoe import kernels, misread_as
 from flashmoe.errors import FlashMoeError
 
-from .conftest import rel_err, require_backend
+from tests.helpers import rel_err, require_backend
 
 
 def engine_4bit_matvec(words: np.ndarray, scales: np.ndarray, biases: np.ndarray, x: np.ndarray, group_size: int):

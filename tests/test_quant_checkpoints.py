@@ -9,7 +9,7 @@ import pytest
 from flashmoe import check_checkpoint, quant
 from flashmoe.errors import QuantMismatchError
 
-from .tiny_checkpoints import CONFIGS, write_checkpoint
+from tests.helpers import CONFIGS, write_checkpoint
 
 ROUTERS = ("mlp.gate", "mlp.shared_expert_gate")
 

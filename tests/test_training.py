@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from flashmoe.config import ModelArgs
+from flashmoe.models.args import ModelArgs
 from training import checkpoint
 from training.corpus import ASSETS_DIR, EOS, build, collect_files, split
 from training.init import init_params, param_shapes
@@ -145,7 +145,7 @@ def test_resume_continues_exactly(tmp_path, data_dir):
 
 
 def test_checkpoint_is_a_flashmoe_model(tmp_path, data_dir):
-    from flashmoe.loading import load_model
+    from flashmoe.loader import load_model
 
     train(tmp_path / "run", settings=TINY_SETTINGS, config=TINY, data_dir=data_dir, minutes=0, max_steps=1,
           evaluate_at_end=False)

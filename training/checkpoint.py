@@ -19,30 +19,11 @@ from pathlib import Path
 
 import mlx.core as mx
 
-MAX_SHARD_BYTES = 15 * 2**20
+from flashmoe.safetensors import save_shards
+
+MAX_SHARD_BYTES = 15 * 2**20  # the device's per-file limit is 16 MiB
 STATE_DIR = "train_state"
 INCOMING = ".incoming"
-
-
-def save_shards(tensors: dict[str, mx.array], folder: Path, prefix: str,
-                max_bytes: int = MAX_SHARD_BYTES) -> dict[str, str]:
-    """Write `tensors` as `prefix`-0000k-of-0000n.safetensors, each under `max_bytes`; return name -> file."""
-    shards, current, size = [], {}, 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].nbytes
-        if nbytes > max_bytes:
-            raise ValueError(f"tensor '{name}' has {nbytes} bytes; a shard holds at most {max_bytes}")
-        if current and size + nbytes > max_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name], size = tensors[name], size + nbytes
-    shards.append(current)
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        file = f"{prefix}-{i:05d}-of-{len(shards):05d}.safetensors"
-        mx.save_safetensors(str(folder / file), shard, metadata={"format": "mlx"})
-        weight_map.update({name: file for name in shard})
-    return weight_map
 
 
 def load_shards(folder: Path, prefix: str) -> dict[str, mx.array]:
@@ -62,12 +43,9 @@ def save(out: Path, params: dict, opt_state: dict, state: dict, config: dict, to
     incoming = out / INCOMING
     shutil.rmtree(incoming, ignore_errors=True)
     (incoming / STATE_DIR).mkdir(parents=True)
-    weight_map = save_shards(params, incoming, "model")
-    total = sum(v.nbytes for v in params.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (incoming / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
+    save_shards(params, incoming, "model", MAX_SHARD_BYTES)  # with model.safetensors.index.json
     moments = {f"{kind}.{k}": v for kind in ("m", "v") for k, v in opt_state[kind].items()}
-    save_shards({**moments, "step": opt_state["step"]}, incoming / STATE_DIR, "optimizer")
+    save_shards({**moments, "step": opt_state["step"]}, incoming / STATE_DIR, "optimizer", MAX_SHARD_BYTES)
     (incoming / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(Path(tokenizer_dir) / name, incoming / name)

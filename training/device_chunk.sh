@@ -18,7 +18,7 @@ else
   python3 -m training.train --out $run --minutes "$minutes" --resume 2>&1 | tail -4
 fi
 cp $run/log.jsonl $run/train_state/state.json "$OUT"/ 2>/dev/null
-rm -rf /tmp/asset && python3 -m flashmoe.convert $run /tmp/asset && tar cf "$OUT"/asset.tar -C /tmp asset
+rm -rf /tmp/asset && python3 -m flashmoe.tools.convert $run /tmp/asset && tar cf "$OUT"/asset.tar -C /tmp asset
 if [ "$mode" = last ]; then
   python3 -m training.report $run 2>&1 | tail -30
   cp $run/report.json "$OUT"/ 2>/dev/null

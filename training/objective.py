@@ -14,11 +14,11 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from flashmoe.config import ModelArgs
-from flashmoe.evaluate import token_nll
-from flashmoe.model import Model
-from flashmoe.moe import Routing
-from flashmoe.weights import TensorStore
+from flashmoe.models.args import ModelArgs
+from flashmoe.analysis.evaluate import token_nll
+from flashmoe.models.model import Model
+from flashmoe.models.moe import Routing
+from flashmoe.models.store import TensorStore
 
 
 def build_model(params: dict[str, mx.array], args: ModelArgs, dtype: mx.Dtype = mx.float32) -> Model:

@@ -18,12 +18,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from flashmoe.loading import load_model
+from flashmoe.loader import load_model
 
 from .checkpoint import read_state
 from .corpus import DATA_DIR
 from .data import eval_windows, load_tokens
-from flashmoe.evaluate import token_nll
+from flashmoe.analysis.evaluate import token_nll
 
 
 def routing_stats(logits: mx.array, experts: mx.array, num_experts: int) -> tuple[np.ndarray, float]:

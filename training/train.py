@@ -20,7 +20,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from flashmoe.config import ModelArgs
+from flashmoe.models.args import ModelArgs
 
 from . import checkpoint
 from .corpus import ASSETS_DIR, DATA_DIR

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..errors import BackendUnavailableError, FlashMoeError  # noqa: F401 (re-exported)
-from . import gpu, reference
+from ..errors import BackendUnavailableError, FlashMoeError
+from ..kernels import gpu, reference
 
 BACKENDS = ("metal", "cuda", "mlx", "reference")
 KERNEL_BITS = (2, 4, 8)

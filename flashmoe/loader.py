@@ -1,0 +1,155 @@
+"""flashmoe.load: a checkpoint directory (or the bundled default model) -> (Model, Tokenizer).
+
+One straight line, in load_model:
+    config.json -> ModelArgs (the architecture's row) and a QuantPlan (flashmoe.quant)
+    the expert source, chosen once: resident (models.moe.ResidentSource) or streamed
+        from disk (streaming.ExpertStreamer)
+    the safetensors headers -> every quantized tensor checked against the plan
+    the tensors -> sanitize -> TensorStore -> Model, with every tensor accounted for
+    what the loader found -> model.report (a LoadReport)
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+
+from . import kernels
+from .errors import FlashMoeError
+from .models.args import ModelArgs
+from .models.model import Model
+from .models.moe import ResidentSource
+from .models.sanitize import sanitize
+from .models.store import TensorStore
+from .quant import QuantPlan, Resolved, check_tensors, resolve
+from .safetensors import read_tensors, tensor_infos
+from .streaming.experts import ExpertStreamer, StreamOptions, stream_options
+from .streaming.layout import MANIFEST
+from .streaming.stats import StreamStats
+from .tokenizer import Tokenizer
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "flashmoe-coder-tiny"
+
+
+@dataclass
+class LoadReport:
+    """What the loader found and chose, in one place (`model.report`)."""
+
+    directory: Path
+    backend: str  # the kernel backend the model runs
+    dtype: mx.Dtype  # the compute dtype
+    misread_modules: list[str] = field(default_factory=list)  # quant="global": modules read at the wrong bits
+    dropped: list[str] = field(default_factory=list)  # tensors flashmoe does not use (mtp heads, vision tower)
+    stream_stats: StreamStats | None = None  # expert streaming counters (None: experts resident)
+
+
+def load(path: str | Path | None = None, backend: str = "auto", quant: str = "config",
+         k: int | None = None, dtype: mx.Dtype | None = None, stream_experts: bool | StreamOptions = False,
+         expert_cache_mb: float | None = None) -> tuple[Model, Tokenizer]:
+    """Load a model and its tokenizer. `quant="global"` reproduces the 4-bit-only engine's bug."""
+    directory = _checkpoint_dir(path)
+    model = load_model(directory, backend=backend, quant=quant, k=k, dtype=dtype, stream_experts=stream_experts,
+                       expert_cache_mb=expert_cache_mb)
+    return model, Tokenizer.from_dir(directory)
+
+
+def load_model(directory: str | Path, backend: str = "auto", quant: str = "config", k: int | None = None,
+               dtype: mx.Dtype | None = None, stream_experts: bool | StreamOptions = False,
+               expert_cache_mb: float | None = None) -> Model:
+    """The model alone (no tokenizer needed). `dtype` overrides the compute dtype (compute_dtype).
+
+    `stream_experts` leaves the routed experts on disk and reads the selected ones per layer
+    (flashmoe.streaming); `expert_cache_mb` sizes its LRU of recently used experts (0: none).
+    """
+    directory = Path(directory)
+    config = read_config(directory)
+    args = ModelArgs.from_config(config)
+    plan = resolve(config)
+    experts = expert_source(directory, args, stream_experts, expert_cache_mb)
+    specs = check_tensors(plan, tensor_infos(directory) | experts.tensor_infos())
+    tensors, specs, dropped = sanitize(experts.keep(read_tensors(directory)), specs, args)
+    if dropped:
+        warnings.warn(f"{directory}: {len(dropped)} tensors not used by flashmoe were dropped "
+                      f"({', '.join(sorted({name.split('.')[0] for name in dropped}))}.*)", stacklevel=2)
+    store = TensorStore(
+        tensors, specs=specs, default_spec=plan.default, quant=quant, backend=kernels.resolve_backend(backend),
+        dtype=dtype or compute_dtype(_stored_dtype(tensors)), source=str(directory),
+    )
+    model = Model(store, args, k=k, experts=experts)
+    store.finish()
+    experts.finish()
+    model.report = LoadReport(directory, store.backend, store.dtype, store.misread_modules, dropped, experts.stats)
+    return model
+
+
+def expert_source(directory: Path, args: ModelArgs, stream_experts, expert_cache_mb):
+    """Where the routed experts come from: the disk (streaming) or memory; chosen once, here."""
+    options = stream_options(stream_experts, expert_cache_mb)
+    if options is not None:
+        return ExpertStreamer(directory, args, options)
+    if (directory / MANIFEST).is_file() and args.num_experts:
+        raise FlashMoeError(f"{directory}: a repacked checkpoint ({MANIFEST}) keeps its experts outside the "
+                            "safetensors files; load it with stream_experts=True")
+    return ResidentSource()
+
+
+def _checkpoint_dir(path) -> Path:
+    if path is None:
+        path = default_model_dir()
+        if path is None:
+            raise FlashMoeError(f"no default model in this install ({DEFAULT_MODEL_DIR} is missing): "
+                                "pass a checkpoint directory")
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FlashMoeError(f"{directory}: not a directory (expected a checkpoint with config.json)")
+    return directory
+
+
+def _stored_dtype(tensors: dict[str, mx.array]) -> mx.Dtype:
+    """The checkpoint's float dtype: the one most of its float tensors use."""
+    counts: dict = {}
+    for value in tensors.values():
+        if mx.issubdtype(value.dtype, mx.floating):
+            counts[value.dtype] = counts.get(value.dtype, 0) + 1
+    return max(counts, key=counts.get) if counts else mx.float32
+
+
+def read_config(directory: str | Path) -> dict:
+    """config.json of a checkpoint directory, with a clear error when it is missing or broken."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FlashMoeError(f"{path}: not found; a checkpoint directory needs config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise FlashMoeError(f"{path}: not valid JSON ({err})") from None
+
+
+def check_checkpoint(directory: str | Path) -> tuple[QuantPlan, dict[str, Resolved]]:
+    """Resolve the config's quantization and check it against every tensor's shapes."""
+    plan = resolve(read_config(directory))
+    return plan, check_tensors(plan, tensor_infos(directory))
+
+
+
+def default_model_dir() -> Path | None:
+    """The bundled checkpoint directory, or None when this install has none."""
+    return DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / "config.json").is_file() else None
+
+
+
+def compute_dtype(stored: mx.Dtype, device: mx.Device | None = None) -> mx.Dtype:
+    """float32 on the CPU backend, the checkpoint's own dtype on a GPU.
+
+    On CPU, MLX's quantized matmul is ~8x slower with bf16 activations than with
+    float32 (4096x4096 4-bit matvec: ~24 ms vs ~200 ms) and float16 is slower still.
+    """
+    device = device or mx.default_device()
+    if device == mx.cpu and mx.issubdtype(stored, mx.floating):
+        return mx.float32
+    return stored
+

@@ -1,0 +1,113 @@
+"""Full (softmax) attention for every supported model type, matching mlx-lm's modules.
+
+Shapes: B batch, T new tokens, S tokens seen so far (cache included), D hidden,
+H query heads, H_kv key/value heads (H a multiple of H_kv), hd head_dim.
+
+What varies is asked of the architecture's row (models.args.Arch):
+    output_gate     q_proj gives a query and an output gate per head (qwen3_next, qwen3_5_moe)
+    partial_rotary  rotary on the first head_dim * partial_rotary_factor dims only
+    qk_norm         RMSNorm on each query and key head (all but qwen2_moe)
+    qkv_bias        q/k/v carry an additive bias, o_proj none (qwen2_moe)
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .cache import KVCache
+from .args import ModelArgs
+from ..errors import FlashMoeError
+from .layers import Linear
+from .store import TensorStore
+
+
+def rope_scale(rope_scaling: dict | None) -> float:
+    """The position scale mx.fast.rope takes: 1 for default rotary, 1/factor for "linear"."""
+    if not rope_scaling:
+        return 1.0
+    rope_type = rope_scaling.get("type") or rope_scaling.get("rope_type", "default")
+    if rope_type == "default":
+        return 1.0
+    if rope_type == "linear":
+        return 1.0 / rope_scaling["factor"]
+    raise FlashMoeError(
+        f"config.json: rope_scaling type {rope_type!r} is not supported; flashmoe runs 'default' and 'linear'"
+    )
+
+
+class Attention:
+    """Multi-head attention with grouped key/value heads and a KV cache: x (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, store: TensorStore, prefix: str, args: ModelArgs):
+        arch = args.arch
+        self.gated, self.qk_norm = arch.output_gate, arch.qk_norm
+        self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
+        self.head_dim = args.head_dim  # (ModelArgs applies arch.head_dim_from_hidden)
+        self.scale = self.head_dim**-0.5
+        self.eps = args.rms_norm_eps
+        self.rope_dims = int(self.head_dim * args.partial_rotary_factor) if arch.partial_rotary else self.head_dim
+        self.rope_traditional = args.rope_traditional and arch.config_rope_traditional
+        self.rope_base, self.rope_scale = args.rope_theta, rope_scale(args.rope_scaling)
+
+        qkv_bias = args.attention_bias or arch.qkv_bias
+        o_bias = args.attention_bias and not arch.qkv_bias
+        q_width = self.n_heads * self.head_dim * (2 if self.gated else 1)
+        kv_width = self.n_kv_heads * self.head_dim
+        self.q_proj = _projection(store, f"{prefix}.q_proj", qkv_bias, q_width)
+        self.k_proj = _projection(store, f"{prefix}.k_proj", qkv_bias, kv_width)
+        self.v_proj = _projection(store, f"{prefix}.v_proj", qkv_bias, kv_width)
+        self.o_proj = _projection(store, f"{prefix}.o_proj", o_bias, args.hidden_size)
+        if self.qk_norm:
+            self.q_norm = store.take(f"{prefix}.q_norm.weight")  # (hd,)
+            self.k_norm = store.take(f"{prefix}.k_norm.weight")  # (hd,)
+
+    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+        B, T, _ = x.shape
+        queries, gate = self._queries(x)  # (B, T, H, hd), (B, T, H * hd) or None
+        keys = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, hd)
+        values = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            queries = mx.fast.rms_norm(queries, self.q_norm, self.eps)
+            keys = mx.fast.rms_norm(keys, self.k_norm, self.eps)
+        queries = queries.transpose(0, 2, 1, 3)  # (B, H, T, hd)
+        keys, values = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)  # (B, H_kv, T, hd)
+
+        offset = 0 if cache is None else cache.offset
+        queries, keys = self._rope(queries, offset), self._rope(keys, offset)
+        if cache is not None:
+            keys, values = cache.update_and_fetch(keys, values)  # (B, H_kv, S, hd)
+
+        # "causal" aligns the last query with the last key, so a chunk after a cached prefix
+        # sees the whole prefix (as mlx-lm's KVCache.make_mask); one new token sees everything
+        mask = "causal" if T > 1 else None
+        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
+        out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # (B, T, H * hd)
+        if gate is not None:
+            out = out * mx.sigmoid(gate)
+        return self.o_proj(out)
+
+    def _queries(self, x: mx.array) -> tuple[mx.array, mx.array | None]:
+        """Per-head queries, and for the gated variants the output gate that q_proj interleaves."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.n_heads, -1)  # (B, T, H, hd or 2 * hd)
+        if not self.gated:
+            return q, None
+        queries, gate = mx.split(q, 2, axis=-1)  # (B, T, H, hd) each
+        return queries, gate.reshape(B, T, -1)  # gate (B, T, H * hd)
+
+    def _rope(self, x: mx.array, offset: int) -> mx.array:
+        return mx.fast.rope(
+            x, self.rope_dims, traditional=self.rope_traditional, base=self.rope_base,
+            scale=self.rope_scale, offset=offset,
+        )
+
+
+def _projection(store: TensorStore, prefix: str, bias: bool, out_features: int) -> Linear:
+    """store.linear(prefix), checked to give `out_features` outputs."""
+    layer = store.linear(prefix, bias=bias)
+    if layer.out_features != out_features:
+        raise FlashMoeError(
+            f"{store.source}: '{prefix}.weight' has {layer.out_features} output rows; "
+            f"the config implies {out_features}"
+        )
+    return layer

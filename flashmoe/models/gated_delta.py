@@ -1,0 +1,139 @@
+"""Gated DeltaNet, the linear-attention layer of the hybrid models (qwen3_next, qwen3_5_moe).
+
+Shapes: B batch, T new tokens, D hidden, H_k / H_v key / value heads (H_v a multiple of H_k),
+d_k / d_v their widths, C = 2 * H_k * d_k + H_v * d_v conv channels, W conv kernel width.
+
+Per token: project to q, k, v (conv channels), z (output gate), b (update rate), a (decay);
+run q, k, v through a depthwise causal conv and silu; L2-normalise q and k; update the
+recurrent state S (B, H_v, d_v, d_k) with the gated delta rule; read out with q; RMSNorm
+gated by silu(z); project back to D. Two checkpoint layouts hold the same projections:
+
+    fused (qwen3_next)          in_proj_qkvz, in_proj_ba, interleaved per key head
+    split (arch.split_in_proj)  in_proj_qkv, in_proj_z, in_proj_b, in_proj_a
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .cache import LinearAttentionCache
+from .args import ModelArgs
+from ..errors import FlashMoeError
+from .layers import silu
+from .store import TensorStore
+
+QK_L2_EPS = 1e-6  # the reference l2norm's eps, added to sum(x^2)
+
+
+class GatedDeltaNet:
+    """Gated delta rule linear attention with conv + recurrent state in a cache: x (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, store: TensorStore, prefix: str, args: ModelArgs):
+        self.n_k, self.n_v = args.linear_num_key_heads, args.linear_num_value_heads
+        self.d_k, self.d_v = args.linear_key_head_dim, args.linear_value_head_dim
+        if self.n_k <= 0 or self.n_v % self.n_k:
+            raise FlashMoeError(
+                f"config.json: linear_num_value_heads ({self.n_v}) must be a multiple of "
+                f"linear_num_key_heads ({self.n_k})"
+            )
+        self.key_dim, self.value_dim = self.n_k * self.d_k, self.n_v * self.d_v
+        self.conv_dim = 2 * self.key_dim + self.value_dim  # C
+        self.width = args.linear_conv_kernel_dim  # W
+        self.eps = args.rms_norm_eps
+
+        self.split = args.arch.split_in_proj
+        if self.split:
+            self.in_proj_qkv = store.linear(f"{prefix}.in_proj_qkv")
+            self.in_proj_z = store.linear(f"{prefix}.in_proj_z")
+            self.in_proj_b = store.linear(f"{prefix}.in_proj_b")
+            self.in_proj_a = store.linear(f"{prefix}.in_proj_a")
+        else:
+            self.in_proj_qkvz = store.linear(f"{prefix}.in_proj_qkvz")
+            self.in_proj_ba = store.linear(f"{prefix}.in_proj_ba")
+        self.conv_weight = self._conv_weight(store, f"{prefix}.conv1d.weight")  # (W, C)
+        # kept as stored: the decay is computed in float32 from A_log, and a + dt_bias
+        # promotes as mlx-lm's does when the checkpoint keeps these in float32
+        self.A_log = store.take(f"{prefix}.A_log", cast=False)  # (H_v,)
+        self.dt_bias = store.take(f"{prefix}.dt_bias", cast=False)  # (H_v,)
+        self.norm = store.take(f"{prefix}.norm.weight")  # (d_v,)
+        self.out_proj = store.linear(f"{prefix}.out_proj")
+
+    def __call__(self, x: mx.array, cache: LinearAttentionCache | None = None) -> mx.array:
+        B, T, _ = x.shape
+        qkv, z, b, a = self._project(x)  # (B, T, C), (B, T, H_v, d_v), (B, T, H_v) x2
+        conv = silu(self._conv(qkv, cache))  # (B, T, C)
+        q, k, v = mx.split(conv, [self.key_dim, 2 * self.key_dim], axis=-1)
+        q = q.reshape(B, T, self.n_k, self.d_k)  # (B, T, H_k, d_k)
+        k = k.reshape(B, T, self.n_k, self.d_k)
+        v = v.reshape(B, T, self.n_v, self.d_v)  # (B, T, H_v, d_v)
+        q, k = self._normalize_qk(q, k)
+
+        decay = mx.exp(-mx.exp(self.A_log.astype(mx.float32)) * _softplus(a + self.dt_bias))  # (B, T, H_v)
+        beta = mx.sigmoid(b)  # (B, T, H_v)
+        state = None if cache is None else cache.state_  # (B, H_v, d_v, d_k) float32
+        out, state = mx.fast.gated_delta_update(q, k, v, decay, beta, state)  # out (B, T, H_v, d_v)
+        if cache is not None:
+            cache.state_ = state
+            cache.offset += T
+
+        out = self._gated_norm(out, z)
+        return self.out_proj(out.reshape(B, T, -1))  # (B, T, H_v * d_v) -> (B, T, D)
+
+    def _project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        """qkv in conv-channel order [q | k | v], z per value head, b and a per value head."""
+        B, T, _ = x.shape
+        if self.split:
+            z = self.in_proj_z(x).reshape(B, T, self.n_v, self.d_v)  # (B, T, H_v, d_v)
+            return self.in_proj_qkv(x), z, self.in_proj_b(x), self.in_proj_a(x)
+        # the fused layout groups everything by key head: [q, k, v (r heads), z (r heads)] per head
+        r = self.n_v // self.n_k  # value heads per key head
+        qkvz = self.in_proj_qkvz(x).reshape(B, T, self.n_k, -1)  # (B, T, H_k, 2 d_k + 2 r d_v)
+        ba = self.in_proj_ba(x).reshape(B, T, self.n_k, 2 * r)  # (B, T, H_k, 2 r)
+        q, k, v, z = mx.split(qkvz, [self.d_k, 2 * self.d_k, 2 * self.d_k + r * self.d_v], axis=-1)
+        b, a = mx.split(ba, [r], axis=-1)  # (B, T, H_k, r) each
+        qkv = mx.concatenate([t.reshape(B, T, -1) for t in (q, k, v)], axis=-1)  # (B, T, C)
+        z = z.reshape(B, T, self.n_v, self.d_v)  # (B, T, H_v, d_v)
+        return qkv, z, b.reshape(B, T, self.n_v), a.reshape(B, T, self.n_v)
+
+    def _conv(self, qkv: mx.array, cache: LinearAttentionCache | None) -> mx.array:
+        """Depthwise causal conv over the cached last W - 1 inputs and the new T: (B, T, C)."""
+        B, T, C = qkv.shape
+        keep = self.width - 1
+        past = None if cache is None else cache.conv
+        if past is None:  # a fresh sequence starts from zeros, as the reference does
+            past = mx.zeros((B, keep, C), dtype=qkv.dtype)
+        window = mx.concatenate([past, qkv], axis=1)  # (B, W - 1 + T, C)
+        if cache is not None:
+            cache.conv = mx.contiguous(window[:, window.shape[1] - keep:])  # (B, W - 1, C)
+        out = window[:, :T] * self.conv_weight[0]
+        for j in range(1, self.width):
+            out = out + window[:, j : j + T] * self.conv_weight[j]
+        return out
+
+    def _normalize_qk(self, q: mx.array, k: mx.array) -> tuple[mx.array, mx.array]:
+        """Unit-length q and k, q times d_k**-1 and k times d_k**-0.5 (mlx-lm's normalize_qk)."""
+        # rms_norm divides by sqrt(mean(x^2) + eps'), so eps' = eps / d_k matches an l2 norm
+        # with eps added to sum(x^2); the rms itself carries a factor d_k**0.5
+        inv = self.d_k**-0.5
+        eps = QK_L2_EPS * inv**2
+        return (inv**2) * mx.fast.rms_norm(q, None, eps), inv * mx.fast.rms_norm(k, None, eps)
+
+    def _gated_norm(self, out: mx.array, z: mx.array) -> mx.array:
+        """RMSNorm(out) * silu(z), the product in float32 (mlx-lm's precise_swiglu)."""
+        normed = mx.fast.rms_norm(out, self.norm, self.eps)  # (B, T, H_v, d_v)
+        return (silu(z.astype(mx.float32)) * normed.astype(mx.float32)).astype(out.dtype)
+
+    def _conv_weight(self, store: TensorStore, name: str) -> mx.array:
+        """The depthwise kernel as mlx-lm saves it, (C, W, 1), turned to (W, C)."""
+        weight = store.take(name)
+        expected = (self.conv_dim, self.width, 1)
+        if tuple(weight.shape) != expected:
+            raise FlashMoeError(
+                f"{store.source}: '{name}' has shape {tuple(weight.shape)}; expected {expected} "
+                f"(mlx-lm's sanitized layout: channels, kernel width, 1)"
+            )
+        return weight[:, :, 0].T  # (W, C)
+
+
+def _softplus(x: mx.array) -> mx.array:
+    return mx.logaddexp(x, 0)

@@ -1,0 +1,90 @@
+"""Linear layers over plain or quantized weights, plain and stacked (experts).
+
+Decode (one row of activations) goes through flashmoe's kernels on the chosen backend;
+prefill (many rows) through MLX's quantized_matmul / gather_qmm. Shapes:
+    Linear            x (..., in) -> (..., out)
+    ExpertLinear      x (..., in) or (..., K, in), indices (..., K) -> (..., K, out)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .. import kernels
+from ..quant import QuantSpec
+
+
+def silu(x: mx.array) -> mx.array:
+    """x * sigmoid(x), the SwiGLU and Gated DeltaNet activation."""
+    return x * mx.sigmoid(x)
+
+
+@dataclass
+class Linear:
+    """y = x @ W.T (+ bias), W plain (out, in) or quantized (out, in * bits / 32) per `spec`."""
+
+    weight: mx.array
+    scales: mx.array | None = None
+    biases: mx.array | None = None  # quantization biases (affine), not the layer's bias
+    bias: mx.array | None = None  # the layer's own additive bias (qwen2_moe q/k/v)
+    spec: QuantSpec | None = None
+    backend: str = "mlx"
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.spec is None:
+            y = x @ self.weight.T
+        elif x.size == x.shape[-1]:  # one row: decode, flashmoe's kernels
+            y = kernels.dequant_matvec(x, *self._packed(), **self._kw(), backend=self.backend)
+        else:
+            y = mx.quantized_matmul(x, *self._packed(), transpose=True, **self._kw())
+        return y if self.bias is None else y + self.bias
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[-2]
+
+    def _packed(self):
+        return self.weight, self.scales, self.biases
+
+    def _kw(self) -> dict:
+        return dict(group_size=self.spec.group_size, bits=self.spec.bits, mode=self.spec.mode)
+
+
+@dataclass
+class ExpertLinear(Linear):
+    """E stacked experts, W (E, out, in) plain or quantized; each token uses K of them."""
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:  # noqa: D102
+        shared = x.ndim == indices.ndim  # one input for all K experts (gate/up) or one each (down)
+        if self.spec is None:
+            xg = x[..., None, None, :] if shared else x[..., None, :]  # (..., 1 or K, 1, in)
+            w = self.weight.swapaxes(-1, -2)
+            return mx.gather_mm(xg, w, rhs_indices=indices, sorted_indices=sorted_indices).squeeze(-2)
+        if indices.size == indices.shape[-1] and not sorted_indices:  # one token: decode, flashmoe's kernel
+            return kernels.gather_dequant_matvec(x, *self._packed(), indices, **self._kw(), backend=self.backend)
+        xg = x[..., None, None, :] if shared else x[..., None, :]
+        y = mx.gather_qmm(xg, *self._packed(), rhs_indices=indices, transpose=True, sorted_indices=sorted_indices,
+                          **self._kw())
+        return y.squeeze(-2)  # (..., K, out)
+
+
+@dataclass
+class Embedding:
+    """Token embeddings, plain (V, D) or quantized; `as_linear` serves tied output heads."""
+
+    table: Linear
+    dtype: mx.Dtype = mx.float32  # the compute dtype (see precision.compute_dtype)
+
+    def __call__(self, tokens: mx.array) -> mx.array:  # (B, T) -> (B, T, D)
+        t = self.table
+        if t.spec is None:
+            return t.weight[tokens]
+        # Scales in the compute dtype first: mx.dequantize returns the scales' dtype (bf16 on disk).
+        scales = t.scales[tokens] if t.spec.mode != "affine" else t.scales[tokens].astype(self.dtype)
+        biases = None if t.biases is None else t.biases[tokens].astype(self.dtype)
+        return mx.dequantize(t.weight[tokens], scales, biases, **t._kw()).astype(self.dtype)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return self.table(x)

@@ -1,0 +1,87 @@
+"""The decoder stack shared by the four architectures, built from a TensorStore.
+
+    tokens (B, T) -> embed (B, T, D) -> layers -> RMSNorm -> lm_head -> logits (B, T, vocab)
+
+Each layer: h = x + mixer(norm(x)); out = h + mlp(norm(h)), where the mixer is full
+attention or (hybrid models) Gated DeltaNet, and the mlp is an MoE block or a dense MLP.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .attention import Attention
+from .cache import KVCache, LinearAttentionCache
+from .args import ModelArgs
+from .gated_delta import GatedDeltaNet
+from .moe import MLP, MoE, ResidentSource, Routing
+from ..timing import timer
+from .store import TensorStore
+
+
+class DecoderLayer:
+    """One transformer block: a token mixer and a feed-forward, each with a pre-norm and a residual."""
+
+    def __init__(self, store: TensorStore, prefix: str, index: int, args: ModelArgs, k: int | None, experts):
+        self.eps = args.rms_norm_eps
+        self.input_layernorm = store.take(f"{prefix}.input_layernorm.weight")
+        self.post_attention_layernorm = store.take(f"{prefix}.post_attention_layernorm.weight")
+        self.is_linear = args.is_linear_attention(index)
+        if self.is_linear:
+            self.mixer, self.mixer_phase = GatedDeltaNet(store, f"{prefix}.linear_attn", args), "linear attention"
+        else:
+            self.mixer, self.mixer_phase = Attention(store, f"{prefix}.self_attn", args), "attention"
+        self.mlp = MoE(store, f"{prefix}.mlp", args, k, experts) if args.is_moe(index) else MLP(store, f"{prefix}.mlp")
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        h = x + self.mixer(mx.fast.rms_norm(x, self.input_layernorm, self.eps), cache)
+        timer.mark(self.mixer_phase, h)
+        out = h + self.mlp(mx.fast.rms_norm(h, self.post_attention_layernorm, self.eps))
+        if isinstance(self.mlp, MLP):
+            timer.mark("dense mlp", out)
+        return out
+
+    def make_cache(self):
+        return LinearAttentionCache() if self.is_linear else KVCache()
+
+
+class Model:
+    """A loaded model: `model(tokens, cache) -> logits`; `make_cache()` for incremental decoding."""
+
+    def __init__(self, store: TensorStore, args: ModelArgs, k: int | None = None, experts=ResidentSource()):
+        """`experts` builds each MoE layer's experts object (ResidentSource, or streaming.ExpertStreamer)."""
+        self.args = args
+        root = args.arch.weight_prefix
+        self.embed_tokens = store.embedding(f"{root}model.embed_tokens")
+        self.layers = [
+            DecoderLayer(store, f"{root}model.layers.{i}", i, args, k, experts) for i in range(args.num_hidden_layers)
+        ]
+        self.norm = store.take(f"{root}model.norm.weight")
+        # mlx-lm keeps lm_head whenever the checkpoint has one (qwen2_moe even when tied).
+        has_head = store.has(f"{root}lm_head.weight") or not args.tie_word_embeddings
+        self.lm_head = store.linear(f"{root}lm_head") if has_head else None
+        self.report = None  # what the loader found (flashmoe.loader.LoadReport), set by the loader
+
+    def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
+        """tokens (B, T) int32 -> logits (B, T, vocab); caches are updated in place."""
+        h = self.embed_tokens(tokens)  # (B, T, D)
+        timer.mark("embedding", h)
+        for layer, layer_cache in zip(self.layers, cache or [None] * len(self.layers)):
+            h = layer(h, layer_cache)
+        h = mx.fast.rms_norm(h, self.norm, self.args.rms_norm_eps)
+        logits = self.lm_head(h) if self.lm_head is not None else self.embed_tokens.as_linear(h)
+        timer.mark("output", logits)
+        return logits
+
+    def make_cache(self) -> list:
+        """Fresh per-layer caches: KV for attention layers, conv + recurrent state for Gated DeltaNet."""
+        return [layer.make_cache() for layer in self.layers]
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Indices of the layers that route to experts."""
+        return [i for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoE)]
+
+    def routing(self) -> dict[int, Routing]:
+        """The routing of the last forward call, per MoE layer (for analysis)."""
+        return {i: self.layers[i].mlp.last_routing for i in self.moe_layers}

@@ -1,0 +1,135 @@
+"""The Mixture-of-Experts block, one implementation for all four architectures.
+
+Shape letters: B batch, T tokens, D hidden, E experts, K experts per token, I expert width.
+
+    router    logits = gate(x)                       (B, T, E)   at the gate's own bits (often 8)
+              probs  = softmax(logits) in float32
+              top-K experts, weights renormalised when norm_topk_prob
+    experts   y_k = down_k(silu(gate_k(x)) * up_k(x))  (B, T, K, D) through the gathered kernel
+              y   = sum_k w_k y_k                       (B, T, D)
+    shared    y  += sigmoid(shared_expert_gate(x)) * shared_expert(x)   where the model has one
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .args import ModelArgs
+from ..errors import FlashMoeError
+from .layers import silu
+from ..timing import timer
+from .store import TensorStore
+
+
+class MLP:
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); dense layers and the shared expert."""
+
+    def __init__(self, store: TensorStore, prefix: str):
+        self.gate_proj = store.linear(f"{prefix}.gate_proj")
+        self.up_proj = store.linear(f"{prefix}.up_proj")
+        self.down_proj = store.linear(f"{prefix}.down_proj")
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def switch_mlp(gate_proj, up_proj, down_proj, x: mx.array, experts: mx.array) -> mx.array:
+    """The selected experts' SwiGLU: x (B, T, D), experts (B, T, K) ids into the stacks -> (B, T, K, D)."""
+    if experts.size < 64:  # a few tokens (decode): gather as they come
+        hidden = silu(gate_proj(x, experts)) * up_proj(x, experts)  # (B, T, K, I)
+        return down_proj(hidden, experts)  # (B, T, K, D)
+    # Many tokens (prefill, training): (token, slot) pairs grouped by expert, as mlx-lm's SwitchGLU
+    # does. Faster, and the only form whose weight gradient runs on MLX's CUDA backend for I = 64.
+    *lead, K = experts.shape
+    flat = experts.flatten()  # (N K,)
+    order = mx.argsort(flat)
+    xs = x.reshape(-1, x.shape[-1])[order // K]  # (N K, D) in expert order
+    ids = flat[order]
+    hidden = silu(gate_proj(xs, ids, True)) * up_proj(xs, ids, True)  # (N K, I)
+    y = down_proj(hidden, ids, True)  # (N K, D)
+    return y[mx.argsort(order)].reshape(*lead, K, -1)  # token order again: (B, T, K, D)
+
+
+class ResidentExperts:
+    """A layer's E experts stacked in memory (mlx-lm's switch_mlp): (x, ids) -> (B, T, K, D)."""
+
+    def __init__(self, store: TensorStore, prefix: str):
+        self.gate_proj = store.experts(f"{prefix}.switch_mlp.gate_proj")  # (E, I, D)
+        self.up_proj = store.experts(f"{prefix}.switch_mlp.up_proj")  # (E, I, D)
+        self.down_proj = store.experts(f"{prefix}.switch_mlp.down_proj")  # (E, D, I)
+
+    def __call__(self, x: mx.array, experts: mx.array) -> mx.array:
+        """x (B, T, D), experts (B, T, K) ids -> (B, T, K, D)."""
+        return switch_mlp(self.gate_proj, self.up_proj, self.down_proj, x, experts)
+
+
+class ResidentSource:
+    """Where experts come from when they are held in memory (the other source: streaming.ExpertStreamer).
+
+    The loader asks its expert source, whichever it is, for the expert tensors' infos, which
+    loaded tensors to keep, one experts object per MoE layer, and its counters.
+    """
+
+    stats = None  # no streaming counters
+
+    def tensor_infos(self) -> dict:
+        return {}  # the experts are in the safetensors files, with everything else
+
+    def keep(self, tensors: dict) -> dict:
+        return tensors
+
+    def __call__(self, store: TensorStore, prefix: str) -> ResidentExperts:
+        return ResidentExperts(store, prefix)
+
+    def finish(self) -> None:
+        pass  # the store checks that every tensor was taken
+
+
+@dataclass
+class Routing:
+    """One MoE layer's routing decision (kept for analysis: notebooks, tests)."""
+
+    logits: mx.array  # (B, T, E) router scores before the softmax
+    experts: mx.array  # (B, T, K) chosen expert ids
+    weights: mx.array  # (B, T, K) their mixing weights
+
+
+class MoE:
+    """Router, K routed experts through the gathered kernel, optional gated shared expert."""
+
+    def __init__(self, store: TensorStore, prefix: str, args: ModelArgs, k: int | None = None,
+                 experts=ResidentSource()):
+        self.k = k or args.num_experts_per_tok
+        if not 1 <= self.k <= args.num_experts:
+            raise FlashMoeError(f"experts per token must be in 1..{args.num_experts}, found k={self.k}")
+        self.norm_topk_prob = args.norm_topk_prob
+        self.gate = store.linear(f"{prefix}.gate")  # the router: (E, D)
+        self.experts = experts(store, prefix)  # (x, ids) -> (B, T, K, D): resident or streamed, the same call
+        has_shared = store.has(f"{prefix}.shared_expert.gate_proj.weight")
+        self.shared_expert = MLP(store, f"{prefix}.shared_expert") if has_shared else None
+        self.shared_expert_gate = store.linear(f"{prefix}.shared_expert_gate") if has_shared else None
+        self.last_routing: Routing | None = None
+
+    def route(self, x: mx.array) -> Routing:
+        """The router's choice for x (B, T, D): top-K experts and their weights."""
+        logits = self.gate(x)  # (B, T, E)
+        probs = mx.softmax(logits.astype(mx.float32), axis=-1, precise=True)
+        # Expert ids carry no gradient (training differentiates through the weights only).
+        experts = mx.stop_gradient(mx.argpartition(probs, kth=-self.k, axis=-1)[..., -self.k:])  # (B, T, K)
+        weights = mx.take_along_axis(probs, experts, axis=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        return Routing(logits, experts, weights.astype(x.dtype))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        routing = self.last_routing = self.route(x)
+        timer.mark("routing", routing.experts, routing.weights)
+        y = self.experts(x, routing.experts)  # (B, T, K, D)
+        y = (y * routing.weights[..., None]).sum(axis=-2)  # (B, T, D)
+        timer.mark("experts", y)
+        if self.shared_expert is not None:
+            y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            timer.mark("shared expert", y)
+        return y

@@ -1,0 +1,137 @@
+"""Float checkpoint -> the MLX format mlx-lm's `convert` writes (affine, bf16 scales and biases).
+
+    python -m flashmoe.tools.convert SRC DST [--bits 4] [--group-size 64] [--override PATTERN=BITS ...]
+
+By default every linear layer, the embedding and the stacked experts are stored at 4 bits
+with groups of 64, and the routers (`mlp.gate`, `mlp.shared_expert_gate`) at 8 bits, as
+mlx-lm does for these models. Overrides name modules by a substring or regular expression
+(`switch_mlp=2` gives 2-bit experts, `mlp.gate=4` reproduces an all-4-bit router). Modules
+stored at other than the top-level settings are listed in config.json under both
+"quantization" and "quantization_config".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..loader import check_checkpoint, read_config
+from ..errors import FlashMoeError
+from ..safetensors import read_tensors, save_shards
+from ..quant import QuantSpec
+
+ROUTERS = (r"mlp\.gate$", r"shared_expert_gate$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def quantizable(name: str, value: mx.array) -> bool:
+    """Linear, embedding and stacked-expert weights; not norms, convolutions or per-head vectors."""
+    return name.endswith(".weight") and value.ndim >= 2 and "conv1d" not in name and "norm" not in name
+
+
+def plan_specs(tensors: dict, default: QuantSpec, overrides: list[tuple[str, int]]) -> dict[str, QuantSpec]:
+    """module -> spec for every quantizable weight; later overrides win."""
+    rules = [(pattern, 8) for pattern in ROUTERS] + overrides
+    specs = {}
+    for name, value in tensors.items():
+        if not quantizable(name, value):
+            continue
+        module, bits = name[: -len(".weight")], default.bits
+        for pattern, rule_bits in rules:
+            if re.search(pattern, module):
+                bits = rule_bits
+        if value.shape[-1] % default.group_size:
+            raise FlashMoeError(f"'{name}' has {value.shape[-1]} inputs, not a multiple of group size {default.group_size}")
+        specs[module] = QuantSpec(bits, default.group_size)
+    return specs
+
+
+def quantize_tensors(tensors: dict, specs: dict[str, QuantSpec]) -> dict[str, mx.array]:
+    """weight -> (weight, scales, biases) for planned modules, everything else in bf16 (A_log kept float32)."""
+    out = {}
+    for name, value in tensors.items():
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        if module in specs:
+            spec = specs[module]
+            w, scales, biases = mx.quantize(value.astype(mx.bfloat16), group_size=spec.group_size, bits=spec.bits)
+            out.update({f"{module}.weight": w, f"{module}.scales": scales, f"{module}.biases": biases})
+        elif mx.issubdtype(value.dtype, mx.floating) and not name.endswith("A_log"):
+            out[name] = value.astype(mx.bfloat16)
+        else:
+            out[name] = value
+    return out
+
+
+def quantization_section(specs: dict[str, QuantSpec], default: QuantSpec) -> dict:
+    """mlx-lm's section: top-level defaults plus an entry for each module stored otherwise."""
+    section = {"group_size": default.group_size, "bits": default.bits, "mode": default.mode}
+    for module, spec in sorted(specs.items()):
+        if spec != default:
+            section[module] = {"group_size": spec.group_size, "bits": spec.bits}
+    return section
+
+
+def convert(src: str | Path, dst: str | Path, *, bits: int = 4, group_size: int = 64,
+            overrides: list[tuple[str, int]] = ()) -> Path:
+    """Write the quantized checkpoint of `src` to `dst` and check it; returns dst."""
+    src, dst = Path(src), Path(dst)
+    config = read_config(src)
+    if config.get("quantization"):
+        raise FlashMoeError(f"{src}/config.json: the checkpoint is already quantized")
+    tensors = read_tensors(src)
+    default = QuantSpec(bits, group_size)
+    specs = plan_specs(tensors, default, list(overrides))
+    dst.mkdir(parents=True, exist_ok=True)
+    save_shards(quantize_tensors(tensors, specs), dst)
+    section = quantization_section(specs, default)
+    config.update(quantization=section, quantization_config=section)
+    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    _copy_tokenizer(src, dst, config)
+    check_checkpoint(dst)  # the result must pass the same shape check every load does
+    return dst
+
+
+def _copy_tokenizer(src: Path, dst: Path, config: dict) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, dst / name)
+    generation = src / "generation_config.json"
+    if generation.is_file():
+        shutil.copy(generation, dst / "generation_config.json")
+    elif "eos_token_id" in config:
+        (dst / "generation_config.json").write_text(json.dumps({"eos_token_id": config["eos_token_id"]}))
+
+
+def _override(text: str) -> tuple[str, int]:
+    pattern, _, bits = text.rpartition("=")
+    if not pattern or not bits.isdigit():
+        raise argparse.ArgumentTypeError(f"expected PATTERN=BITS (e.g. switch_mlp=2), found {text!r}")
+    return re.escape(pattern) if not any(c in pattern for c in "^$[]()*+?\\") else pattern, int(bits)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: parse, convert, report."""
+    parser = argparse.ArgumentParser(prog="python -m flashmoe.tools.convert", description=__doc__.splitlines()[0])
+    parser.add_argument("src")
+    parser.add_argument("dst")
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--override", type=_override, action="append", default=[], metavar="PATTERN=BITS")
+    args = parser.parse_args(argv)
+    try:
+        out = convert(args.src, args.dst, bits=args.bits, group_size=args.group_size, overrides=args.override)
+    except (FlashMoeError, OSError) as err:
+        print(f"flashmoe.tools.convert: error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
