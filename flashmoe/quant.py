@@ -163,6 +163,35 @@ def _unsupported(spec: QuantSpec) -> str | None:
 # --------------------------------------------------------------------------- shapes
 
 
+SECTION_KEYS = ("quantization", "quantization_config")  # mlx-lm writes both, with the same content
+
+
+def quantization_section(specs: Mapping[str, QuantSpec], default: QuantSpec) -> dict:
+    """mlx-lm's section: top-level defaults plus an entry for each module stored otherwise."""
+    section = {"group_size": default.group_size, "bits": default.bits, "mode": default.mode}
+    for module, spec in sorted(specs.items()):
+        if spec != default:
+            section[module] = {"group_size": spec.group_size, "bits": spec.bits}
+    return section
+
+
+def with_section(config: Mapping, section: Mapping) -> dict:
+    """`config` carrying `section` under both keys mlx-lm writes."""
+    return {**config, **{key: dict(section) for key in SECTION_KEYS}}
+
+
+def claim_bits(config: Mapping, module: str, bits: int) -> dict:
+    """`config` whose sections claim `bits` for `module` (its group size kept): a lie, for demonstrations."""
+    config = dict(config)
+    for key in SECTION_KEYS:
+        if key in config:
+            section = dict(config[key])
+            entry = section.get(module) if isinstance(section.get(module), dict) else {}
+            section[module] = {**entry, "bits": bits, "group_size": entry.get("group_size", section.get("group_size", 64))}
+            config[key] = section
+    return config
+
+
 def implied_bits(weight_shape: Sequence[int], scales_shape: Sequence[int], group_size: int) -> float:
     """Bits per value that a packed weight's shape implies, given the group size."""
     in_dim = scales_shape[-1] * group_size

@@ -22,7 +22,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 DATA_DIR = HERE / "data"
-ASSETS_DIR = HERE / "assets"  # tokenizer.json, tokenizer_config.json
+ASSETS_DIR = HERE.parent / "flashmoe" / "assets" / "flashmoe-coder-tiny"  # the one copy of tokenizer.json, tokenizer_config.json
 HELDOUT_LIST = HERE / "heldout_files.txt"
 EOS = "<|endoftext|>"
 HELDOUT_FRACTION = 0.02

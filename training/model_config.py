@@ -11,7 +11,7 @@ import sys
 
 CONFIG = dict(
     model_type="qwen3_next",
-    vocab_size=2048,  # training/assets/tokenizer.json
+    vocab_size=2048,  # flashmoe/assets/flashmoe-coder-tiny/tokenizer.json
     hidden_size=256,  # D
     num_hidden_layers=8,
     full_attention_interval=4,  # layers 3 and 7 are full attention, the rest Gated DeltaNet

@@ -2,7 +2,7 @@
 
 2048 ids: <|endoftext|> (id 0), the 256 byte symbols, then merges. Byte-level pre-tokenization
 and decoding (GPT-2's scheme) mean any text round-trips exactly; runs of spaces stay together,
-so indentation becomes a handful of tokens. Writes assets/tokenizer.json and tokenizer_config.json.
+so indentation becomes a handful of tokens. Writes tokenizer.json and tokenizer_config.json beside the bundled model (corpus.ASSETS_DIR).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from ..loader import read_config
 from ..safetensors import tensor_infos
 from ..safetensors import read_tensors
 from ..models.model import Model
-from ..quant import implied_bits, resolve
+from ..quant import claim_bits, implied_bits, resolve
 
 
 def gate_scores_per_layer(model: Model, tokens: mx.array) -> dict[int, mx.array]:
@@ -180,13 +180,7 @@ def lying_copy(src: str | Path, dst: str | Path, module: str = "model.layers.0.m
     """Copy checkpoint `src` to `dst` with config.json claiming `bits` for `module` (both quantization sections)."""
     dst = Path(dst)
     shutil.copytree(src, dst, dirs_exist_ok=True)
-    config = json.loads((dst / "config.json").read_text())
-    for key in ("quantization", "quantization_config"):
-        if key in config:
-            entry = config[key].get(module)
-            entry = entry if isinstance(entry, dict) else {}
-            config[key][module] = {**entry, "bits": bits,
-                                   "group_size": entry.get("group_size", config[key].get("group_size", 64))}
+    config = claim_bits(json.loads((dst / "config.json").read_text()), module, bits)
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     return dst
 

@@ -24,7 +24,7 @@ import mlx.core as mx
 from ..loader import check_checkpoint, read_config
 from ..errors import FlashMoeError
 from ..safetensors import read_tensors, save_shards
-from ..quant import QuantSpec
+from ..quant import QuantSpec, quantization_section, resolve, with_section
 
 ROUTERS = (r"mlp\.gate$", r"shared_expert_gate$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -68,29 +68,19 @@ def quantize_tensors(tensors: dict, specs: dict[str, QuantSpec]) -> dict[str, mx
     return out
 
 
-def quantization_section(specs: dict[str, QuantSpec], default: QuantSpec) -> dict:
-    """mlx-lm's section: top-level defaults plus an entry for each module stored otherwise."""
-    section = {"group_size": default.group_size, "bits": default.bits, "mode": default.mode}
-    for module, spec in sorted(specs.items()):
-        if spec != default:
-            section[module] = {"group_size": spec.group_size, "bits": spec.bits}
-    return section
-
-
 def convert(src: str | Path, dst: str | Path, *, bits: int = 4, group_size: int = 64,
             overrides: list[tuple[str, int]] = ()) -> Path:
     """Write the quantized checkpoint of `src` to `dst` and check it; returns dst."""
     src, dst = Path(src), Path(dst)
     config = read_config(src)
-    if config.get("quantization"):
+    if resolve(config).default is not None:
         raise FlashMoeError(f"{src}/config.json: the checkpoint is already quantized")
     tensors = read_tensors(src)
     default = QuantSpec(bits, group_size)
     specs = plan_specs(tensors, default, list(overrides))
     dst.mkdir(parents=True, exist_ok=True)
     save_shards(quantize_tensors(tensors, specs), dst)
-    section = quantization_section(specs, default)
-    config.update(quantization=section, quantization_config=section)
+    config = with_section(config, quantization_section(specs, default))
     (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     _copy_tokenizer(src, dst, config)
     check_checkpoint(dst)  # the result must pass the same shape check every load does

@@ -29,6 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..models.args import ModelArgs, param_shapes
+from ..quant import QuantSpec, quantization_section, with_section
 from ..safetensors import SafetensorsWriter
 
 PRESETS = {
@@ -97,6 +98,10 @@ def layer_plan(c: dict, i: int) -> list[Planned]:
     prefix = f"model.layers.{i}."
     return [_planned(name, shape) for name, shape in param_shapes(ModelArgs.from_config(c)).items()
             if name.startswith(prefix)]
+
+
+def _all_planned(c: dict) -> list[tuple[str, Planned]]:
+    return [(name, _planned(name, shape)) for name, shape in param_shapes(ModelArgs.from_config(c)).items()]
 
 
 def _planned(name: str, shape: tuple[int, ...]) -> Planned:
@@ -169,12 +174,9 @@ def synth_config(preset: str, layers: int | None = None, overrides: dict | None 
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     config = {**PRESETS[preset], **(overrides or {})}
     config["num_hidden_layers"] = layers or config["num_hidden_layers"]
-    quant: dict = {"group_size": GROUP_SIZE, "bits": BITS, "mode": "affine"}
-    for i in range(config["num_hidden_layers"]):
-        quant[f"model.layers.{i}.mlp.gate"] = {"group_size": GROUP_SIZE, "bits": ROUTER_BITS}
-        if config.get("shared_expert_intermediate_size"):
-            quant[f"model.layers.{i}.mlp.shared_expert_gate"] = {"group_size": GROUP_SIZE, "bits": ROUTER_BITS}
-    return {**config, "quantization": quant, "quantization_config": dict(quant)}
+    default, router = QuantSpec(BITS, GROUP_SIZE), QuantSpec(ROUTER_BITS, GROUP_SIZE)
+    routers = [name.removesuffix(".weight") for name, plan in _all_planned(config) if plan.kind == "router"]
+    return with_section(config, quantization_section({module: router for module in routers}, default))
 
 
 def write_synthetic(preset: str, out: str | Path, layers: int | None = None, seed: int = 0,

@@ -8,16 +8,13 @@ import pytest
 
 from flashmoe import kernels
 from flashmoe.errors import FlashMoeError
+from flashmoe.analysis import accuracy
+from flashmoe.analysis.accuracy import BITS, GROUP_SIZES, SHAPES, exact_matmul, quantized
 from flashmoe.kernels import BackendUnavailableError, gpu
 
 from tests.helpers import rel_err, require_backend
 
 TOLERANCE = 1e-4  # float32
-# (out, in): out not a multiple of the 32 rows a threadgroup takes; in from 64 to 8192, past the
-# 2048-value shared-memory tile, with and without 16-byte aligned rows of words.
-SHAPES = [(1, 64), (13, 256), (37, 1024), (300, 2048), (9, 4224), (17, 8192), (45, 96)]
-BITS = (2, 4, 8)
-GROUP_SIZES = (32, 64, 128)
 
 
 @pytest.fixture(autouse=True)
@@ -28,19 +25,6 @@ def poison_outputs():
     gpu.set_output_poison(None)
 
 
-def exact_matmul(a, b):
-    """float32 matmul on the CPU: a GPU's float32 matmul may round through TF32 (~1e-3)."""
-    return mx.matmul(a, b, stream=mx.cpu)
-
-
-def quantized(shape, bits, group_size, dtype=mx.float32):
-    """Fresh random weights quantized by MLX itself: (packed, scales, biases, dequantized float32)."""
-    w = mx.random.normal(shape).astype(dtype)
-    q, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
-    dense = mx.dequantize(q, scales, biases, group_size=group_size, bits=bits).astype(mx.float32)
-    return q, scales, biases, dense
-
-
 @pytest.mark.parametrize("backend", kernels.BACKENDS)
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
@@ -49,11 +33,7 @@ def test_dequant_matvec_matches_mlx_dequantize(backend, bits, group_size, out_di
     require_backend(backend)
     if in_dim % group_size:
         pytest.skip(f"in_dim {in_dim} is not a multiple of group_size {group_size}")
-    q, scales, biases, dense = quantized((out_dim, in_dim), bits, group_size)
-    x = mx.random.normal((3, in_dim))
-    y = kernels.dequant_matvec(x, q, scales, biases, bits=bits, group_size=group_size, backend=backend)
-    assert y.shape == (3, out_dim) and y.dtype == mx.float32
-    err = rel_err(y, exact_matmul(x, dense.T))
+    err = accuracy.matvec_error(backend, bits, group_size, out_dim, in_dim)
     assert err < TOLERANCE, f"rel err {err:.3g} (seed {seed})"
 
 
@@ -63,17 +43,7 @@ def test_dequant_matvec_matches_mlx_dequantize(backend, bits, group_size, out_di
 @pytest.mark.parametrize("shared_input", [True, False], ids=["x-shared", "x-per-expert"])
 def test_gather_dequant_matvec_matches_mlx_dequantize(backend, bits, group_size, shared_input, seed):
     require_backend(backend)
-    experts, out_dim, in_dim, tokens, k = 6, 19, 384, 5, 3
-    q, scales, biases, dense = quantized((experts, out_dim, in_dim), bits, group_size)
-    indices = mx.random.randint(0, experts, (tokens, k)).astype(mx.uint32)
-    x = mx.random.normal((tokens, in_dim) if shared_input else (tokens, k, in_dim))
-    y = kernels.gather_dequant_matvec(
-        x, q, scales, biases, indices, bits=bits, group_size=group_size, backend=backend
-    )
-    assert y.shape == (tokens, k, out_dim)
-    xk = x[:, None, :] if shared_input else x
-    ref = exact_matmul(dense[indices], xk[..., None]).squeeze(-1)  # (tokens, K, out)
-    err = rel_err(y, ref)
+    err = accuracy.gathered_error(backend, bits, group_size, shared_input)
     assert err < TOLERANCE, f"rel err {err:.3g} (seed {seed})"
 
 
