@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import mlx.core as mx
+import numpy as np
 
 from .. import kernels, timing
 from ..generate import decode_one_token, prefill, stream_generate
@@ -22,22 +23,54 @@ from .parity import greedy_tokens_per_second, rel_err
 def median_seconds(fn: Callable[[], Any], repeats: int = 10, warmup: int = 2) -> float:
     """Median wall time of `fn()` with its result evaluated (a sync: this is a measurement)."""
     for _ in range(warmup):
-        mx.eval(fn())
+        mx.eval(fn() or [])
     times = []
     for _ in range(repeats):
         tic = time.perf_counter()
-        mx.eval(fn())
+        mx.eval(fn() or [])  # numpy work returns None
         times.append(time.perf_counter() - tic)
     return statistics.median(times)
 
 
 def measure_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
-    """This machine's memory bandwidth in GB/s, as MLX sees it: bytes read + written by `a * 2` over its time."""
+    """This machine's memory bandwidth in GB/s: bytes read + written by a large copy over its time.
+
+    On a GPU the copy is MLX's `a * 2`; on the CPU, MLX's elementwise ops are compute-bound
+    (~0.5 GB/s here), so the CPU figure is numpy's copy, which memory bounds.
+    """
     n = megabytes * 2**20 // 4
+    if mx.default_device() == mx.cpu:
+        a, b = np.ones(n, np.float32), np.empty(n, np.float32)
+        seconds = median_seconds(lambda: np.copyto(b, a), repeats=repeats, warmup=1)
+        return 2 * n * 4 / seconds / 1e9
     a = mx.random.uniform(shape=(n,))
     mx.eval(a)
     seconds = median_seconds(lambda: a * 2, repeats=repeats, warmup=1)
     return 2 * n * 4 / seconds / 1e9
+
+
+def weight_bytes_per_token(directory, k: int | None = None) -> dict[str, float]:
+    """Weight bytes one decode step reads, from the checkpoint's headers (gpt-fast's figure).
+
+    Every non-expert tensor in full (the embedding table: one row), and K/E of each stacked expert
+    tensor (the K experts a token routes to). Returns {"dense", "experts", "total"} in bytes.
+    """
+    from ..loader import read_config
+    from ..models.args import ModelArgs
+    from ..safetensors import nbytes, tensor_infos
+
+    args = ModelArgs.from_config(read_config(directory))
+    share = (k or args.num_experts_per_tok) / max(args.num_experts, 1)
+    dense = experts = 0.0
+    for name, info in tensor_infos(directory).items():
+        size = nbytes(info.dtype, info.shape)
+        if ".switch_mlp." in name or ".experts." in name:
+            experts += size * share
+        elif "embed_tokens" in name and not args.tie_word_embeddings:
+            dense += size / info.shape[0]  # one row of the table per token
+        else:
+            dense += size
+    return {"dense": dense, "experts": experts, "total": dense + experts}
 
 
 @dataclass

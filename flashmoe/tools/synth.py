@@ -50,6 +50,10 @@ PRESETS = {
         max_position_embeddings=40960, tie_word_embeddings=False, attention_bias=False,
     ),
 }
+# A small qwen3_moe for CPU benchmarks: hidden 1024, 64 experts top-8 (the CPU issue's checkpoint shape).
+PRESETS["qwen3-moe-small"] = dict(PRESETS["qwen3-30b-a3b"], hidden_size=1024, num_hidden_layers=8,
+                                  num_attention_heads=16, num_key_value_heads=4, head_dim=64, num_experts=64,
+                                  moe_intermediate_size=512, intermediate_size=2816, vocab_size=32000)
 BITS, GROUP_SIZE, ROUTER_BITS = 4, 64, 8
 STD = 0.02  # weight init, as Hugging Face's initializer_range
 HOT_SCALE, HOT_DECAY = 2.0, 8.0  # router row scaling: a few hot experts per layer
