@@ -75,8 +75,10 @@ class TensorStore:
             return cls(self.take(f"{prefix}.weight"), bias=layer_bias, backend=self.backend)
         spec = self.spec(prefix)
         weight = self.take(f"{prefix}.weight")
-        scales = self.take(f"{prefix}.scales", cast=False)
-        biases = self.take(f"{prefix}.biases", cast=False) if spec.has_biases else None
+        # Scales and biases in the compute dtype once, at load (exact: bf16 -> float32 on CPU), so no
+        # kernel converts a whole stack of them per call; fp formats' uint8 scales stay as they are.
+        scales = self.take(f"{prefix}.scales")
+        biases = self.take(f"{prefix}.biases") if spec.has_biases else None
         layer_bias = self.take(f"{prefix}.bias") if bias else None
         spec, weight = self._as_read(prefix, spec, weight, scales)
         return cls(weight, scales, biases, layer_bias, spec, self.backend)
