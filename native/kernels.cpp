@@ -2,6 +2,7 @@
 // __builtin_cpu_supports and per-function target attributes), NEON (Apple Silicon / arm64).
 #include "kernels.h"
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
@@ -69,15 +70,16 @@ __attribute__((target("avx2,fma"))) float row_avx2(
   return _mm_cvtss_f32(r) + scalar_tail<BITS>(w, xp, sf, nb * 8, words, wpg);
 }
 
+// AVX-512: each value is masked in place, (v & (mask << BITS*k)) = q * 2^(BITS*k), converted
+// unsigned (exact: at most BITS significant bits), and the 2^(-BITS*k) is folded into xp.
 template <int BITS>
 __attribute__((target("avx512f,avx2,fma"))) float row_avx512(
     const uint32_t* w, const float* xp, const float* sf, int words, int wpg) {
   constexpr int VPW = 32 / BITS;
-  const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
   alignas(64) int idx[16];
   for (int j = 0; j < 16; ++j) idx[j] = j / wpg;
   const __m512i sidx = _mm512_load_si512(idx);
-  __m512 acc = _mm512_setzero_ps();
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   const int nb = words / 16;
   for (int b = 0; b < nb; ++b) {
     const __m512i v = _mm512_loadu_si512(w + 16 * b);
@@ -85,15 +87,16 @@ __attribute__((target("avx512f,avx2,fma"))) float row_avx512(
     __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps();
 #pragma GCC unroll 16
     for (int k = 0; k < VPW; k += 2) {
-      const __m512 q0 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, BITS * k), mask));
-      const __m512 q1 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, BITS * (k + 1)), mask));
-      d0 = _mm512_fmadd_ps(q0, _mm512_loadu_ps(xb + 16 * k), d0);
-      d1 = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xb + 16 * (k + 1)), d1);
+      const __m512i m0 = _mm512_set1_epi32(static_cast<int>(((1u << BITS) - 1) << (BITS * k)));
+      const __m512i m1 = _mm512_set1_epi32(static_cast<int>(((1u << BITS) - 1) << (BITS * (k + 1))));
+      d0 = _mm512_fmadd_ps(_mm512_cvtepu32_ps(_mm512_and_si512(v, m0)), _mm512_loadu_ps(xb + 16 * k), d0);
+      d1 = _mm512_fmadd_ps(_mm512_cvtepu32_ps(_mm512_and_si512(v, m1)), _mm512_loadu_ps(xb + 16 * (k + 1)), d1);
     }
     const __m512 s = _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(sf + (16 * b) / wpg));
-    acc = _mm512_fmadd_ps(_mm512_add_ps(d0, d1), s, acc);
+    if (b & 1) acc1 = _mm512_fmadd_ps(_mm512_add_ps(d0, d1), s, acc1);
+    else acc0 = _mm512_fmadd_ps(_mm512_add_ps(d0, d1), s, acc0);
   }
-  return _mm512_reduce_add_ps(acc) + scalar_tail<BITS>(w, xp, sf, nb * 16, words, wpg);
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + scalar_tail<BITS>(w, xp, sf, nb * 16, words, wpg);
 }
 #endif  // FLASHMOE_X86
 
@@ -178,7 +181,8 @@ void permute_x(const float* x, float* xp, int in, int bits, int width) {
   const int whole = (in / block) * block;
   for (int base = 0; base < whole; base += block)
     for (int j = 0; j < width; ++j)
-      for (int k = 0; k < vpw; ++k) xp[base + k * width + j] = x[base + j * vpw + k];
+      for (int k = 0; k < vpw; ++k)
+        xp[base + k * width + j] = width == 16 ? std::ldexp(x[base + j * vpw + k], -bits * k) : x[base + j * vpw + k];
   std::memcpy(xp + whole, x + whole, sizeof(float) * (in - whole));
 }
 

@@ -26,7 +26,8 @@ Isa best_isa();
 int block_width(int words);
 RowFn row_kernel(int bits, int width);
 
-// xp[blk*W*vpw + k*W + j] = x[blk*W*vpw + j*vpw + k] for whole blocks; identity for the tail.
+// xp[blk*W*vpw + k*W + j] = x[blk*W*vpw + j*vpw + k] for whole blocks (times 2^(-bits*k) for the
+// AVX-512 kernel, which leaves values in place), identity for the tail.
 void permute_x(const float* x, float* xp, int in, int bits, int width);
 
 }  // namespace flashmoe_native
