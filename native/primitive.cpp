@@ -58,6 +58,26 @@ int check_common(const char* fn, const mx::array& x, const mx::array& w, const m
   return in;
 }
 
+// Hot per-row helpers, cloned for AVX-512/AVX2 and picked at load time (GCC/Clang on x86 Linux).
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define FLASHMOE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FLASHMOE_CLONES
+#endif
+
+FLASHMOE_CLONES void bf16_to_f32(const uint16_t* p, int n, float* dst) {
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+#pragma omp simd
+  for (int i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(p[i]) << 16;
+}
+
+FLASHMOE_CLONES float dot(const float* a, const float* b, int n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
 void load_row(const mx::array& a, int64_t offset, int n, float* dst) {
   switch (a.dtype()) {
     case mx::float32: {
@@ -66,11 +86,7 @@ void load_row(const mx::array& a, int64_t offset, int n, float* dst) {
       break;
     }
     case mx::bfloat16: {
-      const uint16_t* p = reinterpret_cast<const uint16_t*>(a.data<mx::bfloat16_t>()) + offset;
-      for (int i = 0; i < n; ++i) {
-        const uint32_t bitsv = static_cast<uint32_t>(p[i]) << 16;
-        std::memcpy(dst + i, &bitsv, 4);
-      }
+      bf16_to_f32(reinterpret_cast<const uint16_t*>(a.data<mx::bfloat16_t>()) + offset, n, dst);
       break;
     }
     default: {
@@ -133,8 +149,7 @@ void compute(const Problem& P, const mx::array& x, const mx::array& w, const mx:
       const int64_t r1 = idx ? r0 + 1 : xrows;
       for (int64_t r = r0; r < r1; ++r) {
         const float* xs = xsum.data() + r * ngroups;
-        float acc = row(wr, xp.data() + r * in, sf.data(), words, wpg);
-        for (int g = 0; g < ngroups; ++g) acc += bf[g] * xs[g];
+        const float acc = row(wr, xp.data() + r * in, sf.data(), words, wpg) + dot(bf.data(), xs, ngroups);
         y[(idx ? p : r) * P.out_dim + o] = acc;
       }
     }
