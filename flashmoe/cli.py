@@ -10,6 +10,7 @@ from pathlib import Path
 from . import timing
 from .loader import default_model_dir
 from .errors import FlashMoeError
+from .kernels import BACKENDS
 from .generate import format_stats, stream_generate
 from .timing import format_timing
 from .streaming.stats import format_stream_stats
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_number(int, 0), default=0, help="keep the k most likely tokens; 0 keeps all")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     p.add_argument("--k", type=_number(int, 1), default=None, help="experts per token (default: the config's)")
-    p.add_argument("--backend", choices=["auto", "metal", "cuda", "mlx", "reference"], default="auto")
+    p.add_argument("--backend", choices=["auto", *BACKENDS], default="auto")
     p.add_argument("--quant", choices=["config", "global"], default="config",
                    help="per-layer quantization from config.json, or its global setting only")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")

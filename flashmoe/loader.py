@@ -12,6 +12,7 @@ One straight line, in load_model:
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ def load(path: str | Path | None = None, backend: str = "auto", quant: str = "co
          expert_cache_mb: float | None = None) -> tuple[Model, Tokenizer]:
     """Load a model and its tokenizer. `quant="global"` reproduces the 4-bit-only engine's bug."""
     directory = _checkpoint_dir(path)
+    _say_backend_once(backend)
     model = load_model(directory, backend=backend, quant=quant, k=k, dtype=dtype, stream_experts=stream_experts,
                        expert_cache_mb=expert_cache_mb)
     return model, Tokenizer.from_dir(directory)
@@ -84,6 +86,16 @@ def load_model(directory: str | Path, backend: str = "auto", quant: str = "confi
     experts.finish()
     model.report = LoadReport(directory, store.backend, store.dtype, store.misread_modules, dropped, experts.stats)
     return model
+
+
+_said: set[str] = set()
+
+
+def _say_backend_once(backend: str) -> None:
+    """The first load in a process says on stderr which kernel backend "auto" picked, and why."""
+    if backend == "auto" and not _said:
+        _said.add(backend)
+        print(f"flashmoe: {kernels.backend_reason()}", file=sys.stderr)
 
 
 def expert_source(directory: Path, args: ModelArgs, stream_experts, expert_cache_mb):

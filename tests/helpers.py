@@ -30,6 +30,8 @@ def require_backend(backend: str) -> None:
         why = {
             "metal": "Metal is not available (mx.metal.is_available() is False); the Apple Silicon CI runs these",
             "cuda": "CUDA is not available (needs an NVIDIA GPU and mlx[cuda13])",
+            "native": "native CPU kernels unavailable: "
+                      f"{kernels.native.why_unavailable() or 'the default device is a GPU'}",
         }[backend]
         pytest.skip(why)
 

@@ -22,12 +22,17 @@ from .parity import greedy_tokens_per_second, rel_err
 
 def median_seconds(fn: Callable[[], Any], repeats: int = 10, warmup: int = 2) -> float:
     """Median wall time of `fn()` with its result evaluated (a sync: this is a measurement)."""
+    def run():
+        result = fn()
+        if result is not None:  # numpy work returns None
+            mx.eval(result)
+
     for _ in range(warmup):
-        mx.eval(fn() or [])
+        run()
     times = []
     for _ in range(repeats):
         tic = time.perf_counter()
-        mx.eval(fn() or [])  # numpy work returns None
+        run()
         times.append(time.perf_counter() - tic)
     return statistics.median(times)
 

@@ -3,9 +3,10 @@
     dequant_matvec(x, w, scales, biases, bits=, group_size=)            x (..., in) -> (..., out)
     gather_dequant_matvec(x, w, scales, biases, indices, bits=, ...)    -> (..., K, out)
 
-Backends: "metal" (mx.fast.metal_kernel), "cuda" (mx.fast.cuda_kernel), "mlx" (MLX's own
+Backends: "metal" (mx.fast.metal_kernel), "cuda" (mx.fast.cuda_kernel), "native" (flashmoe's own
+SIMD CPU kernels, the _flashmoe_native extension built from native/), "mlx" (MLX's own
 quantized_matmul / gather_qmm), "reference" (pure-MLX shifts and masks, the ground truth),
-"auto" (metal, else cuda, else mlx). flashmoe's kernels cover affine 2/4/8 bits; bits 3/5/6
+"auto" (metal, else cuda, else native on the CPU when built, else mlx; backend_reason() says why). flashmoe's kernels cover affine 2/4/8 bits; bits 3/5/6
 and the fp formats (mxfp4, nvfp4, mxfp8) go through MLX's quantized_matmul on every backend.
 """
 
@@ -13,10 +14,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..errors import BackendUnavailableError, FlashMoeError
-from ..kernels import gpu, reference
+from ..errors import BackendUnavailableError, FlashMoeError  # noqa: F401 (re-exported)
+from . import gpu, native, reference
 
-BACKENDS = ("metal", "cuda", "mlx", "reference")
+BACKENDS = ("metal", "cuda", "native", "mlx", "reference")
 KERNEL_BITS = (2, 4, 8)
 
 
@@ -27,6 +28,8 @@ def backend_available(backend: str) -> bool:
         return on_gpu and mx.metal.is_available()
     if backend == "cuda":
         return on_gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
+    if backend == "native":
+        return not on_gpu and native.available()
     return backend in BACKENDS
 
 
@@ -49,14 +52,37 @@ def resolve_backend(backend: str = "auto") -> str:
     return backend
 
 
+def backend_reason() -> str:
+    """One line saying which backend "auto" picks here and why."""
+    picked = resolve_backend("auto")
+    device = mx.default_device()
+    if picked in ("metal", "cuda"):
+        return f"kernel backend {picked}: the default device is {device} and {picked} is available"
+    if picked == "native":
+        return f"kernel backend native: default device {device}, flashmoe's CPU kernels ({native.info()})"
+    why = (
+        f"native kernels unavailable: {native.why_unavailable()}"
+        if device == mx.cpu
+        else f"no Metal or CUDA on the default device {device}"
+    )
+    return f"kernel backend mlx (MLX's quantized_matmul): {why}"
+
+
 def dequant_matvec(x, w, scales, biases, *, bits: int, group_size: int, mode: str = "affine", backend: str = "auto"):
-    """x (..., in) @ dequantize(w).T -> (..., out), for a quantized w (out, in * bits / 32)."""
+    """x (..., in) @ dequantize(w).T -> (..., out), for a quantized w (out, in * bits / 32).
+
+    The native backend computes in float32: an x of another dtype is cast to float32 and the
+    result cast back to x's dtype.
+    """
     _check_shapes(x, w, scales, biases, bits, group_size, mode)
     backend = resolve_backend(backend)
     if not _own_kernel(bits, mode) or backend == "mlx":
         return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
     if backend == "reference":
         return reference.dequant_matvec(x, w, scales, biases, bits=bits, group_size=group_size)
+    if backend == "native":
+        y = native.dequant_matvec(_f32(x), w, scales, biases, bits=bits, group_size=group_size)
+        return y if x.dtype == mx.float32 else y.astype(x.dtype)
     return gpu.matvec(backend, x, w, scales, biases, bits=bits, group_size=group_size)
 
 
@@ -67,6 +93,7 @@ def gather_dequant_matvec(
 
     x is (..., in), one input shared by the K experts (gate/up projections), or
     (..., K, in), one input per selected expert (down projection).
+    The native backend computes in float32 (another x dtype is cast to float32 and back).
     """
     _check_shapes(x, w, scales, biases, bits, group_size, mode)
     shared = _check_gather(x, w, indices)
@@ -80,12 +107,19 @@ def gather_dequant_matvec(
         return y.squeeze(-2)
     if backend == "reference":
         return reference.gather_dequant_matvec(x, w, scales, biases, indices, bits=bits, group_size=group_size)
+    if backend == "native":
+        y = native.gather_dequant_matvec(_f32(x), w, scales, biases, indices, bits=bits, group_size=group_size)
+        return y if x.dtype == mx.float32 else y.astype(x.dtype)
     idx = indices if indices.dtype == mx.uint32 else indices.astype(mx.uint32)
     return gpu.gathered_matvec(
         backend, x, w, scales, biases, idx,
         x_div=indices.shape[-1] if shared else 1, bits=bits, group_size=group_size,
         out_shape=(*indices.shape, w.shape[-2]),
     )
+
+
+def _f32(x):
+    return x if x.dtype == mx.float32 else x.astype(mx.float32)
 
 
 def _own_kernel(bits: int, mode: str) -> bool:

@@ -12,7 +12,7 @@ import math
 
 import mlx.core as mx
 
-from ..kernels import sources
+from . import sources
 
 SIMDS_PER_GROUP = 8  # SIMD groups (warps) per threadgroup
 ROWS_PER_SIMD = 1  # output rows per SIMD group: each x value read from shared memory serves them all

@@ -1,0 +1,227 @@
+#include "primitive.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <stdexcept>
+
+#include "kernels.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "thread_pool.h"
+
+namespace flashmoe_native {
+
+namespace {
+
+[[noreturn]] void fail(const std::string& what) { throw std::invalid_argument(what); }
+
+std::string shape_str(const mx::array& a) {
+  std::ostringstream os;
+  os << "(";
+  for (int i = 0; i < a.ndim(); ++i) os << (i ? ", " : "") << a.shape(i);
+  os << (a.ndim() == 1 ? ",)" : ")");
+  return os.str();
+}
+
+// Common checks; returns the input dimension.
+int check_common(const char* fn, const mx::array& x, const mx::array& w, const mx::array& scales,
+                 const mx::array& biases, int bits, int group_size, int w_ndim) {
+  std::ostringstream err;
+  err << fn << ": ";
+  if (bits != 2 && bits != 4 && bits != 8) fail(err.str() + "bits must be 2, 4 or 8, got " + std::to_string(bits));
+  if (group_size != 32 && group_size != 64 && group_size != 128)
+    fail(err.str() + "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+  if (x.dtype() != mx::float32) fail(err.str() + "x must be float32 (cast it first)");
+  if (x.ndim() < 1) fail(err.str() + "x must have at least one dimension");
+  if (w.dtype() != mx::uint32) fail(err.str() + "packed weights w must be uint32");
+  if (w.ndim() != w_ndim)
+    fail(err.str() + "w must have " + std::to_string(w_ndim) + " dimensions, got " + shape_str(w));
+  for (const mx::array* a : {&scales, &biases}) {
+    if (a->dtype() != mx::float32 && a->dtype() != mx::bfloat16 && a->dtype() != mx::float16)
+      fail(err.str() + "scales and biases must be float32, bfloat16 or float16");
+  }
+  const int in = x.shape(-1);
+  if (in <= 0) fail(err.str() + "x has no inputs (last dim 0)");
+  if (in % group_size != 0)
+    fail(err.str() + "x has " + std::to_string(in) + " inputs, not a multiple of group_size " + std::to_string(group_size));
+  if (static_cast<int64_t>(w.shape(-1)) * 32 != static_cast<int64_t>(in) * bits)
+    fail(err.str() + "w " + shape_str(w) + " does not hold " + std::to_string(in) + " " + std::to_string(bits) +
+         "-bit values per row (x has " + std::to_string(in) + " inputs)");
+  auto expect = w.shape();
+  expect.back() = in / group_size;
+  if (scales.shape() != expect || biases.shape() != expect)
+    fail(err.str() + "scales " + shape_str(scales) + " and biases " + shape_str(biases) +
+         " must both be w.shape[:-1] + (in / group_size,) = w " + shape_str(w) + " with last dim " +
+         std::to_string(in / group_size));
+  return in;
+}
+
+// Hot per-row helpers, cloned for AVX-512/AVX2 and picked at load time (GCC/Clang on x86 Linux).
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define FLASHMOE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FLASHMOE_CLONES
+#endif
+
+FLASHMOE_CLONES void bf16_to_f32(const uint16_t* p, int n, float* dst) {
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+#pragma omp simd
+  for (int i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(p[i]) << 16;
+}
+
+FLASHMOE_CLONES float dot(const float* a, const float* b, int n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+void load_row(const mx::array& a, int64_t offset, int n, float* dst) {
+  switch (a.dtype()) {
+    case mx::float32: {
+      const float* p = a.data<float>() + offset;
+      for (int i = 0; i < n; ++i) dst[i] = p[i];
+      break;
+    }
+    case mx::bfloat16: {
+      bf16_to_f32(reinterpret_cast<const uint16_t*>(a.data<mx::bfloat16_t>()) + offset, n, dst);
+      break;
+    }
+    default: {
+      const mx::float16_t* p = a.data<mx::float16_t>() + offset;
+      for (int i = 0; i < n; ++i) dst[i] = static_cast<float>(p[i]);
+    }
+  }
+}
+
+struct Problem {
+  int bits, group_size, in, out_dim, experts;
+  bool gathered, shared_x;
+};
+
+void compute(const Problem& P, const mx::array& x, const mx::array& w, const mx::array& scales,
+             const mx::array& biases, const mx::array* indices, mx::array& out) {
+  const int in = P.in, words = in * P.bits / 32, ngroups = in / P.group_size;
+  const int wpg = P.group_size * P.bits / 32;
+  const int width = block_width(words);
+  const RowFn row = row_kernel(P.bits, width);
+  const int64_t xrows = x.size() / in;
+
+  // Per call: x permuted for the kernel's block width, and the sum of x over each group.
+  std::vector<float> xp(xrows * in), xsum(xrows * ngroups);
+  const float* xr = x.data<float>();
+  for (int64_t r = 0; r < xrows; ++r) {
+    permute_x(xr + r * in, xp.data() + r * in, in, P.bits, width);
+    for (int g = 0; g < ngroups; ++g) {
+      float s = 0.f;
+      for (int j = 0; j < P.group_size; ++j) s += xr[r * in + g * P.group_size + j];
+      xsum[r * ngroups + g] = s;
+    }
+  }
+
+  const uint32_t* wp = w.data<uint32_t>();
+  float* y = out.data<float>();
+  const uint32_t* idx = indices ? indices->data<uint32_t>() : nullptr;
+  const int K = indices ? indices->shape(-1) : 1;
+  // Units of work: output rows (plain: each for all x rows; gathered: one per (pair, row)).
+  const int64_t pairs = indices ? static_cast<int64_t>(indices->size()) : 1;
+  const int64_t units = pairs * P.out_dim;
+
+  auto body = [&](int64_t begin, int64_t end) {
+    std::vector<float> sf(ngroups + 16, 0.f), bf(ngroups, 0.f);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t p = u / P.out_dim, o = u % P.out_dim;
+      int64_t wrow = o;
+      if (idx) {
+        const uint32_t e = idx[p];
+        if (e >= static_cast<uint32_t>(P.experts)) {  // out-of-range expert: make it visible
+          y[p * P.out_dim + o] = std::numeric_limits<float>::quiet_NaN();
+          continue;
+        }
+        wrow = static_cast<int64_t>(e) * P.out_dim + o;
+      }
+      load_row(scales, wrow * ngroups, ngroups, sf.data());
+      load_row(biases, wrow * ngroups, ngroups, bf.data());
+      const uint32_t* wr = wp + wrow * words;
+      const int64_t r0 = idx ? (P.shared_x ? p / K : p) : 0;
+      const int64_t r1 = idx ? r0 + 1 : xrows;
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* xs = xsum.data() + r * ngroups;
+        const float acc = row(wr, xp.data() + r * in, sf.data(), words, wpg) + dot(bf.data(), xs, ngroups);
+        y[(idx ? p : r) * P.out_dim + o] = acc;
+      }
+    }
+  };
+  const int64_t weight_bytes = units * words * 4 * (idx ? 1 : xrows);
+  if (weight_bytes < (64 << 10)) {
+    body(0, units);
+  } else {
+    ThreadPool::instance().parallel_for(units, body);
+  }
+}
+
+}  // namespace
+
+void DequantMatvec::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& a : inputs) encoder.set_input_array(a);
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  encoder.set_output_array(out);
+  const auto& w = inputs[1];
+  Problem P{bits_, group_size_, inputs[0].shape(-1), w.shape(-2), gathered_ ? w.shape(0) : 1, gathered_,
+            shared_x_};
+  encoder.dispatch([P, inputs, out = mx::array::unsafe_weak_copy(out)]() mutable {
+    compute(P, inputs[0], inputs[1], inputs[2], inputs[3], P.gathered ? &inputs[4] : nullptr, out);
+  });
+}
+
+void DequantMatvec::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error(
+      "flashmoe native kernels run on the CPU only; use stream=mx.cpu (or flashmoe's metal/cuda backends)");
+}
+
+bool DequantMatvec::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const DequantMatvec&>(other);
+  return bits_ == o.bits_ && group_size_ == o.group_size_ && gathered_ == o.gathered_ && shared_x_ == o.shared_x_;
+}
+
+mx::array dequant_matvec(const mx::array& x, const mx::array& w, const mx::array& scales,
+                         const mx::array& biases, int bits, int group_size, mx::StreamOrDevice s) {
+  check_common("dequant_matvec", x, w, scales, biases, bits, group_size, 2);
+  auto stream = mx::to_stream(s);
+  auto shape = x.shape();
+  shape.back() = w.shape(0);
+  std::vector<mx::array> inputs;
+  for (const auto* a : {&x, &w, &scales, &biases}) inputs.push_back(mx::contiguous(*a, false, stream));
+  return mx::array(shape, mx::float32, std::make_shared<DequantMatvec>(stream, bits, group_size, false, false),
+                   std::move(inputs));
+}
+
+mx::array gather_dequant_matvec(const mx::array& x, const mx::array& w, const mx::array& scales,
+                                const mx::array& biases, const mx::array& indices, int bits, int group_size,
+                                mx::StreamOrDevice s) {
+  check_common("gather_dequant_matvec", x, w, scales, biases, bits, group_size, 3);
+  if (indices.dtype() != mx::uint32 && indices.dtype() != mx::int32)
+    fail("gather_dequant_matvec: indices must be uint32 or int32 expert ids");
+  if (indices.ndim() < 1) fail("gather_dequant_matvec: indices must be (..., K)");
+  auto lead = x.shape();
+  lead.pop_back();
+  const bool shared = x.ndim() == indices.ndim() &&
+                      std::equal(lead.begin(), lead.end(), indices.shape().begin(), indices.shape().end() - 1);
+  const bool per_expert = !shared && lead == indices.shape();
+  if (!shared && !per_expert)
+    fail("gather_dequant_matvec: x " + shape_str(x) + " must be indices.shape[:-1] + (in,) or indices.shape + (in,) for indices " +
+         shape_str(indices));
+  auto stream = mx::to_stream(s);
+  auto shape = indices.shape();
+  shape.push_back(w.shape(1));
+  std::vector<mx::array> inputs;
+  for (const auto* a : {&x, &w, &scales, &biases}) inputs.push_back(mx::contiguous(*a, false, stream));
+  inputs.push_back(mx::contiguous(mx::astype(indices, mx::uint32, stream), false, stream));
+  return mx::array(shape, mx::float32, std::make_shared<DequantMatvec>(stream, bits, group_size, true, shared),
+                   std::move(inputs));
+}
+
+}  // namespace flashmoe_native
