@@ -60,9 +60,10 @@ class ResidentExperts:
         self.up_proj = store.experts(f"{prefix}.switch_mlp.up_proj")  # (E, I, D)
         self.down_proj = store.experts(f"{prefix}.switch_mlp.down_proj")  # (E, D, I)
 
-    def __call__(self, x: mx.array, experts: mx.array) -> mx.array:
-        """x (B, T, D), experts (B, T, K) ids -> (B, T, K, D)."""
-        return switch_mlp(self.gate_proj, self.up_proj, self.down_proj, x, experts)
+    def __call__(self, x: mx.array, experts: mx.array, weights: mx.array) -> mx.array:
+        """x (B, T, D), experts and weights (B, T, K) -> sum_k weights_k * expert_k(x): (B, T, D)."""
+        y = switch_mlp(self.gate_proj, self.up_proj, self.down_proj, x, experts)  # (B, T, K, D)
+        return weighted_sum(y, weights)
 
 
 class ResidentSource:
@@ -87,6 +88,11 @@ class ResidentSource:
         pass  # the store checks that every tensor was taken
 
 
+def weighted_sum(y: mx.array, weights: mx.array) -> mx.array:
+    """The experts' outputs y (B, T, K, D) mixed by weights (B, T, K) -> (B, T, D)."""
+    return (y * weights[..., None]).sum(axis=-2)
+
+
 @dataclass
 class Routing:
     """One MoE layer's routing decision (kept for analysis: notebooks, tests)."""
@@ -106,7 +112,7 @@ class MoE:
             raise FlashMoeError(f"experts per token must be in 1..{args.num_experts}, found k={self.k}")
         self.norm_topk_prob = args.norm_topk_prob
         self.gate = store.linear(f"{prefix}.gate")  # the router: (E, D)
-        self.experts = experts(store, prefix)  # (x, ids) -> (B, T, K, D): resident or streamed, the same call
+        self.experts = experts(store, prefix)  # (x, ids, weights) -> (B, T, D): resident or streamed, one call
         has_shared = store.has(f"{prefix}.shared_expert.gate_proj.weight")
         self.shared_expert = MLP(store, f"{prefix}.shared_expert") if has_shared else None
         self.shared_expert_gate = store.linear(f"{prefix}.shared_expert_gate") if has_shared else None
@@ -126,8 +132,7 @@ class MoE:
     def __call__(self, x: mx.array) -> mx.array:
         routing = self.last_routing = self.route(x)
         timer.mark("routing", routing.experts, routing.weights)
-        y = self.experts(x, routing.experts)  # (B, T, K, D)
-        y = (y * routing.weights[..., None]).sum(axis=-2)  # (B, T, D)
+        y = self.experts(x, routing.experts, routing.weights)  # (B, T, D)
         timer.mark("experts", y)
         if self.shared_expert is not None:
             y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

@@ -26,7 +26,7 @@ from ..errors import FlashMoeError
 from .layout import ExpertLayout, LayerExperts, is_expert_tensor, open_layout
 from .reader import NUMPY_DTYPES, ExpertReader
 from ..models.layers import ExpertLinear
-from ..models.moe import switch_mlp
+from ..models.moe import switch_mlp, weighted_sum
 from ..timing import timer
 from ..quant import QuantSpec, TensorInfo
 from .stats import StreamStats
@@ -120,8 +120,12 @@ class StreamedExperts:
         self.specs, self.backend, self.dtype = specs, backend, dtype
         self.group_experts = max(1, group_experts)  # most experts read at once
 
-    def __call__(self, x: mx.array, experts: mx.array) -> mx.array:
-        """x (B, T, D), experts (B, T, K) -> (B, T, K, D), as resident experts would give."""
+    def __call__(self, x: mx.array, experts: mx.array, weights: mx.array) -> mx.array:
+        """x (B, T, D), experts and weights (B, T, K) -> (B, T, D), as resident experts would give."""
+        return weighted_sum(self._outputs(x, experts), weights)
+
+    def _outputs(self, x: mx.array, experts: mx.array) -> mx.array:
+        """Each selected expert's output: (B, T, K, D)."""
         # Routing decides what to read, so the ids must be on the host: one sync per MoE layer,
         # inherent to streaming (the forward pass cannot be one lazy graph across layers).
         ids = np.array(experts)  # (B, T, K)
