@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..safetensors import read_header, safetensors_files
+from ..safetensors import data_start, read_header_info, regular_file_size, safetensors_files
 from ..models.args import ModelArgs
 from ..errors import FlashMoeError
 from ..quant import TensorInfo
@@ -123,7 +123,7 @@ def _from_safetensors(directory: Path, args: ModelArgs) -> ExpertLayout:
     files = safetensors_files(directory)
     grouped: dict[str, dict[str, ExpertPiece]] = {}
     for index, path in enumerate(files):
-        header, start = read_header(path), data_start(path)
+        header, start = read_header_info(path)
         for name, entry in header.items():
             if EXPERT_KEY.match(name) or name.endswith(".experts.gate_up_proj"):
                 raise FlashMoeError(
@@ -140,12 +140,6 @@ def _from_safetensors(directory: Path, args: ModelArgs) -> ExpertLayout:
             grouped.setdefault(match["mlp"], {})[match["part"]] = ExpertPiece(
                 name, match["part"], dtype, shape[1:], index, offsets)
     return _layout("safetensors", files, grouped, args)
-
-
-def data_start(path: Path) -> int:
-    """Where a safetensors file's tensor data begins: after the 8-byte length and the header."""
-    with open(path, "rb") as f:
-        return 8 + int.from_bytes(f.read(8), "little")
 
 
 def _check_stack(path: Path, name: str, shape: tuple, dtype: str, size: int, num_experts: int) -> None:

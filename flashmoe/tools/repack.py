@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..loader import read_config
-from ..safetensors import read_header, safetensors_files, tensor_infos
+from ..safetensors import read_header_info, safetensors_files, tensor_infos
 from ..models.args import ModelArgs
 from ..errors import FlashMoeError
 from ..streaming.layout import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, PARTS, ExpertLayout, LayerExperts, data_start, is_expert_tensor, open_layout
@@ -165,8 +165,7 @@ def _copy_non_experts(shards: list[Path], path: Path, log) -> None:
     """Every non-expert tensor of every shard into one safetensors file, copied in bounded pieces."""
     entries = []
     for shard in shards:
-        header = read_header(shard)
-        start = data_start(shard)
+        header, start = read_header_info(shard)
         entries += [(shard, start, name, e) for name, e in header.items() if not is_expert_tensor(name)]
     with SafetensorsWriter(path, [(n, e["dtype"], e["shape"]) for _, _, n, e in entries]) as writer:
         for shard, start, name, entry in entries:
