@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from datetime import datetime
@@ -166,10 +167,12 @@ class Tokenizer:
                                                       else "chat_template.jinja"))
         return tokenizer
 
-    @property
+    @functools.cached_property
     def vocab_size(self) -> int:
-        """Number of ids the tokenizer knows, added tokens included."""
-        return self.backend.get_vocab_size(with_added_tokens=True)
+        """Rows an embedding needs for every id the tokenizer can produce: its largest id + 1 (added tokens
+        included; the same as their count when the ids are contiguous, as they usually are)."""
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        return max(max(vocab.values(), default=-1) + 1, self.backend.get_vocab_size(with_added_tokens=True))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; no second BOS when the text (e.g. a rendered chat) already starts with one."""
