@@ -45,9 +45,9 @@ def test_a_tokenizer_larger_than_the_embedding_warns_naming_both_files(tmp_path)
     tokenizer["added_tokens"].append({"id": 5000, "content": "<|far|>", "single_word": False, "lstrip": False,
                                       "rstrip": False, "normalized": False, "special": True})
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
-    with pytest.warns(UserWarning, match="tokenizer.json: the tokenizer has 5001 ids .*2048 rows .*config.json"):
+    with pytest.warns(UserWarning, match="tokenizer.json: the tokenizer has 2049 ids .*2048 rows .*config.json"):
         model, tok = flashmoe.load(folder)
-    with pytest.raises(FlashMoeError, match="prompt token 5000 at position 1"):
+    with pytest.raises(FlashMoeError, match="prompt token 2048 at position"):
         generate(model, tok, "hi<|far|>", max_tokens=1)
 
 
