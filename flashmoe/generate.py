@@ -52,6 +52,18 @@ def prefill(model: Any, tokens: mx.array, cache: list, chunk: int) -> None:
 # (ml-explore/mlx#2133 and friends: its streams are not thread safe); generation steps take
 # this lock, so a model shared between threads is used by one of them at a time.
 MODEL_LOCK = threading.RLock()
+_active = [0]  # generations in progress: with more than one, a step is finished before the lock is let go
+
+
+def _settle() -> None:
+    """With several generations, wait for whatever another one left computing before evaluating anew."""
+    if not _overlap():
+        mx.synchronize()
+
+
+def _overlap() -> bool:
+    """Whether the next step may still be computing when the lock is released (one generation only)."""
+    return _active[0] <= 1
 
 
 def decode_step(model: Any, token: mx.array, cache: list, sampler: Sampler) -> mx.array:
@@ -90,9 +102,10 @@ def decode_tokens(model: Any, token: mx.array, cache: list, sampler: Sampler, n:
     while the caller handles this one. Non-finite logits stop it with a FlashMoeError naming the step."""
     for i in range(n):
         with MODEL_LOCK:
+            _settle()
             following = decode_step(model, token[:1], cache, sampler) if i + 1 < n else None
             if following is not None:
-                mx.async_eval(following)
+                (mx.async_eval if _overlap() else mx.eval)(following)
             value = _unpack(token, i)  # the one sync per token: hand the id to the caller
         yield value
         token = following
@@ -129,6 +142,7 @@ def _prompt_phase(model: Any, ids: list[int], sampler: Sampler, chunk: int) -> t
     cache = model.make_cache()
     tic = time.perf_counter()
     with MODEL_LOCK:
+        _settle()
         prefill(model, mx.array(ids[:-1], dtype=mx.int32), cache, max(1, chunk))
         first = decode_step(model, mx.array(ids[-1:], dtype=mx.int32), cache, sampler)  # (2,) [id, finite]
         mx.eval(first)  # sync: the prompt phase ends here, for prompt_tps
@@ -148,6 +162,17 @@ def stream_generate(model: Any, tokenizer: Tokenizer, prompt: str | list[int], m
         raise FlashMoeError(f"seed must be below 2**64; got {seed}")
     if max_tokens < 1:
         return
+    with MODEL_LOCK:
+        _active[0] += 1
+    try:
+        yield from _generate(model, tokenizer, ids, sampler, max_tokens, seed, prefill_chunk)
+    finally:
+        with MODEL_LOCK:
+            _active[0] -= 1
+
+
+def _generate(model: Any, tokenizer: Tokenizer, ids: list[int], sampler: Sampler, max_tokens: int, seed: int,
+              prefill_chunk: int) -> Iterator[GenerationStep]:
     mx.random.seed(seed)
     first, cache, prompt_tps = _prompt_phase(model, ids, sampler, prefill_chunk)
     if timing.timer.enabled:
