@@ -123,7 +123,8 @@ def mutate(source: Path, target: Path, rng: random.Random) -> str:
             data[rng.randrange(min(len(data), 8 + length + 64))] ^= 1 << rng.randrange(8)
     elif kind == "zero_data":
         start = 8 + length + rng.randrange(len(body))
-        data[start:start + rng.choice([2, 64, 4096])] = bytes(len(data[start:start + rng.choice([2, 64, 4096])]))
+        stop = min(len(data), start + rng.choice([2, 64, 4096]))
+        data[start:stop] = bytes(stop - start)  # same length: only the values change
     else:  # bf16 NaN / inf bytes in a random spot of the data
         start = 8 + length + 2 * rng.randrange(len(body) // 2)
         data[start:start + 2] = rng.choice([b"\xc0\x7f", b"\x80\x7f", b"\x80\xff"])
