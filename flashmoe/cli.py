@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -33,8 +34,10 @@ def _number(kind: type, low: float, high: float | None = None, low_open: bool = 
     def parse(text: str):
         try:
             value = kind(text)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         if value < low or (low_open and value == low) or (high is not None and value > high):
             bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
             raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
@@ -52,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temp", type=_number(float, 0.0), default=0.0, help="sampling temperature; 0 is greedy")
     p.add_argument("--top-p", type=_number(float, 0.0, 1.0, low_open=True), default=1.0, help="nucleus sampling")
     p.add_argument("--top-k", type=_number(int, 0), default=0, help="keep the k most likely tokens; 0 keeps all")
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    p.add_argument("--seed", type=_number(int, 0, 2**64 - 1), default=0, help="random seed for sampling")
     p.add_argument("--k", type=_number(int, 1), default=None, help="experts per token (default: the config's)")
     p.add_argument("--backend", choices=["auto", *BACKENDS], default="auto")
     p.add_argument("--quant", choices=["config", "global"], default="config",
@@ -70,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _read_prompt(args: argparse.Namespace) -> str:
     """The prompt text: --prompt, stdin for '-', or the default."""
     if args.prompt == "-":
-        return sys.stdin.read()
+        raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--prompt -: stdin is not UTF-8 ({e.reason} at byte {e.start})") from None
     return DEFAULT_PROMPT if args.prompt is None else args.prompt
 
 
@@ -134,5 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nflashmoe: interrupted", file=sys.stderr)
         return 130
+    except (RuntimeError, MemoryError, ValueError) as e:  # MLX and the tokenizer raise these: one line, not a trace
+        print(f"flashmoe: error: {type(e).__name__}: {' '.join(str(e).split())[:500]}", file=sys.stderr)
+        return 1
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0

@@ -56,7 +56,16 @@ def load(path: str | Path | None = None, backend: str = "auto", quant: str = "co
     _say_backend_once(backend)
     model = load_model(directory, backend=backend, quant=quant, k=k, dtype=dtype, stream_experts=stream_experts,
                        expert_cache_mb=expert_cache_mb)
-    return model, Tokenizer.from_dir(directory)
+    tokenizer = Tokenizer.from_dir(directory)
+    vocab = getattr(tokenizer, "vocab_size", None)
+    if isinstance(vocab, int) and vocab > model.args.vocab_size:
+        # A warning, not an error: small test tokenizers pair with smaller random models on purpose; an id the
+        # embedding lacks is refused when it reaches generate (flashmoe.generate checks every prompt id).
+        warnings.warn(f"{directory / 'tokenizer.json'}: the tokenizer has {vocab} ids but the model's embedding has "
+                      f"{model.args.vocab_size} rows ({directory / 'config.json'} vocab_size): ids from "
+                      f"{model.args.vocab_size} on have no embedding (tokenizer and model do not belong together?)",
+                      stacklevel=2)
+    return model, tokenizer
 
 
 def load_model(directory: str | Path, backend: str = "auto", quant: str = "config", k: int | None = None,
@@ -133,12 +142,21 @@ def _stored_dtype(tensors: dict[str, mx.array]) -> mx.Dtype:
 def read_config(directory: str | Path) -> dict:
     """config.json of a checkpoint directory, with a clear error when it is missing or broken."""
     path = Path(directory) / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise FlashMoeError(f"{path}: not found; a checkpoint directory needs config.json")
+    if not path.is_file():
+        raise FlashMoeError(f"{path}: not a regular file")
+    if path.stat().st_size > 64 << 20:
+        raise FlashMoeError(f"{path}: {path.stat().st_size} bytes; a config.json is far smaller (wrong file?)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise FlashMoeError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from None
+    except (ValueError, RecursionError) as err:
         raise FlashMoeError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise FlashMoeError(f"{path}: expected a JSON object, found a {type(config).__name__}")
+    return config
 
 
 def check_checkpoint(directory: str | Path) -> tuple[QuantPlan, dict[str, Resolved]]:

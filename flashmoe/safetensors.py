@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -101,20 +103,128 @@ def safetensors_files(directory: str | Path) -> list[Path]:
     return files
 
 
-def read_header(path: str | Path) -> dict[str, dict]:
-    """The JSON header of one safetensors file (tensor name -> dtype, shape, data_offsets)."""
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit on the JSON header
+_MAX_TENSOR_BYTES = 2**63 - 1
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list) -> dict:
+    """object_pairs_hook: a JSON object that names a key twice is refused (json keeps the last one)."""
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def regular_file_size(path: Path, what: str = "file") -> int:
+    """The size of `path`, refusing anything but a regular file (a FIFO or device would block or never end)."""
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        raise FlashMoeError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise FlashMoeError(f"{path}: not a regular file (a {what} must be one)")
+    return info.st_size
+
+
+def read_header_info(path: str | Path) -> tuple[dict[str, dict], int]:
+    """The validated JSON header of one safetensors file and where its tensor data begins.
+
+    Every failure is a FlashMoeError naming the file (and the tensor): the 8-byte length is
+    bounded, the header is a UTF-8 JSON object without duplicate keys, each entry has a known
+    dtype, a shape of non-negative ints and data_offsets whose span is exactly the bytes that
+    shape takes, and the tensors tile the data section from 0 to the end of the file with
+    no gap and no overlap.
+    """
     path = Path(path)
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise FlashMoeError(f"{path}: too short to be a safetensors file")
-        (length,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise FlashMoeError(f"{path}: unreadable safetensors header ({err})") from None
-    header.pop("__metadata__", None)
-    return header
+    file_size = regular_file_size(path, "safetensors file")
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) != 8:
+                raise FlashMoeError(f"{path}: {len(prefix)} bytes, too short to be a safetensors file")
+            length = int.from_bytes(prefix, "little")
+            if length > MAX_HEADER_BYTES:
+                raise FlashMoeError(f"{path}: the header claims {length} bytes; safetensors headers are at most "
+                                    f"{MAX_HEADER_BYTES} (not a safetensors file, or a corrupt one)")
+            if 8 + length > file_size:
+                raise FlashMoeError(f"{path}: the header claims {length} bytes but the file has only "
+                                    f"{file_size - 8} after the length (truncated file?)")
+            raw = f.read(length)
+    except OSError as err:
+        raise FlashMoeError(f"{path}: cannot read the safetensors file ({err.strerror or err})") from None
+    if len(raw) != length:
+        raise FlashMoeError(f"{path}: the header is cut short ({len(raw)} of {length} bytes)")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as err:
+        raise FlashMoeError(f"{path}: the header names tensor '{err.args[0]}' twice") from None
+    except UnicodeDecodeError as err:
+        raise FlashMoeError(f"{path}: the header is not UTF-8 ({err.reason} at byte {err.start})") from None
+    except (ValueError, RecursionError) as err:
+        raise FlashMoeError(f"{path}: unreadable safetensors header ({type(err).__name__}: {err})") from None
+    if not isinstance(header, dict):
+        raise FlashMoeError(f"{path}: the header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise FlashMoeError(f"{path}: the header's __metadata__ is a {type(metadata).__name__}, not an object")
+    data_bytes = file_size - 8 - length
+    spans = []
+    for name, entry in header.items():
+        where = f"{path}: tensor '{name}'"
+        if not isinstance(entry, dict):
+            raise FlashMoeError(f"{where}: its header entry is a {type(entry).__name__}, not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise FlashMoeError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPE_SIZES)})")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise FlashMoeError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise FlashMoeError(f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
+        size = DTYPE_SIZES[dtype]
+        for d in shape:
+            size *= d
+            if size > _MAX_TENSOR_BYTES:
+                raise FlashMoeError(f"{where}: shape {shape} is too large ({dtype})")
+        if size != offsets[1] - offsets[0]:
+            raise FlashMoeError(f"{where}: {dtype} {shape} takes {size} bytes, its data_offsets {offsets} "
+                                f"span {offsets[1] - offsets[0]}")
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    end = 0
+    for begin, stop, name in spans:
+        if begin != end:
+            kind = "overlaps the tensor before it" if begin < end else f"leaves a gap of {begin - end} bytes before it"
+            raise FlashMoeError(f"{path}: tensor '{name}' at data_offsets [{begin}, {stop}] {kind} (at byte {end})")
+        end = stop
+    if end != data_bytes:
+        last = f" (after tensor '{spans[-1][2]}')" if spans else ""
+        if end > data_bytes:
+            raise FlashMoeError(f"{path}: the tensors need {end} data bytes{last}, the file holds {data_bytes} "
+                                "(truncated file?)")
+        raise FlashMoeError(f"{path}: {data_bytes - end} bytes after the last tensor's data{last} that no tensor "
+                            "describes")
+    return header, 8 + length
+
+
+def read_header(path: str | Path) -> dict[str, dict]:
+    """The validated JSON header of one safetensors file (tensor name -> dtype, shape, data_offsets)."""
+    return read_header_info(path)[0]
+
+
+def data_start(path: str | Path) -> int:
+    """Where a safetensors file's tensor data begins (after the 8-byte length and the validated header)."""
+    return read_header_info(path)[1]
 
 
 def tensor_infos(directory: str | Path) -> dict[str, TensorInfo]:
@@ -137,7 +247,11 @@ def read_tensors(directory: str | Path) -> dict[str, mx.array]:
     """
     tensors = {}
     for path in safetensors_files(directory):
-        tensors.update(mx.load(str(path)))
+        read_header_info(path)  # mx.load trusts the header: check it first
+        try:
+            tensors.update(mx.load(str(path)))
+        except (RuntimeError, ValueError, OSError, MemoryError) as err:
+            raise FlashMoeError(f"{path}: MLX cannot read it ({type(err).__name__}: {err})") from None
     return tensors
 
 

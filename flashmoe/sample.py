@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import mlx.core as mx
@@ -38,11 +39,14 @@ def top_p_filter(logits: mx.array, p: float) -> mx.array:
 
 def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> Sampler:
     """A function from logits (B, V) to ids (B,); random draws use mx.random, which the caller seeds."""
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (temperature, top_p, top_k))
+    if (not numbers or not math.isfinite(temperature) or not math.isfinite(top_p) or temperature < 0
+            or not 0 < top_p <= 1 or top_k < 0 or top_k != int(top_k)):
         raise FlashMoeError(
-            f"sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0; "
+            f"sampling needs a finite temperature >= 0, 0 < top_p <= 1 and an integer top_k >= 0; "
             f"got temperature={temperature}, top_p={top_p}, top_k={top_k}"
         )
+    top_k = int(top_k)
     if temperature == 0:
         return greedy
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,7 @@ from typing import Any
 import tokenizers
 from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
 from .errors import FlashMoeError
 
@@ -63,9 +65,66 @@ def _tojson(value: Any, indent: int | None = None, **kwargs: Any) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent, **kwargs)
 
 
-def _environment() -> ImmutableSandboxedEnvironment:
-    """The same sandbox transformers renders chat templates in, so prompts match theirs."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+TEMPLATE_SECONDS = 5.0  # a chat template renders in milliseconds; more is a runaway loop
+TEMPLATE_MAX_CHARS = 1_000_000  # a rendered prompt beyond this is not a prompt
+
+
+class _TemplateLimit(Exception):
+    """A chat template ran too long or rendered too much."""
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """transformers' sandbox with a deadline and a size bound, checked at every call, attribute access,
+    loop step (range), string/list operator and output chunk; every such check is cheap."""
+
+    intercepted_binops = frozenset({"*", "**", "+"})
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.deadline = float("inf")
+
+    def check(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise _TemplateLimit(f"rendering took more than {TEMPLATE_SECONDS:g} s")
+
+    def call(self, __context, __obj, *args: Any, **kwargs: Any):
+        self.check()
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > TEMPLATE_MAX_CHARS:
+                raise _TemplateLimit(f"a call with the argument {value} (above {TEMPLATE_MAX_CHARS})")
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        self.check()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        self.check()
+        return super().getitem(obj, argument)
+
+    def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
+        self.check()
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+            raise _TemplateLimit(f"an exponent of {right}")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > TEMPLATE_MAX_CHARS:
+                    raise _TemplateLimit(f"a repetition of {len(seq)} x {n} items")
+        result = super().call_binop(context, operator, left, right)
+        if isinstance(result, (str, list, tuple)) and len(result) > TEMPLATE_MAX_CHARS:
+            raise _TemplateLimit(f"a value of {len(result)} items (above {TEMPLATE_MAX_CHARS})")
+        return result
+
+    def range(self, *args: int):
+        for i in safe_range(*args):
+            self.check()
+            yield i
+
+
+def _environment() -> "_BoundedEnvironment":
+    """The same sandbox transformers renders chat templates in, so prompts match theirs (bounded in time and size)."""
+    env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["range"] = env.range
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -82,6 +141,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self.special_tokens = dict(special_tokens or {})  # bos_token, eos_token, ... as text
         self.source = source  # where it was read from, for error messages
+        self.template_source: str | None = None  # the file the chat template came from
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
@@ -100,12 +160,19 @@ class Tokenizer:
         eos |= _as_ids(_read_json(folder / "config.json").get("eos_token_id"))
         if "eos_token" in special and backend.token_to_id(special["eos_token"]) is not None:
             eos.add(backend.token_to_id(special["eos_token"]))
-        return cls(backend, eos, _chat_template(folder, config), special, source=str(folder))
+        template = _chat_template(folder, config)
+        tokenizer = cls(backend, eos, template, special, source=str(folder))
+        if template is not None:
+            tokenizer.template_source = str(folder / ("tokenizer_config.json" if config.get("chat_template") is not None
+                                                      else "chat_template.jinja"))
+        return tokenizer
 
-    @property
+    @functools.cached_property
     def vocab_size(self) -> int:
-        """Number of ids the tokenizer knows, added tokens included."""
-        return self.backend.get_vocab_size(with_added_tokens=True)
+        """Rows an embedding needs for every id the tokenizer can produce: its largest id + 1 (added tokens
+        included; the same as their count when the ids are contiguous, as they usually are)."""
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        return max(max(vocab.values(), default=-1) + 1, self.backend.get_vocab_size(with_added_tokens=True))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; no second BOS when the text (e.g. a rendered chat) already starts with one."""
@@ -124,12 +191,25 @@ class Tokenizer:
                 f"{self.source}: tokenizer_config.json has no chat_template (and there is no chat_template.jinja); "
                 "run without --chat"
             )
+        where = self.template_source or self.source
+        env = _environment()
         try:
-            template = _environment().from_string(self.chat_template)
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                   **self.special_tokens, **extra)
-        except TemplateError as e:
-            raise FlashMoeError(f"{self.source}: the chat template failed: {e}") from e
+            template = env.from_string(self.chat_template)
+            env.deadline = time.monotonic() + TEMPLATE_SECONDS
+            pieces, size = [], 0
+            for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                           **self.special_tokens, **extra):
+                size += len(piece)
+                if size > TEMPLATE_MAX_CHARS:
+                    raise _TemplateLimit(f"the output passed {TEMPLATE_MAX_CHARS} characters")
+                env.check()
+                pieces.append(piece)
+            return "".join(pieces)
+        except _TemplateLimit as e:
+            raise FlashMoeError(f"{where}: the chat template was stopped: {e}") from None
+        except Exception as e:  # noqa: BLE001 (a template can raise anything: every failure is one line)
+            message = " ".join(str(e).split())[:300] or type(e).__name__
+            raise FlashMoeError(f"{where}: the chat template failed ({type(e).__name__}: {message})") from None
 
     def detokenizer(self) -> "StreamingDetokenizer":
         """A fresh streaming decoder for one generation."""

@@ -8,6 +8,7 @@ row ("has an output gate?"), never the model name. A fifth architecture is one m
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from ..errors import FlashMoeError
@@ -108,12 +109,14 @@ class ModelArgs:
         missing = [f.name for f in required if f.name not in fields]
         if missing:
             raise FlashMoeError(f"config.json: {model_type} needs {missing}, which are missing")
+        _validate({k: v for k, v in fields.items() if k in known and v is not None}, model_type)
         args = cls(**{k: v for k, v in fields.items() if k in known and v is not None})
         args.num_key_value_heads = args.num_key_value_heads or args.num_attention_heads
         if arch.head_dim_from_hidden or not args.head_dim:
             args.head_dim = args.hidden_size // args.num_attention_heads
         if args.norm_topk_prob is None:
             args.norm_topk_prob = arch.norm_topk_prob
+        _check_derived(args)
         return args
 
     def is_linear_attention(self, layer: int) -> bool:
@@ -128,6 +131,75 @@ class ModelArgs:
         if self.arch.every_layer_moe:
             return True
         return layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
+
+
+MAX_DIM = 1 << 20  # widths, heads, experts: far above any real model, small enough that shapes never overflow
+MAX_LAYERS = 4096
+_POSITIVE = ("hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
+_NON_NEGATIVE = ("num_key_value_heads", "head_dim", "intermediate_size", "num_experts", "num_experts_per_tok",
+                 "moe_intermediate_size", "shared_expert_intermediate_size", "full_attention_interval",
+                 "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim")
+_BOOLS = ("rope_traditional", "tie_word_embeddings", "attention_bias", "norm_topk_prob")
+
+
+def _validate(fields: dict, model_type: str) -> None:
+    """Types and ranges of every config.json field the engine uses; each error names the key."""
+    def bad(key: str, want: str):
+        raise FlashMoeError(f"config.json: {key} = {fields[key]!r:.80}; expected {want} ({model_type})")
+
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    for key in _POSITIVE + _NON_NEGATIVE:
+        if key in fields:
+            low = 1 if key in _POSITIVE else 0
+            high = MAX_LAYERS if key == "num_hidden_layers" else (1 << 24 if key == "vocab_size" else MAX_DIM)
+            if not is_int(fields[key]) or not low <= fields[key] <= high:
+                bad(key, f"an integer in [{low}, {high}]")
+    for key in ("decoder_sparse_step", "linear_conv_kernel_dim"):
+        if key in fields and (not is_int(fields[key]) or not 1 <= fields[key] <= MAX_DIM):
+            bad(key, f"an integer in [1, {MAX_DIM}]")
+    for key in _BOOLS:
+        if key in fields and not isinstance(fields[key], bool):
+            bad(key, "true or false")
+    if "rms_norm_eps" in fields and (not is_number(fields["rms_norm_eps"]) or not 0 < fields["rms_norm_eps"] < 1):
+        bad("rms_norm_eps", "a finite number in (0, 1)")
+    if "rope_theta" in fields and (not is_number(fields["rope_theta"]) or fields["rope_theta"] <= 0):
+        bad("rope_theta", "a finite number > 0")
+    if "partial_rotary_factor" in fields and (not is_number(fields["partial_rotary_factor"])
+                                              or not 0 < fields["partial_rotary_factor"] <= 1):
+        bad("partial_rotary_factor", "a number in (0, 1]")
+    if "mlp_only_layers" in fields and (not isinstance(fields["mlp_only_layers"], list)
+                                        or not all(is_int(i) and i >= 0 for i in fields["mlp_only_layers"])):
+        bad("mlp_only_layers", "a list of layer numbers")
+    if "rope_scaling" in fields and not isinstance(fields["rope_scaling"], dict):
+        bad("rope_scaling", "an object or null")
+    experts = fields.get("num_experts", 0)
+    if experts and "num_experts_per_tok" in fields and not 1 <= fields["num_experts_per_tok"] <= experts:
+        bad("num_experts_per_tok", f"an integer in [1, num_experts={experts}]")
+
+
+def _check_derived(args: "ModelArgs") -> None:
+    """Relations between fields, once defaults are filled in (head_dim, num_key_value_heads)."""
+    where = f"({args.model_type})"
+    if args.num_attention_heads % args.num_key_value_heads:
+        raise FlashMoeError(f"config.json: num_attention_heads = {args.num_attention_heads} is not a multiple of "
+                            f"num_key_value_heads = {args.num_key_value_heads} {where}")
+    if args.head_dim < 1:
+        raise FlashMoeError(f"config.json: head_dim = {args.head_dim} (hidden_size {args.hidden_size} / "
+                            f"num_attention_heads {args.num_attention_heads}); expected >= 1 {where}")
+    if args.arch.head_dim_from_hidden and args.hidden_size % args.num_attention_heads:
+        raise FlashMoeError(f"config.json: hidden_size = {args.hidden_size} is not divisible by "
+                            f"num_attention_heads = {args.num_attention_heads} {where}")
+    if args.arch.partial_rotary and int(args.head_dim * args.partial_rotary_factor) % 2:
+        raise FlashMoeError(f"config.json: partial_rotary_factor = {args.partial_rotary_factor} turns an odd number "
+                            f"of head_dim = {args.head_dim} dims; rotary needs an even number {where}")
+    if args.arch.hybrid and args.linear_num_key_heads and args.linear_num_value_heads % args.linear_num_key_heads:
+        raise FlashMoeError(f"config.json: linear_num_value_heads = {args.linear_num_value_heads} is not a "
+                            f"multiple of linear_num_key_heads = {args.linear_num_key_heads} {where}")
 
 
 def param_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:

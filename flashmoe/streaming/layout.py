@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..safetensors import read_header, safetensors_files
+from ..safetensors import data_start, read_header_info, regular_file_size, safetensors_files
 from ..models.args import ModelArgs
 from ..errors import FlashMoeError
 from ..quant import TensorInfo
@@ -123,7 +123,7 @@ def _from_safetensors(directory: Path, args: ModelArgs) -> ExpertLayout:
     files = safetensors_files(directory)
     grouped: dict[str, dict[str, ExpertPiece]] = {}
     for index, path in enumerate(files):
-        header, start = read_header(path), data_start(path)
+        header, start = read_header_info(path)
         for name, entry in header.items():
             if EXPERT_KEY.match(name) or name.endswith(".experts.gate_up_proj"):
                 raise FlashMoeError(
@@ -142,12 +142,6 @@ def _from_safetensors(directory: Path, args: ModelArgs) -> ExpertLayout:
     return _layout("safetensors", files, grouped, args)
 
 
-def data_start(path: Path) -> int:
-    """Where a safetensors file's tensor data begins: after the 8-byte length and the header."""
-    with open(path, "rb") as f:
-        return 8 + int.from_bytes(f.read(8), "little")
-
-
 def _check_stack(path: Path, name: str, shape: tuple, dtype: str, size: int, num_experts: int) -> None:
     if dtype not in DTYPE_SIZES:
         raise FlashMoeError(f"{path}: tensor '{name}' has unknown dtype {dtype!r}")
@@ -161,34 +155,75 @@ def _check_stack(path: Path, name: str, shape: tuple, dtype: str, size: int, num
 
 def _from_manifest(directory: Path, args: ModelArgs) -> ExpertLayout:
     path = directory / MANIFEST
+    regular_file_size(path, "manifest")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise FlashMoeError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise FlashMoeError(f"{path}: expected a JSON object, found a {type(manifest).__name__}")
     if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:
         raise FlashMoeError(f"{path}: expected format {MANIFEST_FORMAT!r} version {MANIFEST_VERSION}, found "
                             f"{manifest.get('format')!r} version {manifest.get('version')!r}")
+    layers = manifest.get("layers")
+    if not isinstance(layers, dict):
+        raise FlashMoeError(f"{path}: 'layers' must be an object (MoE prefix -> layer entry)")
     files, grouped = [], {}
-    for stored_prefix, entry in manifest["layers"].items():
-        files.append(directory / entry["file"])
-        grouped[stored_prefix] = _manifest_layer(path, stored_prefix, entry, len(files) - 1, args.num_experts)
+    for stored_prefix, entry in layers.items():
+        if not isinstance(entry, dict):
+            raise FlashMoeError(f"{path}: layer '{stored_prefix}' is a {type(entry).__name__}, not an object")
+        files.append(_inside(directory, path, stored_prefix, entry.get("file")))
+        try:
+            grouped[stored_prefix] = _manifest_layer(path, stored_prefix, entry, len(files) - 1, args.num_experts)
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
+            if isinstance(err, FlashMoeError):
+                raise
+            raise FlashMoeError(f"{path}: layer '{stored_prefix}' is malformed ({type(err).__name__}: {err})") from None
     return _layout("repacked", files, grouped, args)
+
+
+def _inside(directory: Path, manifest: Path, prefix: str, file) -> Path:
+    """A manifest's `file` entry as a path that stays inside the checkpoint directory (symlinks
+    that resolve inside it are fine: Hugging Face caches are made of them) and is a regular file."""
+    if not isinstance(file, str) or not file or "\0" in file:
+        raise FlashMoeError(f"{manifest}: layer '{prefix}' has file {file!r}; expected a relative path")
+    candidate = directory / file
+    try:
+        resolved, root = candidate.resolve(), directory.resolve()
+    except (OSError, RuntimeError) as err:  # symlink loops
+        raise FlashMoeError(f"{manifest}: layer '{prefix}' file {file!r} cannot be resolved ({err})") from None
+    if Path(file).is_absolute() or not resolved.is_relative_to(root):
+        raise FlashMoeError(f"{manifest}: layer '{prefix}' file {file!r} leads outside the checkpoint directory "
+                            f"{root} (to {resolved})")
+    if resolved.exists():
+        regular_file_size(resolved, f"expert file of layer '{prefix}' ({manifest})")
+    return candidate
 
 
 def _manifest_layer(path: Path, prefix: str, entry: dict, file: int, num_experts: int) -> dict[str, ExpertPiece]:
     experts = np.asarray(entry["experts"], dtype=np.int64).reshape(-1, 2)  # (E, [offset, size])
     if len(experts) != num_experts:
         raise FlashMoeError(f"{path}: layer '{prefix}' lists {len(experts)} experts; config.json has {num_experts}")
+    if (experts < 0).any():
+        raise FlashMoeError(f"{path}: layer '{prefix}' has a negative expert offset or size")
+    if not isinstance(entry["tensors"], dict):
+        raise FlashMoeError(f"{path}: layer '{prefix}' 'tensors' must be an object")
     pieces = {}
     for part, t in entry["tensors"].items():
         name = f"{prefix}.switch_mlp.{part}"
-        if part not in PARTS or t["dtype"] not in DTYPE_SIZES:
-            raise FlashMoeError(f"{path}: tensor '{name}' ({t['dtype']}) is not an expert tensor flashmoe knows")
-        size = nbytes(t["dtype"], t["shape"])
-        if t["offset"] < 0 or t["offset"] + size > experts[:, 1].min():
-            raise FlashMoeError(f"{path}: tensor '{name}' at offset {t['offset']} ({size} bytes) does not fit "
+        if not isinstance(t, dict) or part not in PARTS or t.get("dtype") not in DTYPE_SIZES:
+            raise FlashMoeError(f"{path}: tensor '{name}' ({t!r:.80}) is not an expert tensor flashmoe knows")
+        shape, offset = t.get("shape"), t.get("offset")
+        if (not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40
+                                                   for d in shape)
+                or not isinstance(offset, int) or isinstance(offset, bool)):
+            raise FlashMoeError(f"{path}: tensor '{name}' has shape {shape!r} and offset {offset!r}; expected "
+                                "non-negative integers")
+        size = nbytes(t["dtype"], shape)
+        if offset < 0 or offset + size > experts[:, 1].min():
+            raise FlashMoeError(f"{path}: tensor '{name}' at offset {offset} ({size} bytes) does not fit "
                                 f"in an expert block of {experts[:, 1].min()} bytes")
-        pieces[part] = ExpertPiece(name, part, t["dtype"], tuple(t["shape"]), file, experts[:, 0] + t["offset"])
+        pieces[part] = ExpertPiece(name, part, t["dtype"], tuple(shape), file, experts[:, 0] + offset)
     return pieces
 
 
@@ -214,7 +249,7 @@ def _layout(kind: str, files: list[Path], grouped: dict[str, dict[str, ExpertPie
 
 def _check_file_sizes(layout: ExpertLayout) -> None:
     """Every slice must lie inside its file: a truncated file is named with the first tensor it cuts."""
-    sizes = [os.path.getsize(f) if f.is_file() else -1 for f in layout.files]
+    sizes = [regular_file_size(f, "expert file") if f.exists() else -1 for f in layout.files]
     for layer in layout.layers.values():
         for p in layer.pieces:
             if sizes[p.file] < 0:

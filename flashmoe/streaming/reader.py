@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 import weakref
 from collections import OrderedDict
@@ -98,10 +99,17 @@ class ExpertReader:
         self.cache = ExpertCache(cache_bytes)
         self.probe = probe and RWF_NOWAIT is not None  # switched off if the kernel refuses it
         self._buffers = _Buffers()
+        # read() fills shared buffers and the LRU: one caller at a time (a model used from two threads
+        # would otherwise hand one thread's experts to the other). Uncontended it costs ~0.2 us a call (<1% of a decode step on the tiny model).
+        self._lock = threading.Lock()
         weakref.finalize(self, _close, self.fds, self.pool)
 
     def read(self, layer: LayerExperts, ids: np.ndarray) -> tuple[dict[str, mx.array], FetchReport]:
-        """Experts `ids` of `layer`, stacked in that order: part -> (len(ids), *slice shape)."""
+        """Experts `ids` of `layer`, stacked in that order: part -> (len(ids), *slice shape). Thread safe."""
+        with self._lock:
+            return self._read(layer, ids)
+
+    def _read(self, layer: LayerExperts, ids: np.ndarray) -> tuple[dict[str, mx.array], FetchReport]:
         tic = time.perf_counter()
         count = len(ids)
         buffers = [self._buffers.get(p, count) for p in layer.pieces]

@@ -98,10 +98,20 @@ def _copy_tokenizer(src: Path, dst: Path, config: dict) -> None:
         (dst / "generation_config.json").write_text(json.dumps({"eos_token_id": config["eos_token_id"]}))
 
 
+BITS_CHOICES = (2, 3, 4, 5, 6, 8)  # what MLX's affine quantization takes
+GROUP_SIZE_CHOICES = (32, 64, 128)
+
+
 def _override(text: str) -> tuple[str, int]:
     pattern, _, bits = text.rpartition("=")
     if not pattern or not bits.isdigit():
         raise argparse.ArgumentTypeError(f"expected PATTERN=BITS (e.g. switch_mlp=2), found {text!r}")
+    if int(bits) not in BITS_CHOICES:
+        raise argparse.ArgumentTypeError(f"{text!r}: bits must be one of {', '.join(map(str, BITS_CHOICES))}")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {pattern!r} is not a valid pattern ({err})") from None
     return re.escape(pattern) if not any(c in pattern for c in "^$[]()*+?\\") else pattern, int(bits)
 
 
@@ -110,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flashmoe.tools.convert", description=__doc__.splitlines()[0])
     parser.add_argument("src")
     parser.add_argument("dst")
-    parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--bits", type=int, default=4, choices=BITS_CHOICES)
+    parser.add_argument("--group-size", type=int, default=64, choices=GROUP_SIZE_CHOICES)
     parser.add_argument("--override", type=_override, action="append", default=[], metavar="PATTERN=BITS")
     args = parser.parse_args(argv)
     try:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..loader import read_config
-from ..safetensors import read_header, safetensors_files, tensor_infos
+from ..safetensors import read_header_info, safetensors_files, tensor_infos
 from ..models.args import ModelArgs
 from ..errors import FlashMoeError
 from ..streaming.layout import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, PARTS, ExpertLayout, LayerExperts, data_start, is_expert_tensor, open_layout
@@ -48,10 +48,17 @@ def repack(src: str | Path, dst: str | Path, *, delete_source: bool = False, res
     `resume` continues an interrupted run from PROGRESS (the manifest so far) in `dst`.
     """
     src, dst = Path(src), Path(dst)
+    if isinstance(chunk_experts, bool) or not isinstance(chunk_experts, int) or chunk_experts < 1:
+        raise FlashMoeError(f"--chunk-experts {chunk_experts!r}: must be a positive integer")
     args = ModelArgs.from_config(read_config(src))
     _check_paths(src, dst, resume)
+    _check_links(src)
     progress = _read_progress(dst) if resume else dict(source=str(src), non_experts=False, layers={})
     layout = open_layout(src, args)
+    for layer in layout.layers.values():
+        if not 0 <= layer.layer < args.num_hidden_layers:
+            raise FlashMoeError(f"{layout.files[layer.pieces[0].file]}: tensor '{layer.pieces[0].name}' is in layer "
+                                f"{layer.layer}; config.json has num_hidden_layers={args.num_hidden_layers}")
     todo = [(prefix, layer) for prefix, layer in sorted(layout.layers.items(), key=lambda item: item[1].layer)
             if layout.stored_prefixes[prefix] not in progress["layers"]]
     _check_space(src, dst, [layer for _, layer in todo], progress["non_experts"], delete_source)
@@ -89,6 +96,19 @@ def _check_paths(src: Path, dst: Path, resume: bool) -> None:
     if not resume and dst.exists() and any(dst.iterdir()):
         hint = " (an interrupted repack: add --resume)" if (dst / PROGRESS).is_file() else ""
         raise FlashMoeError(f"{dst}: must be a new or empty directory{hint}")
+
+
+def _check_links(src: Path) -> None:
+    """Refuse symbolic links in SRC that lead outside it: repack reads (and may delete) what they point to."""
+    root = src.resolve()
+    for path in src.iterdir():
+        try:
+            target = path.resolve()
+        except (OSError, RuntimeError) as err:
+            raise FlashMoeError(f"{path}: cannot be resolved ({err})") from None
+        if not target.is_relative_to(root):
+            raise FlashMoeError(f"{path}: a symbolic link to {target}, outside the source directory {root}; "
+                                "repack refuses to follow it (copy the file in instead)")
 
 
 def _check_space(src: Path, dst: Path, layers: list[LayerExperts], non_experts_done: bool, delete_source: bool):
@@ -165,8 +185,7 @@ def _copy_non_experts(shards: list[Path], path: Path, log) -> None:
     """Every non-expert tensor of every shard into one safetensors file, copied in bounded pieces."""
     entries = []
     for shard in shards:
-        header = read_header(shard)
-        start = data_start(shard)
+        header, start = read_header_info(shard)
         entries += [(shard, start, name, e) for name, e in header.items() if not is_expert_tensor(name)]
     with SafetensorsWriter(path, [(n, e["dtype"], e["shape"]) for _, _, n, e in entries]) as writer:
         for shard, start, name, entry in entries:
@@ -205,6 +224,16 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: python -m flashmoe.tools.repack SRC DST [--delete-source]."""
     parser = argparse.ArgumentParser(prog="python -m flashmoe.tools.repack", description=__doc__.split("\n")[0])
@@ -213,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delete-source", action="store_true",
                         help="delete each source shard once its tensors are in DST (for disks too small for two copies)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run into the same DST")
-    parser.add_argument("--chunk-experts", type=int, default=64, help="experts rewritten per step (memory bound)")
+    parser.add_argument("--chunk-experts", type=_positive_int, default=64, help="experts rewritten per step (memory bound)")
     options = parser.parse_args(argv)
     try:
         tic = time.perf_counter()

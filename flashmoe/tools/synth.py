@@ -237,8 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     options = parser.parse_args(argv)
-    if options.layers is not None and options.layers < 1:
-        parser.error("--layers must be >= 1")
+    if options.layers is not None and not 1 <= options.layers <= 4096:
+        parser.error(f"--layers must be in [1, 4096], got {options.layers}")
+    if not 0 <= options.seed < 2**32:
+        parser.error(f"--seed must be in [0, 2**32), got {options.seed}")
     tic = time.perf_counter()
     path = write_synthetic(options.preset, options.out, options.layers, options.seed)
     size = sum(f.stat().st_size for f in path.iterdir())
