@@ -92,7 +92,7 @@ def main() -> None:
             res = interleaved(fns, args.repeats)
             for name, secs in res.items():
                 row(f"{out_dim}x{in_dim} {bits}-bit g64", name, secs, nbytes, bw2)
-            del copies
+            copies = None  # free the pool before the next shape
 
     experts, k = 512, 10
     for label, out_dim, in_dim, shared in [("gate/up 10/512 512x2048", 512, 2048, True), ("down 10/512 2048x512", 2048, 512, False)]:

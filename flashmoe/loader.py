@@ -59,12 +59,9 @@ def load(path: str | Path | None = None, backend: str = "auto", quant: str = "co
     tokenizer = Tokenizer.from_dir(directory)
     vocab = getattr(tokenizer, "vocab_size", None)
     if isinstance(vocab, int) and vocab > model.args.vocab_size:
-        # A warning, not an error: small test tokenizers pair with smaller random models on purpose; an id the
-        # embedding lacks is refused when it reaches generate (flashmoe.generate checks every prompt id).
-        warnings.warn(f"{directory / 'tokenizer.json'}: the tokenizer has {vocab} ids but the model's embedding has "
-                      f"{model.args.vocab_size} rows ({directory / 'config.json'} vocab_size): ids from "
-                      f"{model.args.vocab_size} on have no embedding (tokenizer and model do not belong together?)",
-                      stacklevel=2)
+        raise FlashMoeError(f"{directory / 'tokenizer.json'}: the tokenizer has {vocab} ids but the model's "
+                            f"embedding has {model.args.vocab_size} rows ({directory / 'config.json'} vocab_size): "
+                            "ids past the table have no embedding (do tokenizer and model belong together?)")
     return model, tokenizer
 
 

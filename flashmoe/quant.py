@@ -226,6 +226,7 @@ def check_module(plan: QuantPlan, module: str, tensors: Mapping[str, TensorInfo]
     """Resolve one quantized module and check it against its tensors' shapes."""
     weight = _require(tensors, f"{module}.weight", f"{module}.scales")
     scales = tensors[f"{module}.scales"]
+    _check_dtypes(module, weight, scales, tensors.get(f"{module}.biases"))
     claim = plan.explain(module)
     explicit = module in plan.entries
     if claim.spec is None and explicit:
@@ -282,6 +283,22 @@ def _mismatch_message(module: str, claim: Resolved, weight: TensorInfo, scales: 
         f"(weight {weight.shape} {weight.dtype}, scales {scales.shape} {scales.dtype}, "
         f"group_size {spec.group_size} -> in_dim {in_dim}, bits = {weight.shape[-1]} * 32 / {in_dim})"
     )
+
+
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+
+
+def _check_dtypes(module: str, weight: TensorInfo, scales: TensorInfo, biases: TensorInfo | None) -> None:
+    """Packed words are uint32; scales are floats (affine) or uint8 (fp formats); biases floats."""
+    problems = []
+    if weight.dtype != "U32":
+        problems.append(f"'{module}.weight' is {weight.dtype}, expected U32 (packed words)")
+    if scales.dtype not in (*FLOAT_DTYPES, "U8"):
+        problems.append(f"'{module}.scales' is {scales.dtype}, expected a float dtype or U8")
+    if biases is not None and biases.dtype not in FLOAT_DTYPES:
+        problems.append(f"'{module}.biases' is {biases.dtype}, expected a float dtype")
+    if problems:
+        raise QuantMismatchError(f"{weight.file}: " + "; ".join(problems))
 
 
 def _check_companions(module: str, spec: QuantSpec, tensors: Mapping[str, TensorInfo]) -> None:

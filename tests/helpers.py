@@ -42,7 +42,8 @@ def require_backend(backend: str) -> None:
 _COMMON = dict(
     hidden_size=128, num_hidden_layers=4, intermediate_size=256, num_attention_heads=4,
     num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
-    rms_norm_eps=1e-6, vocab_size=256, rope_theta=10000.0, max_position_embeddings=512,
+    rms_norm_eps=1e-6, vocab_size=320,  # >= the tiny tokenizer's 300 ids
+    rope_theta=10000.0, max_position_embeddings=512,
     tie_word_embeddings=False,
 )
 _LINEAR_ATTENTION = dict(

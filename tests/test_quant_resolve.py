@@ -149,3 +149,15 @@ def test_missing_weight_and_disabled_module_with_scales_are_named():
     del tensors["m.weight"]
     with pytest.raises(QuantMismatchError, match="'m.weight' is missing"):
         quant.check_tensors(quant.resolve({"quantization": {"bits": 4, "group_size": 64}}), tensors)
+
+
+def test_a_quantized_module_with_the_wrong_dtypes_is_refused_naming_the_tensor():
+    """Two tensors' header entries swapped pass every shape check; their dtypes do not."""
+    plan = quant.resolve({"quantization": {"group_size": 64, "bits": 4}})
+    tensors = {
+        "m.weight": quant.TensorInfo((8, 16), "F32", "shard.safetensors"),  # should be U32 words
+        "m.scales": quant.TensorInfo((8, 2), "BF16", "shard.safetensors"),
+        "m.biases": quant.TensorInfo((8, 2), "U32", "shard.safetensors"),  # should be a float
+    }
+    with pytest.raises(QuantMismatchError, match=r"shard\.safetensors: 'm\.weight' is F32.*'m\.biases' is U32"):
+        quant.check_tensors(plan, tensors)

@@ -15,14 +15,13 @@ Two layouts, one index (E experts per MoE layer, each made of up to 9 slices:
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..safetensors import data_start, read_header_info, regular_file_size, safetensors_files
+from ..safetensors import read_header_info, regular_file_size, safetensors_files
 from ..models.args import ModelArgs
 from ..errors import FlashMoeError
 from ..quant import TensorInfo

@@ -32,7 +32,7 @@ from ..loader import read_config
 from ..safetensors import read_header_info, safetensors_files, tensor_infos
 from ..models.args import ModelArgs
 from ..errors import FlashMoeError
-from ..streaming.layout import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, PARTS, ExpertLayout, LayerExperts, data_start, is_expert_tensor, open_layout
+from ..streaming.layout import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, PARTS, ExpertLayout, LayerExperts, is_expert_tensor, open_layout
 from ..safetensors import SafetensorsWriter, nbytes
 
 SLICE_ALIGN, BLOCK_ALIGN = 64, 4096
