@@ -2,7 +2,9 @@
 
     python benchmarks/kernels.py [--backends cuda,mlx] [--calls 50] [--repeats 7] [--json out.json]
 
-For each (out, in) shape and bits: the median time of one matvec (1 x in activations,
+For each (out, in) shape and bits, and for 10 of 512 stacked experts at Qwen3-Coder-Next's
+expert shapes (gate/up 512x2048 with one shared x, down 2048x512 with one x per expert,
+against mx.gather_qmm): the median time of one matvec (1 x in activations,
 many calls per evaluation so per-call sync overhead does not dominate), the achieved
 GB/s of weight bytes (packed weights + scales + biases), that figure as a share of this
 machine's measured memory bandwidth, and the time relative to mx.quantized_matmul.
@@ -21,6 +23,8 @@ from flashmoe import compute_dtype, kernels
 from flashmoe.analysis.bench import measure_bandwidth
 
 SHAPES = [(4096, 4096), (16384, 4096)]  # (out, in)
+GATHERED = [(512, 2048), (2048, 512)]  # (out, in) of 10 of 512 experts: Coder-Next gate/up and down
+EXPERTS, TOP_K = 512, 10
 BITS = (4, 8)
 GROUP_SIZE = 64
 
@@ -52,6 +56,24 @@ def bench_shape(out_dim, in_dim, bits, backends, calls, repeats) -> list[dict]:
     return rows
 
 
+def bench_gathered(out_dim, in_dim, bits, backends, calls, repeats) -> list[dict]:
+    """10 of 512 experts (x shared for in 2048, one x per expert for the down shape), as gather_qmm runs them."""
+    w = mx.random.normal((EXPERTS, out_dim, in_dim)).astype(mx.bfloat16)
+    q, scales, biases = mx.quantize(w, group_size=GROUP_SIZE, bits=bits)
+    ids = mx.random.permutation(EXPERTS)[:TOP_K].astype(mx.uint32)[None]  # (1, K)
+    x = mx.random.normal((1, in_dim) if out_dim < in_dim else (1, TOP_K, in_dim)).astype(mx.bfloat16)
+    per = (q.nbytes + scales.nbytes + biases.nbytes) / EXPERTS * TOP_K
+    rows = []
+    for backend in backends:
+        def call(backend=backend):
+            return kernels.gather_dequant_matvec(x, q, scales, biases, ids, bits=bits, group_size=GROUP_SIZE,
+                                                 backend=backend)
+        seconds = timed(call, calls, repeats)
+        rows.append(dict(shape=f"{TOP_K}x{out_dim}x{in_dim}", bits=bits, backend=backend,
+                         us=seconds * 1e6, gbps=per / seconds / 1e9))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default=",".join(kernels.available_backends()))
@@ -66,17 +88,19 @@ def main() -> None:
     bandwidth = measure_bandwidth(repeats=args.repeats)
     print(f"device {mx.default_device()}, activations {compute_dtype(mx.bfloat16)}, bf16 scales/biases, "
           f"g{GROUP_SIZE}; measured memory bandwidth {bandwidth:.1f} GB/s (flashmoe.profiling.measure_bandwidth)")
-    print(f"{'shape':>11} {'bits':>4} {'backend':>20} {'median us':>10} {'GB/s':>8} {'% of bw':>8} {'vs qmm':>7}")
+    print(f"{'shape':>14} {'bits':>4} {'backend':>20} {'median us':>10} {'GB/s':>8} {'% of bw':>8} {'vs qmm':>7}")
     rows = []
-    for out_dim, in_dim in SHAPES:
+    cases = [(bench_shape, s) for s in SHAPES] + [(bench_gathered, s) for s in GATHERED]
+    for bench, (out_dim, in_dim) in cases:
         for bits in BITS:
-            group = bench_shape(out_dim, in_dim, bits, backends, args.calls, args.repeats)
+            group = bench(out_dim, in_dim, bits, backends, args.calls, args.repeats)
             base = next(r for r in group if r["backend"] == "mlx")["us"]
             for r in group:
                 r["share_of_bandwidth"] = r["gbps"] / bandwidth
                 r["speedup_vs_quantized_matmul"] = base / r["us"]
-                name = "mlx (quantized_matmul)" if r["backend"] == "mlx" else r["backend"]
-                print(f"{r['shape']:>11} {bits:>4} {name:>20} {r['us']:>10.1f} {r['gbps']:>8.1f} "
+                name = r["backend"] if r["backend"] != "mlx" else (
+                    "mlx (quantized_matmul)" if bench is bench_shape else "mlx (gather_qmm)")
+                print(f"{r['shape']:>14} {bits:>4} {name:>20} {r['us']:>10.1f} {r['gbps']:>8.1f} "
                       f"{100 * r['share_of_bandwidth']:>7.1f}% {r['speedup_vs_quantized_matmul']:>6.2f}x")
             rows += group
     if args.json:

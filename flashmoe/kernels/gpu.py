@@ -1,26 +1,36 @@
-"""Launching the dequant-matvec kernel through mx.fast.metal_kernel or mx.fast.cuda_kernel.
+"""Launching the dequantizing kernels through mx.fast.metal_kernel or mx.fast.cuda_kernel.
 
-Both backends run the same body (src/dequant_matvec.inc); only the prelude differs.
+Both backends run the same bodies (src/*.inc); only the prelude differs. The dequant
+matvec (src/dequant_matvec.inc) and the fused MoE kernels (src/moe_*.inc, launched from
+moe.py) share one inner loop, written once in dequant_matvec.inc between its "qdot_tile
+begin/end" lines and pasted at CORE_MARKER in the MoE bodies.
 Kernel objects are built once per backend; MLX compiles one variant per template
-(dtype, bits, group size) and caches it by name.
+(dtype, bits, group size, launch shape) and caches it by name.
+
+The launch shape comes from the matrix shape (plan()): 128-bit loads when rows are
+16-byte aligned, as many lanes per row as the row has 128-bit units (up to a warp), up to
+MAX_LOADS loads in flight per lane, two rows per row group for tall matrices.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import mlx.core as mx
 
 from . import sources
 
+CORE_MARKER = "// @qdot_tile"  # where a MoE body takes the core
+CORE_BEGIN, CORE_END = "// qdot_tile begin", "// qdot_tile end"
 SIMDS_PER_GROUP = 8  # SIMD groups (warps) per threadgroup
-ROWS_PER_SIMD = 1  # output rows per SIMD group: each x value read from shared memory serves them all
-WORD_LOADS_IN_FLIGHT = 4  # uint32 loads each lane issues before using them
-X_TILE = 2048  # input values staged in shared memory at a time (8 KiB of float32)
+MAX_LOADS = 8  # loads (of VEC words) in flight per lane, over all slots
+X_FLOATS = 8192  # float32 x values staged in shared memory at a time (32 KiB), over all slots
 INPUT_NAMES = ["x", "w", "scales", "biases", "idx", "dims"]
 
 _poison: float | None = None
+_override: dict = {}  # benchmarks: force launch-shape fields (simds, rps, lpr, vec, u)
 
 
 def set_output_poison(value: float | None) -> None:
@@ -29,23 +39,90 @@ def set_output_poison(value: float | None) -> None:
     _poison = value
 
 
+def output_init() -> dict:
+    return {} if _poison is None else {"init_value": _poison}
+
+
+@dataclass(frozen=True)
+class Plan:
+    simds: int  # SIMD groups per threadgroup
+    rps: int  # rows per row group
+    lpr: int  # lanes per row (a row group)
+    vec: int  # words per load: 4 (128-bit) or 1
+    u: int  # loads in flight per lane and slot
+    tile: int  # x values staged in shared memory at a time, per x slot
+
+    @property
+    def rows_per_group(self) -> int:
+        return self.simds * (32 // self.lpr) * self.rps
+
+    @property
+    def unroll_code(self) -> int:
+        """dequant_matvec.inc's UNROLL: u | log2(lpr) << 4 | (vec == 4) << 8."""
+        return self.u | (self.lpr.bit_length() - 1) << 4 | (self.vec == 4) << 8
+
+    def template(self) -> list:
+        return [("SIMDS", self.simds), ("LPR", self.lpr), ("VEC", self.vec), ("U", self.u), ("TILE", self.tile)]
+
+
+def plan(out_dim: int, in_dim: int, bits: int, *, slots: int = 1, x_slots: int = 1, rps: int | None = None) -> Plan:
+    """The launch shape for rows of in_dim values: `slots` rows of weights per row group
+    (gate + up: 2, K experts: K) reading `x_slots` distinct inputs."""
+    words = in_dim * bits // 32
+    vec = _override.get("vec", 4 if words % 4 == 0 else 1)
+    units = words // vec
+    lpr = 32
+    while lpr > 1 and lpr > units:
+        lpr //= 2
+    lpr = _override.get("lpr", lpr)
+    if rps is None:  # tall matrices: two rows share each x read (halves shared-memory traffic)
+        rps = _override.get("rps", 2 if out_dim >= 8192 and slots == 1 else 1)
+    per_slot = max(1, MAX_LOADS // (slots * rps))
+    u = _override.get("u", max(1, min(math.ceil(units / lpr), per_slot)))
+    unit_vals = vec * 32 // bits
+    step = max(unit_vals, 32)
+    cap = max(step, (X_FLOATS // x_slots) // step * step)
+    tile = min(math.ceil(in_dim / step) * step, cap)
+    simds = _override.get("simds", SIMDS_PER_GROUP)
+    return Plan(simds=simds, rps=rps, lpr=lpr, vec=vec, u=u, tile=tile)
+
+
+def compose(backend: str, body_file: str) -> tuple[str, str]:
+    """(header, body): the backend's prelude around a body, the shared core pasted in."""
+    header, body = sources.compose(backend, body_file)
+    if CORE_MARKER in body:
+        body = body.replace(CORE_MARKER, core())
+    return header, body
+
+
+def core() -> str:
+    """The shared inner loop: the lines of dequant_matvec.inc between its qdot_tile begin/end markers."""
+    text = sources.read_source("dequant_matvec.inc")
+    return text[text.index(CORE_BEGIN):text.index(CORE_END) + len(CORE_END)]
+
+
+def build(backend: str, body_file: str, name: str, inputs: tuple, outputs: tuple = ("y",)):
+    """A new kernel object for `body_file` on `backend`."""
+    header, body = compose(backend, body_file)
+    make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
+    return make(name=name, input_names=list(inputs), output_names=list(outputs), source=body, header=header)
+
+
+@functools.cache
+def kernel(backend: str, body_file: str, name: str, inputs: tuple, outputs: tuple = ("y",)):
+    """The kernel object for `body_file` on `backend`, built once."""
+    return build(backend, body_file, name, inputs, outputs)
+
+
 @functools.cache
 def _kernel(backend: str):
-    """The kernel object for `backend`, built once."""
-    header, body = sources.compose(backend, "dequant_matvec.inc")
-    make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
-    return make(
-        name="flashmoe_dequant_matvec",
-        input_names=INPUT_NAMES,
-        output_names=["y"],
-        source=body,
-        header=header,
-    )
+    """The dequant-matvec kernel object for `backend`, built once."""
+    return build(backend, "dequant_matvec.inc", "flashmoe_dequant_matvec", tuple(INPUT_NAMES))
 
 
 @functools.lru_cache(maxsize=256)
-def _dims(out_dim: int, in_dim: int, x_div: int) -> mx.array:
-    return mx.array([out_dim, in_dim, x_div], dtype=mx.int32)
+def int_array(*values: int) -> mx.array:
+    return mx.array(values, dtype=mx.int32)
 
 
 @functools.lru_cache(maxsize=64)
@@ -60,25 +137,18 @@ def gathered_matvec(backend, x, w, scales, biases, idx, *, x_div, bits, group_si
     row-contiguous: the kernel indexes flat memory, so no reshape (an extra op per call) is needed.
     """
     pairs, out_dim, in_dim = idx.size, w.shape[-2], x.shape[-1]
-    threads = SIMDS_PER_GROUP * 32
-    rows_per_group = SIMDS_PER_GROUP * ROWS_PER_SIMD
-    kwargs = {} if _poison is None else {"init_value": _poison}
+    p = plan(out_dim, in_dim, bits)
     (y,) = _kernel(backend)(
-        inputs=[x, w, scales, biases, idx, _dims(out_dim, in_dim, x_div)],
+        inputs=[x, w, scales, biases, idx, int_array(out_dim, in_dim, x_div)],
         template=[
-            ("T", x.dtype),
-            ("BITS", bits),
-            ("GROUP_SIZE", group_size),
-            ("SIMDS", SIMDS_PER_GROUP),
-            ("RPS", ROWS_PER_SIMD),
-            ("UNROLL", WORD_LOADS_IN_FLIGHT),
-            ("TILE", X_TILE),
+            ("T", x.dtype), ("BITS", bits), ("GROUP_SIZE", group_size), ("SIMDS", p.simds), ("RPS", p.rps),
+            ("UNROLL", p.unroll_code), ("TILE", p.tile),
         ],
-        grid=(pairs * threads, math.ceil(out_dim / rows_per_group), 1),
-        threadgroup=(threads, 1, 1),
+        grid=(pairs * p.simds * 32, math.ceil(out_dim / p.rows_per_group), 1),
+        threadgroup=(p.simds * 32, 1, 1),
         output_shapes=[out_shape],
         output_dtypes=[x.dtype],
-        **kwargs,
+        **output_init(),
     )
     return y
 

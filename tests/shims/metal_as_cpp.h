@@ -21,3 +21,28 @@ inline void threadgroup_barrier(mem_flags) {}
 inline float simd_sum(float v) { return v; }
 using std::fma;
 using std::min;
+
+// Added for the 128-bit loads, bit casts, shuffles and math of the newer bodies.
+#include <cstring>
+struct uint4 {
+  unsigned x, y, z, w;
+};
+using ushort = unsigned short;
+template <typename To, typename From>
+inline To as_type(From v) {
+  static_assert(sizeof(To) == sizeof(From), "as_type needs equal sizes");
+  To out;
+  std::memcpy(&out, &v, sizeof(To));
+  return out;
+}
+inline float simd_shuffle_xor(float v, ushort) { return v; }
+inline float simd_sum_(float v) { return v; }
+namespace metal {
+namespace precise {
+inline float exp(float v) { return std::exp(v); }
+inline float log(float v) { return std::log(v); }
+inline float rsqrt(float v) { return 1.0f / std::sqrt(v); }
+}  // namespace precise
+}  // namespace metal
+using std::fabs;
+using std::max;

@@ -14,6 +14,14 @@ __device__ __forceinline__ float fm_warp_sum(float v) {
 #define FM_SIMD_SUM(v) fm_warp_sum(v)
 #define FM_FMA(a, b, c) fmaf(a, b, c)
 #define FM_FLOAT4(a, b, c, d) make_float4(a, b, c, d)
+#define FM_GMEM                                   // address space of kernel buffers (Metal: device)
+#define FM_LOAD4(p) (*reinterpret_cast<const uint4*>(p))  // 128-bit load of 4 words, 16-byte aligned
+#define FM_AS_FLOAT(u) __uint_as_float(u)
+#define FM_SHUFFLE_XOR(v, m) __shfl_xor_sync(0xffffffffu, v, m)
+#define FM_UNROLL _Pragma("unroll")
+#define FM_EXP(v) expf(v)
+#define FM_LOG(v) logf(v)
+#define FM_RSQRT(v) rsqrtf(v)
 
 // @body
 const int fm_lane = int(threadIdx.x) & 31;   // lane in its warp, 0..31

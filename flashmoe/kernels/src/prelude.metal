@@ -8,6 +8,14 @@
 #define FM_SIMD_SUM(v) simd_sum(v)
 #define FM_FMA(a, b, c) fma(a, b, c)
 #define FM_FLOAT4(a, b, c, d) float4(a, b, c, d)
+#define FM_GMEM device                            // address space of kernel buffers
+#define FM_LOAD4(p) (*((const device uint4*)(p)))  // 128-bit load of 4 words, 16-byte aligned
+#define FM_AS_FLOAT(u) as_type<float>(u)
+#define FM_SHUFFLE_XOR(v, m) simd_shuffle_xor(v, ushort(m))
+#define FM_UNROLL
+#define FM_EXP(v) metal::precise::exp(v)
+#define FM_LOG(v) metal::precise::log(v)
+#define FM_RSQRT(v) metal::precise::rsqrt(v)
 
 // @body
 const int fm_lane = int(thread_index_in_simdgroup);        // lane in its SIMD group, 0..31

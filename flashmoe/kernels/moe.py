@@ -1,0 +1,111 @@
+"""Fused mixture-of-experts kernels for decode: a token's K experts in two launches.
+
+    moe_gate_up(x, gate, up, ids, bits=, group_size=)          x (..., D) -> (..., K, I)
+        silu(gate[e] @ x) * (up[e] @ x) for the K experts e = ids (..., K), one launch
+    moe_down(h, down, ids, weights, bits=, group_size=)         h (..., K, I) -> (..., D)
+        sum_k weights[k] * down[ids[k]] @ h[k], one launch, no atomics
+    route(logits, top_k, norm_topk_prob)                        -> ids (..., K) uint32, weights (..., K)
+
+gate, up, down are mlx-lm's switch_mlp stacks (w, scales, biases): w (E, out, in * bits / 32)
+uint32, scales / biases (E, out, in / group_size). Streamed experts work the same: a buffer
+(K, out, words) holding only the selected experts, with ids = arange(K).
+
+Backends: "auto" (metal, else cuda, else reference), "metal", "cuda", "reference" (the
+pure-MLX ground truth below, float32 inside). Kernels cover affine 2/4/8 bits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from . import gpu, reference
+from . import backend_available
+
+GATE_UP_INPUTS = ("x", "gw", "gs", "gb", "uw", "us", "ub", "ids", "dims")
+DOWN_INPUTS = ("h", "w", "scales", "biases", "ids", "rw", "dims")
+MAX_DOWN_K = 16  # experts per token the fused down kernel takes (one register slot each)
+
+
+def _backend(backend: str) -> str:
+    if backend == "auto":
+        return next((b for b in ("metal", "cuda") if backend_available(b)), "reference")
+    return backend
+
+
+def moe_gate_up(x, gate, up, ids, *, bits: int, group_size: int, backend: str = "auto") -> mx.array:
+    """x (..., D), ids (..., K) -> silu(gate[ids] @ x) * (up[ids] @ x) of shape (..., K, I), x's dtype."""
+    gw, gs, gb = gate
+    uw, us, ub = up
+    backend = _backend(backend)
+    if backend == "reference":
+        return moe_gate_up_reference(x, gate, up, ids, bits=bits, group_size=group_size)
+    out_dim, in_dim = gw.shape[-2], x.shape[-1]
+    k = ids.shape[-1]
+    pairs = ids.size
+    idx = ids if ids.dtype == mx.uint32 else ids.astype(mx.uint32)
+    p = gpu.plan(out_dim, in_dim, bits, slots=2, rps=1)
+    (y,) = gpu.kernel(backend, "moe_gate_up.inc", "flashmoe_moe_gate_up", GATE_UP_INPUTS)(
+        inputs=[x, gw, gs, gb, uw, us, ub, idx, gpu.int_array(out_dim, in_dim, k)],
+        template=[("T", x.dtype), ("BITS", bits), ("GROUP_SIZE", group_size), ("RPS", p.rps), *p.template()],
+        grid=(pairs * p.simds * 32, math.ceil(out_dim / p.rows_per_group), 1),
+        threadgroup=(p.simds * 32, 1, 1),
+        output_shapes=[(*ids.shape, out_dim)],
+        output_dtypes=[x.dtype],
+        **gpu.output_init(),
+    )
+    return y
+
+
+def moe_down(h, down, ids, weights, *, bits: int, group_size: int, backend: str = "auto") -> mx.array:
+    """h (..., K, I), ids and weights (..., K) -> sum_k weights[k] * down[ids[k]] @ h[k] of shape (..., D)."""
+    w, scales, biases = down
+    backend = _backend(backend)
+    k = ids.shape[-1]
+    if backend == "reference" or k > MAX_DOWN_K:
+        return moe_down_reference(h, down, ids, weights, bits=bits, group_size=group_size)
+    out_dim, in_dim = w.shape[-2], h.shape[-1]
+    tokens = ids.size // k
+    idx = ids if ids.dtype == mx.uint32 else ids.astype(mx.uint32)
+    p = gpu.plan(out_dim, in_dim, bits, slots=k, x_slots=k, rps=1)
+    (y,) = gpu.kernel(backend, "moe_down.inc", "flashmoe_moe_down", DOWN_INPUTS)(
+        inputs=[h, w, scales, biases, idx, weights, gpu.int_array(out_dim, in_dim)],
+        template=[("T", h.dtype), ("BITS", bits), ("GROUP_SIZE", group_size), ("K", k), *p.template()],
+        grid=(tokens * p.simds * 32, math.ceil(out_dim / p.rows_per_group), 1),
+        threadgroup=(p.simds * 32, 1, 1),
+        output_shapes=[(*ids.shape[:-1], out_dim)],
+        output_dtypes=[h.dtype],
+        **gpu.output_init(),
+    )
+    return y
+
+
+def route(logits: mx.array, top_k: int, norm_topk_prob: bool = True) -> tuple[mx.array, mx.array]:
+    """Softmax in float32 over the experts, the top_k of them, renormalised when norm_topk_prob:
+    ids (..., K) uint32 and weights (..., K) float32 (mlx-lm's qwen3_next / qwen3_moe routing)."""
+    probs = mx.softmax(logits.astype(mx.float32), axis=-1)
+    ids = mx.argpartition(-probs, kth=top_k - 1, axis=-1)[..., :top_k]
+    weights = mx.take_along_axis(probs, ids, axis=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return ids.astype(mx.uint32), weights
+
+
+# ---- pure-MLX references (float32 inside)
+
+def moe_gate_up_reference(x, gate, up, ids, *, bits: int, group_size: int) -> mx.array:
+    g = reference.gather_dequant_matvec(x.astype(mx.float32), *gate, ids, bits=bits, group_size=group_size)
+    u = reference.gather_dequant_matvec(x.astype(mx.float32), *up, ids, bits=bits, group_size=group_size)
+    return (g * mx.sigmoid(g) * u).astype(x.dtype)
+
+
+def moe_down_reference(h, down, ids, weights, *, bits: int, group_size: int) -> mx.array:
+    y = reference.gather_dequant_matvec(h.astype(mx.float32), *down, ids, bits=bits, group_size=group_size)
+    return (y * weights.astype(mx.float32)[..., None]).sum(-2).astype(h.dtype)  # (..., D)
+
+
+def moe_experts(x, gate, up, down, ids, weights, *, bits: int, group_size: int, backend: str = "auto") -> mx.array:
+    """The routed experts of one MoE layer for x (..., D): two launches on a GPU."""
+    h = moe_gate_up(x, gate, up, ids, bits=bits, group_size=group_size, backend=backend)
+    return moe_down(h, down, ids, weights, bits=bits, group_size=group_size, backend=backend)
