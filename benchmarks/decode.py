@@ -2,8 +2,8 @@
 
     python benchmarks/decode.py [--models bundled,qwen3-coder-next] [--layers 8] [--runs 5] [--tokens 32]
 
-Checkpoints: `bundled` (the default model) and any `flashmoe.tools.synth` preset, written on the fly
-at `--layers` layers into a temporary folder and deleted after. Precision is matched: on CPU both
+Checkpoints: `bundled` (the default model), a checkpoint directory, or any `flashmoe.tools.synth`
+preset, written on the fly at `--layers` layers into a temporary folder and deleted after. Precision is matched: on CPU both
 engines compute in float32 (mlx-lm's parameters cast), on a GPU both run the checkpoint's bf16.
 For each engine: greedy decode tokens/s (median of `--runs` interleaved runs, with min-max), the
 weight bytes a decode step reads (non-expert weights + K/E of the expert stacks, from the headers),
@@ -37,6 +37,9 @@ def checkpoint(name: str, layers: int):
     """The checkpoint's directory; synthetic ones are written now and deleted after."""
     if name == "bundled":
         yield default_model_dir(), name
+        return
+    if Path(name).is_dir():  # a checkpoint directory, used as it is
+        yield Path(name), Path(name).name
         return
     if name not in PRESETS:
         raise SystemExit(f"unknown model {name!r}: 'bundled' or one of {sorted(PRESETS)}")

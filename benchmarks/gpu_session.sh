@@ -1,7 +1,18 @@
 #!/bin/bash
-# One device session: kernel table, MoE layer, gated delta timing, then tests (used from the `run` tool)
+# One H200 session (run from the repository root through the device tool, after `source /tmp/gpu/env.sh`):
+# GPU tests, the decode benchmark, --timing before (.gpuold: the tree this work started from) and after,
+# and the kernel tables. Everything lands in $OUT.
 export PYTHONUNBUFFERED=1
-python3 benchmarks/kernels.py --backends cuda,mlx --calls 50 --repeats 5 --json $OUT/kernels.json 2>&1 | tee $OUT/kernels.txt
-python3 benchmarks/moe_layer.py --layers 24 --distinct 3 --repeats 7 2>&1 | tee $OUT/moe.txt
-python3 benchmarks/gated_delta_step.py --steps 48 --repeats 7 2>&1 | tee $OUT/gd.txt
-python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_metal_source.py tests/test_kernels.py -k "not reference and not mlx" 2>&1 | tail -15 | tee $OUT/tests.txt
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee $OUT/device.txt
+python3 -m flashmoe.tools.synth --preset qwen3-coder-next --layers 8 --out /tmp/cn8 > /dev/null &
+python3 -m flashmoe.tools.synth --preset qwen3-30b-a3b --layers 8 --out /tmp/q30 > /dev/null &
+timeout 200 python3 -m pytest -q -p no:cacheprovider -x tests/kernels tests/models tests/test_misread.py \
+  tests/streaming/test_streaming.py 2>&1 | tail -15 | tee $OUT/tests.txt
+wait
+timeout 240 python3 benchmarks/decode.py --models bundled,/tmp/cn8,/tmp/q30 --runs 3 --tokens 32 2>&1 | tee $OUT/decode.txt
+P="def fibonacci(n):"
+timeout 60 python3 -m flashmoe --model /tmp/cn8 --prompt "$P" --max-tokens 24 --timing > $OUT/timing_after.txt 2>&1
+(cd .gpuold && PYTHONPATH=/tmp/site:$PWD timeout 60 python3 -m flashmoe --model /tmp/cn8 --prompt "$P" --max-tokens 24 --timing) > $OUT/timing_before.txt 2>&1
+timeout 90 python3 benchmarks/moe_layer.py --layers 24 --distinct 3 --repeats 7 2>&1 | tee $OUT/moe.txt
+timeout 60 python3 benchmarks/kernels.py --backends cuda,mlx --calls 50 --repeats 5 2>&1 | tee $OUT/kernels.txt

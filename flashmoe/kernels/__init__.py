@@ -19,6 +19,7 @@ from . import gpu, native, reference
 
 BACKENDS = ("metal", "cuda", "native", "mlx", "reference")
 KERNEL_BITS = (2, 4, 8)
+GPU_BACKENDS = ("metal", "cuda")
 
 
 def backend_available(backend: str) -> bool:

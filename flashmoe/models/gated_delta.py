@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .. import kernels
+from ..kernels.gated_delta import gated_delta_step
+
 from .cache import LinearAttentionCache
 from .args import ModelArgs
 from ..errors import FlashMoeError
@@ -40,6 +43,7 @@ class GatedDeltaNet:
         self.conv_dim = 2 * self.key_dim + self.value_dim  # C
         self.width = args.linear_conv_kernel_dim  # W
         self.eps = args.rms_norm_eps
+        self.backend = store.backend  # a GPU backend runs a decode token through one fused kernel
 
         self.split = args.arch.split_in_proj
         if self.split:
@@ -61,6 +65,8 @@ class GatedDeltaNet:
     def __call__(self, x: mx.array, cache: LinearAttentionCache | None = None) -> mx.array:
         B, T, _ = x.shape
         qkv, z, b, a = self._project(x)  # (B, T, C), (B, T, H_v, d_v), (B, T, H_v) x2
+        if T == 1 and cache is not None and self.backend in kernels.GPU_BACKENDS:
+            return self.out_proj(self._fused_step(qkv, z, b, a, cache).reshape(B, 1, -1))
         conv = silu(self._conv(qkv, cache))  # (B, T, C)
         q, k, v = mx.split(conv, [self.key_dim, 2 * self.key_dim], axis=-1)
         q = q.reshape(B, T, self.n_k, self.d_k)  # (B, T, H_k, d_k)
@@ -78,6 +84,23 @@ class GatedDeltaNet:
 
         out = self._gated_norm(out, z)
         return self.out_proj(out.reshape(B, T, -1))  # (B, T, H_v * d_v) -> (B, T, D)
+
+    def _fused_step(self, qkv, z, b, a, cache: LinearAttentionCache) -> mx.array:
+        """One decode token in one launch (kernels.gated_delta): conv, gating, state update, gated norm.
+
+        The same math as the lines of __call__ (its reference is that path); returns (B, H_v, d_v).
+        """
+        B, _, C = qkv.shape
+        past = cache.conv if cache.conv is not None else mx.zeros((B, self.width - 1, C), dtype=qkv.dtype)
+        state = cache.state_
+        if state is None:
+            state = mx.zeros((B, self.n_v, self.d_v, self.d_k), dtype=mx.float32)
+        out, cache.state_, cache.conv = gated_delta_step(
+            qkv[:, 0], past, self.conv_weight, z[:, 0], b[:, 0], a[:, 0], self.A_log, self.dt_bias, self.norm, state,
+            n_k=self.n_k, n_v=self.n_v, d_k=self.d_k, d_v=self.d_v, rms_eps=self.eps, backend=self.backend,
+        )
+        cache.offset += 1
+        return out  # (B, H_v, d_v)
 
     def _project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
         """qkv in conv-channel order [q | k | v], z per value head, b and a per value head."""

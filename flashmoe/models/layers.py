@@ -36,16 +36,18 @@ class Linear:
         if self.spec is None:
             y = x @ self.weight.T
         elif x.size == x.shape[-1]:  # one row: decode, flashmoe's kernels
-            y = kernels.dequant_matvec(x, *self._packed(), **self._kw(), backend=self.backend)
+            y = kernels.dequant_matvec(x, *self.packed, **self._kw(), backend=self.backend)
         else:
-            y = mx.quantized_matmul(x, *self._packed(), transpose=True, **self._kw())
+            y = mx.quantized_matmul(x, *self.packed, transpose=True, **self._kw())
         return y if self.bias is None else y + self.bias
 
     @property
     def out_features(self) -> int:
         return self.weight.shape[-2]
 
-    def _packed(self):
+    @property
+    def packed(self) -> tuple:
+        """(weight, scales, biases) as the kernels take them."""
         return self.weight, self.scales, self.biases
 
     def _kw(self) -> dict:
@@ -63,9 +65,9 @@ class ExpertLinear(Linear):
             w = self.weight.swapaxes(-1, -2)
             return mx.gather_mm(xg, w, rhs_indices=indices, sorted_indices=sorted_indices).squeeze(-2)
         if indices.size == indices.shape[-1] and not sorted_indices:  # one token: decode, flashmoe's kernel
-            return kernels.gather_dequant_matvec(x, *self._packed(), indices, **self._kw(), backend=self.backend)
+            return kernels.gather_dequant_matvec(x, *self.packed, indices, **self._kw(), backend=self.backend)
         xg = x[..., None, None, :] if shared else x[..., None, :]
-        y = mx.gather_qmm(xg, *self._packed(), rhs_indices=indices, transpose=True, sorted_indices=sorted_indices,
+        y = mx.gather_qmm(xg, *self.packed, rhs_indices=indices, transpose=True, sorted_indices=sorted_indices,
                           **self._kw())
         return y.squeeze(-2)  # (..., K, out)
 

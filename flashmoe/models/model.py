@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .. import kernels
 from .attention import Attention
 from .cache import KVCache, LinearAttentionCache
 from .args import ModelArgs
 from .gated_delta import GatedDeltaNet
-from .moe import MLP, MoE, ResidentSource, Routing
+from .moe import MLP, MoE, ResidentExperts, ResidentSource, Routing
 from ..timing import timer
 from .store import TensorStore
 
 
 class DecoderLayer:
-    """One transformer block: a token mixer and a feed-forward, each with a pre-norm and a residual."""
+    """One transformer block: a token mixer and a feed-forward, each with a pre-norm and a residual.
+
+    On a GPU backend a decode token (T = 1) runs through mx.compile'd functions, which fuse the
+    elementwise work and drop Python from the step: the Gated DeltaNet layer whole (its cache in and
+    out), or the feed-forward half after full attention (whose KV cache grows every token). Streamed
+    experts read from disk mid-layer, so their feed-forward is never compiled.
+    """
 
     def __init__(self, store: TensorStore, prefix: str, index: int, args: ModelArgs, k: int | None, experts):
         self.eps = args.rms_norm_eps
@@ -32,14 +39,50 @@ class DecoderLayer:
         else:
             self.mixer, self.mixer_phase = Attention(store, f"{prefix}.self_attn", args), "attention"
         self.mlp = MoE(store, f"{prefix}.mlp", args, k, experts) if args.is_moe(index) else MLP(store, f"{prefix}.mlp")
+        resident = not isinstance(self.mlp, MoE) or isinstance(self.mlp.experts, ResidentExperts)
+        self.compiled = store.backend in kernels.GPU_BACKENDS and resident
+        self._linear_step = mx.compile(self._pure_linear_step)
+        self._feed_step = mx.compile(self._pure_feed_step)
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
+        if not (self.compiled and x.shape[1] == 1 and cache is not None and not timer.enabled):
+            return self._feed(self._mix(x, cache))
+        if self.is_linear and cache.state_ is not None:
+            out, cache.conv, cache.state_, *routing = self._linear_step(x, cache.conv, cache.state_)
+            cache.offset += 1
+        else:
+            out, *routing = self._feed_step(self._mix(x, cache))
+        if routing:
+            self.mlp.last_routing = Routing(*routing)
+        return out
+
+    def _mix(self, x: mx.array, cache) -> mx.array:
         h = x + self.mixer(mx.fast.rms_norm(x, self.input_layernorm, self.eps), cache)
         timer.mark(self.mixer_phase, h)
+        return h
+
+    def _feed(self, h: mx.array) -> mx.array:
         out = h + self.mlp(mx.fast.rms_norm(h, self.post_attention_layernorm, self.eps))
         if isinstance(self.mlp, MLP):
             timer.mark("dense mlp", out)
         return out
+
+    def _pure_linear_step(self, x: mx.array, conv: mx.array, state: mx.array) -> list[mx.array]:
+        """A Gated DeltaNet layer's decode token as a pure function (compiled): cache in, cache out."""
+        cache = LinearAttentionCache()
+        cache.conv, cache.state_ = conv, state
+        return [self._feed(self._mix(x, cache)), cache.conv, cache.state_, *self._routing()]
+
+    def _pure_feed_step(self, h: mx.array) -> list[mx.array]:
+        """The feed-forward half as a pure function (compiled)."""
+        return [self._feed(h), *self._routing()]
+
+    def _routing(self) -> list[mx.array]:
+        """The MoE layer's routing arrays, returned by the compiled functions for model.routing()."""
+        if not isinstance(self.mlp, MoE):
+            return []
+        r = self.mlp.last_routing
+        return [r.logits, r.experts, r.weights]
 
     def make_cache(self):
         return LinearAttentionCache() if self.is_linear else KVCache()

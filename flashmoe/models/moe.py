@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .. import kernels
+from ..kernels.moe import moe_experts
 from .args import ModelArgs
 from ..errors import FlashMoeError
 from .layers import silu
@@ -52,8 +54,33 @@ def switch_mlp(gate_proj, up_proj, down_proj, x: mx.array, experts: mx.array) ->
     return y[mx.argsort(order)].reshape(*lead, K, -1)  # token order again: (B, T, K, D)
 
 
+FUSED_MAX_SLOTS = 64  # token x expert pairs up to which the fused decode kernels run
+
+
+def mixed_experts(gate_proj, up_proj, down_proj, x: mx.array, experts: mx.array, weights: mx.array) -> mx.array:
+    """sum_k weights_k * expert_k(x) for x (B, T, D), experts and weights (B, T, K) -> (B, T, D).
+
+    A few tokens on a GPU backend take the fused kernels (kernels.moe: gate+up+SwiGLU in one
+    launch, down + the weighted sum in another); everything else the gathered path.
+    """
+    spec = gate_proj.spec
+    if experts.size <= FUSED_MAX_SLOTS and _fusable(gate_proj, up_proj, down_proj):
+        return moe_experts(
+            x, gate_proj.packed, up_proj.packed, down_proj.packed, experts, weights,
+            bits=spec.bits, group_size=spec.group_size, backend=gate_proj.backend,
+        )
+    return weighted_sum(switch_mlp(gate_proj, up_proj, down_proj, x, experts), weights)
+
+
+def _fusable(*projections) -> bool:
+    """One affine spec the GPU kernels cover, on a GPU backend, for all three projections."""
+    first = projections[0]
+    return (first.backend in kernels.GPU_BACKENDS and first.spec is not None and first.spec.mode == "affine"
+            and first.spec.bits in kernels.KERNEL_BITS and all(p.spec == first.spec for p in projections))
+
+
 class ResidentExperts:
-    """A layer's E experts stacked in memory (mlx-lm's switch_mlp): (x, ids) -> (B, T, K, D)."""
+    """A layer's E experts stacked in memory (mlx-lm's switch_mlp): (x, ids, weights) -> (B, T, D)."""
 
     def __init__(self, store: TensorStore, prefix: str):
         self.gate_proj = store.experts(f"{prefix}.switch_mlp.gate_proj")  # (E, I, D)
@@ -62,8 +89,7 @@ class ResidentExperts:
 
     def __call__(self, x: mx.array, experts: mx.array, weights: mx.array) -> mx.array:
         """x (B, T, D), experts and weights (B, T, K) -> sum_k weights_k * expert_k(x): (B, T, D)."""
-        y = switch_mlp(self.gate_proj, self.up_proj, self.down_proj, x, experts)  # (B, T, K, D)
-        return weighted_sum(y, weights)
+        return mixed_experts(self.gate_proj, self.up_proj, self.down_proj, x, experts, weights)
 
 
 class ResidentSource:

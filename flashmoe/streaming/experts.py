@@ -26,7 +26,7 @@ from ..errors import FlashMoeError
 from .layout import ExpertLayout, LayerExperts, is_expert_tensor, open_layout
 from .reader import NUMPY_DTYPES, ExpertReader
 from ..models.layers import ExpertLinear
-from ..models.moe import switch_mlp, weighted_sum
+from ..models.moe import mixed_experts, switch_mlp, weighted_sum
 from ..timing import timer
 from ..quant import QuantSpec, TensorInfo
 from .stats import StreamStats
@@ -122,18 +122,15 @@ class StreamedExperts:
 
     def __call__(self, x: mx.array, experts: mx.array, weights: mx.array) -> mx.array:
         """x (B, T, D), experts and weights (B, T, K) -> (B, T, D), as resident experts would give."""
-        return weighted_sum(self._outputs(x, experts), weights)
-
-    def _outputs(self, x: mx.array, experts: mx.array) -> mx.array:
-        """Each selected expert's output: (B, T, K, D)."""
         # Routing decides what to read, so the ids must be on the host: one sync per MoE layer,
         # inherent to streaming (the forward pass cannot be one lazy graph across layers).
         ids = np.array(experts)  # (B, T, K)
         unique, local = np.unique(ids.reshape(-1), return_inverse=True)  # U ids; each slot's index into them
         if len(unique) <= self.group_experts:  # decode always (K <= the group): one read, one kernel call
             projections = self._load(unique, ids, first=True)
-            return switch_mlp(*projections, x, mx.array(local.reshape(ids.shape).astype(np.uint32)))
-        return self._grouped(x, ids, unique)
+            local_ids = mx.array(local.reshape(ids.shape).astype(np.uint32))  # into the U experts read
+            return mixed_experts(*projections, x, local_ids, weights)
+        return weighted_sum(self._grouped(x, ids, unique), weights)
 
     def _grouped(self, x: mx.array, ids: np.ndarray, unique: np.ndarray) -> mx.array:
         """The union read `group_experts` at a time; each group computes the (token, expert) slots it serves."""

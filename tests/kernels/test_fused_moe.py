@@ -8,7 +8,7 @@ import pytest
 from flashmoe import kernels
 from flashmoe.kernels import gpu, moe
 
-from ..conftest import rel_err
+from tests.helpers import rel_err
 
 BACKEND = "cuda"
 needs_cuda = pytest.mark.skipif(

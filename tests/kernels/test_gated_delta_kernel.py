@@ -8,7 +8,7 @@ import pytest
 from flashmoe import kernels
 from flashmoe.kernels import gated_delta, gpu
 
-from ..conftest import rel_err
+from tests.helpers import rel_err
 
 needs_cuda = pytest.mark.skipif(
     not kernels.backend_available("cuda"),
