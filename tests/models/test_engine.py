@@ -28,7 +28,8 @@ VARIANTS = {  # name: (model_type, write_checkpoint options, config overrides)
 def pair(request, tmp_path_factory):
     model_type, options, overrides = VARIANTS[request.param]
     directory = write_checkpoint(tmp_path_factory.mktemp(request.param), model_type, overrides=overrides, **options)
-    return directory, load_model(directory, backend="mlx"), mlx_lm_model(directory)
+    # float32 on both sides, on any device (a GPU's default compute dtype is the checkpoint's bf16)
+    return directory, load_model(directory, backend="mlx", dtype=mx.float32), mlx_lm_model(directory)
 
 
 def test_logits_match_mlx_lm(pair, seed):

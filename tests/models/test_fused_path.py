@@ -21,10 +21,10 @@ PROMPT, TOKENS = [3, 17, 42, 9, 77], [5, 61, 12, 250]
 @pytest.mark.parametrize("stream", [False, True], ids=["resident", "streamed"])
 def test_fused_moe_path_matches_the_gathered_path(model_type, stream, tmp_path, monkeypatch):
     directory = write_checkpoint(tmp_path / model_type, model_type)
-    gathered = forced_decode_logits(load_model(directory, backend="reference", stream_experts=stream),
-                                    PROMPT, TOKENS)
+    load = dict(backend="reference", stream_experts=stream, dtype=mx.float32)  # float32 on any device
+    gathered = forced_decode_logits(load_model(directory, **load), PROMPT, TOKENS)
     monkeypatch.setattr(kernels, "GPU_BACKENDS", (*kernels.GPU_BACKENDS, "reference"))
-    model = load_model(directory, backend="reference", stream_experts=stream)
+    model = load_model(directory, **load)
     fused = forced_decode_logits(model, PROMPT, TOKENS)
     assert fused.shape == gathered.shape and fused.dtype == mx.float32
     assert rel_err(fused, gathered) < 1e-5
