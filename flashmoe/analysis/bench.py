@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import mlx.core as mx
@@ -58,7 +58,7 @@ class Spread:
         """(median - min, max - median): matplotlib's error bar lengths for min-max bars."""
         return self.median - self.lo, self.hi - self.median
 
-    def scaled(self, factor: float) -> "Spread":
+    def scaled(self, factor: float) -> Spread:
         """The same samples times `factor` (seconds to milliseconds, say)."""
         return Spread(tuple(factor * s for s in self.samples))
 
@@ -243,10 +243,12 @@ def time_kernels(backends: Sequence[str], bits: int, group_size: int, out_dim: i
     """
     _, (w, scales, biases), x = random_quantized(out_dim, in_dim, bits, group_size)
 
-    def call(backend):
-        return lambda: kernels.dequant_matvec(x, w, scales, biases, bits=bits, group_size=group_size, backend=backend)
+    def sample(backend):
+        def call():
+            return kernels.dequant_matvec(x, w, scales, biases, bits=bits, group_size=group_size, backend=backend)
+        return lambda: seconds_per_call(call, number)
 
-    samples = interleaved({b: (lambda f=call(b): seconds_per_call(f, number)) for b in backends}, repeats)
+    samples = interleaved({b: sample(b) for b in backends}, repeats)
     moved = w.nbytes + scales.nbytes + biases.nbytes + x.nbytes + out_dim * x.itemsize
     return [KernelTiming(b, bits, group_size, out_dim, in_dim, statistics.median(samples[b]), moved,
                          tuple(samples[b])) for b in backends]
