@@ -36,6 +36,12 @@ def require_backend(backend: str) -> None:
         pytest.skip(why)
 
 
+needs_cuda = pytest.mark.skipif(
+    not kernels.backend_available("cuda"),
+    reason="CUDA is not available here (needs an NVIDIA GPU as MLX's default device and mlx[cuda13])",
+)
+
+
 # --- tiny checkpoints written by mlx-lm ---------------------------------------------------------
 
 # Widths of 128 let every group size (32/64/128) quantize every linear layer.

@@ -5,23 +5,11 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from flashmoe import kernels
-from flashmoe.kernels import gpu, moe
+from flashmoe.kernels import moe
 
-from tests.helpers import rel_err
+from tests.helpers import needs_cuda, rel_err
 
 BACKEND = "cuda"
-needs_cuda = pytest.mark.skipif(
-    not kernels.backend_available("cuda"),
-    reason="CUDA is not available here (needs an NVIDIA GPU as MLX's default device and mlx[cuda13])",
-)
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs():
-    gpu.set_output_poison(float("nan"))
-    yield
-    gpu.set_output_poison(None)
 
 
 def stack(experts, out_dim, in_dim, bits, group_size, dtype=mx.float32):

@@ -5,22 +5,9 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from flashmoe import kernels
-from flashmoe.kernels import gated_delta, gpu
+from flashmoe.kernels import gated_delta
 
-from tests.helpers import rel_err
-
-needs_cuda = pytest.mark.skipif(
-    not kernels.backend_available("cuda"),
-    reason="CUDA is not available here (needs an NVIDIA GPU as MLX's default device and mlx[cuda13])",
-)
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs():
-    gpu.set_output_poison(float("nan"))
-    yield
-    gpu.set_output_poison(None)
+from tests.helpers import needs_cuda, rel_err
 
 
 def inputs(batch, n_k, n_v, d_k, d_v, width, dtype):

