@@ -207,9 +207,8 @@ def format_stats(step: GenerationStep, bytes_per_token: float | None = None, str
     lines = [f"Prompt: {step.prompt_tokens} tokens, {step.prompt_tps:.3f} tokens-per-sec",
              f"Generation: {step.generation_tokens} tokens, {step.generation_tps:.3f} tokens-per-sec"]
     if bytes_per_token:
-        what = "weights (experts: as read from disk)" if streamed else "weights"
+        what = "weights read per token, the experts' as streamed from disk" if streamed else "weights read per token"
         lines.append(f"Bandwidth: {bytes_per_token * step.generation_tps / 1e9:.3f} GB/s "
-                     f"({bytes_per_token / 1e6:.3f} MB of {what} read per token x {step.generation_tps:.3f} "
-                     "tokens-per-sec)")
+                     f"({bytes_per_token / 1e6:.3f} MB of {what} x {step.generation_tps:.3f} tokens-per-sec)")
     lines.append(f"Peak memory: {step.peak_memory_gb:.3f} GB")
     return "\n".join(lines)
