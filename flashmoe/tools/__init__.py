@@ -14,7 +14,7 @@ import argparse
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..errors import FlashMoeError
 
@@ -51,9 +51,11 @@ def check_output(dst: str | Path, force: bool, sources: tuple[str | Path, ...] =
 
 
 @contextmanager
-def output_directory(dst: str | Path, force: bool = False, sources: tuple[str | Path, ...] = ()) -> Iterator[Path]:
+def output_directory(dst: str | Path, force: bool = False, sources: tuple[str | Path, ...] = (),
+                     keep: Callable[[], bool] = lambda: False) -> Iterator[Path]:
     """DST ready to write into (check_output; with `force` its old contents deleted first); on any error
-    or interrupt inside the block what was written is removed, and DST itself if this made it."""
+    or interrupt inside the block what was written is removed, and DST itself if this made it, unless
+    `keep()` says it is worth keeping (a state an interrupted run can resume from)."""
     dst = Path(dst)
     check_output(dst, force, sources)
     created = None  # the first directory this makes (DST or a missing parent of it)
@@ -67,6 +69,8 @@ def output_directory(dst: str | Path, force: bool = False, sources: tuple[str | 
     try:
         yield dst
     except BaseException:
+        if keep():
+            raise
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         else:
