@@ -1,6 +1,12 @@
 """Dequant-matvec speed: every available backend next to mx.quantized_matmul, in one run.
 
-    python benchmarks/kernels.py [--backends cuda,mlx] [--calls 50] [--repeats 7] [--json out.json]
+    python benchmarks/kernels.py [--full] [--backends cuda,mlx] [--calls N] [--repeats N] [--json out.json]
+
+By default a quick look: one dense shape (4096x4096) and one expert shape (10x512x2048), at 4 bits,
+5 calls x 3 repeats: about 30 s here. `--full` is the whole sweep below (both dense shapes, both
+expert shapes, 4 and 8 bits, 50 calls x 7 repeats): over 6.5 minutes here. ("Here": a 2-core x86
+CPU, backends native, mlx and reference, where MLX's gather_qmm and the pure-MLX reference take
+~0.1 s a call; a GPU runs either in seconds.)
 
 For each (out, in) shape and bits, and for 10 of 512 stacked experts at Qwen3-Coder-Next's
 expert shapes (gate/up 512x2048 with one shared x, down 2048x512 with one x per expert,
@@ -24,8 +30,10 @@ from flashmoe.analysis.bench import measure_bandwidth
 
 SHAPES = [(4096, 4096), (16384, 4096)]  # (out, in)
 GATHERED = [(512, 2048), (2048, 512)]  # (out, in) of 10 of 512 experts: Coder-Next gate/up and down
-EXPERTS, TOP_K = 512, 10
 BITS = (4, 8)
+QUICK = dict(shapes=SHAPES[:1], gathered=GATHERED[:1], bits=(4,), calls=5, repeats=3)
+FULL = dict(shapes=SHAPES, gathered=GATHERED, bits=BITS, calls=50, repeats=7)
+EXPERTS, TOP_K = 512, 10
 GROUP_SIZE = 64
 
 
@@ -75,12 +83,18 @@ def bench_gathered(out_dim, in_dim, bits, backends, calls, repeats) -> list[dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backends", default=",".join(kernels.available_backends()))
-    parser.add_argument("--calls", type=int, default=50, help="matvecs per evaluation")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--full", action="store_true",
+                        help="the whole sweep (every shape, 50 calls x 7 repeats) instead of the quick look")
+    parser.add_argument("--backends", default=",".join(kernels.available_backends()), help="comma-separated")
+    parser.add_argument("--calls", type=int, default=None, help="matvecs per evaluation (default: 5, --full 50)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed evaluations (default: 3, --full 7)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
+    plan = FULL if args.full else QUICK
+    args.calls = args.calls or plan["calls"]
+    args.repeats = args.repeats or plan["repeats"]
     backends = args.backends.split(",")
     if "mlx" not in backends:
         backends.append("mlx")  # the baseline: mx.quantized_matmul
@@ -90,9 +104,9 @@ def main() -> None:
           f"g{GROUP_SIZE}; measured memory bandwidth {bandwidth:.1f} GB/s (flashmoe.profiling.measure_bandwidth)")
     print(f"{'shape':>14} {'bits':>4} {'backend':>20} {'median us':>10} {'GB/s':>8} {'% of bw':>8} {'vs qmm':>7}")
     rows = []
-    cases = [(bench_shape, s) for s in SHAPES] + [(bench_gathered, s) for s in GATHERED]
+    cases = [(bench_shape, s) for s in plan["shapes"]] + [(bench_gathered, s) for s in plan["gathered"]]
     for bench, (out_dim, in_dim) in cases:
-        for bits in BITS:
+        for bits in plan["bits"]:
             group = bench(out_dim, in_dim, bits, backends, args.calls, args.repeats)
             base = next(r for r in group if r["backend"] == "mlx")["us"]
             for r in group:

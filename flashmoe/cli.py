@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import secrets
 import sys
 from contextlib import nullcontext
 from pathlib import Path
 
 from . import timing
+from . import hub
 from .loader import default_model_dir
 from .errors import FlashMoeError
 from .kernels import BACKENDS
@@ -17,7 +19,11 @@ from .timing import format_timing
 from .streaming.stats import format_stream_stats
 
 DEFAULT_PROMPT = "def fibonacci(n):"
-NO_DEFAULT_MODEL = "this install has no bundled default model; pass --model PATH (an MLX model folder)"
+NO_DEFAULT_MODEL = ("this install has no bundled default model; pass --model PATH (an MLX model folder) "
+                    "or --model OWNER/NAME (a Hugging Face id)")
+CHAT_MODELS = ("models whose tokenizer_config.json has a chat_template or that ship a chat_template.jinja "
+               "(instruct and chat models, e.g. mlx-community/Qwen3-Coder-Next-4bit); the bundled "
+               "flashmoe-coder-tiny is a plain Python-code model with no template")
 
 
 class UsageError(Exception):
@@ -35,38 +41,62 @@ def _number(kind: type, low: float, high: float | None = None, low_open: bool = 
         try:
             value = kind(text)
         except (ValueError, OverflowError):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
         if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
         if value < low or (low_open and value == low) or (high is not None and value > high):
-            bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
-            raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
+            if high is None:
+                bound = f"greater than {low}" if low_open else f"at least {low}"
+            else:
+                bound = f"{'greater than' if low_open else 'at least'} {low} and at most {high}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
     return parse
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except where there is none to show (None, off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m flashmoe`."""
-    p = _Parser(prog="flashmoe", description="Generate text with a quantized MoE model on MLX.")
-    p.add_argument("--model", help="MLX model folder (config.json, *.safetensors, tokenizer.json); "
-                                   "default: the bundled flashmoe-coder-tiny")
+    p = _Parser(prog="flashmoe", formatter_class=_Formatter,
+                description="Generate text with a quantized MoE model on MLX. The prompt is echoed on stderr, "
+                            "the completion streams to stdout, the statistics follow on stderr.")
+    p.add_argument("--model", help="MLX model folder (config.json, *.safetensors, tokenizer.json) or a Hugging Face "
+                                   "id such as mlx-community/Qwen3-Coder-Next-4bit (the cache first, else a download; "
+                                   "a local folder of that name wins); default: the bundled flashmoe-coder-tiny")
     p.add_argument("--prompt", help=f"prompt text, or - to read stdin (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--max-tokens", type=_number(int, 1), default=100, help="most tokens to generate")
     p.add_argument("--temp", type=_number(float, 0.0), default=0.0, help="sampling temperature; 0 is greedy")
-    p.add_argument("--top-p", type=_number(float, 0.0, 1.0, low_open=True), default=1.0, help="nucleus sampling")
+    p.add_argument("--top-p", type=_number(float, 0.0, 1.0, low_open=True), default=1.0,
+                   help="nucleus sampling: keep the most likely tokens up to this probability mass")
     p.add_argument("--top-k", type=_number(int, 0), default=0, help="keep the k most likely tokens; 0 keeps all")
-    p.add_argument("--seed", type=_number(int, 0, 2**64 - 1), default=0, help="random seed for sampling")
+    p.add_argument("--seed", type=_number(int, 0, 2**64 - 1), default=None,
+                   help="random seed for sampling (default: with --temp > 0, a fresh one, printed with the stats)")
     p.add_argument("--k", type=_number(int, 1), default=None, help="experts per token (default: the config's)")
-    p.add_argument("--backend", choices=["auto", *BACKENDS], default="auto")
+    p.add_argument("--backend", choices=["auto", *BACKENDS], default="auto", help="dequantization kernels")
     p.add_argument("--quant", choices=["config", "global"], default="config",
-                   help="per-layer quantization from config.json, or its global setting only")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+                   help="per-layer quantization from config.json, or 'global': every tensor read at the top-level "
+                        "bits, the 4-bit-only engine's bug, on purpose")
+    p.add_argument("--chat", action="store_true",
+                   help=f"wrap the prompt in the model's chat template; works with {CHAT_MODELS}")
     p.add_argument("--system", help="system message (needs --chat)")
-    p.add_argument("--timing", action="store_true", help="print a per-phase time table to stderr")
+    p.add_argument("--timing", action="store_true",
+                   help="print a per-phase time table (and the weight bandwidth) to stderr")
     p.add_argument("--stream-experts", action="store_true",
                    help="read the selected experts from disk per layer instead of loading them (models larger than memory)")
     p.add_argument("--expert-cache-mb", type=_number(float, 0.0), default=None,
-                   help="with --stream-experts: an LRU of recently used experts, in MB (default 0: the OS page cache alone)")
+                   help="with --stream-experts: an LRU of recently used experts, in MB (default: 0, the OS page "
+                        "cache alone)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars and no prompt echo (bars are drawn only when stderr is a terminal anyway)")
     return p
 
 
@@ -85,6 +115,11 @@ def _chat_prompt(tokenizer, args: argparse.Namespace, prompt: str) -> str:
     """The prompt as the chat template renders a (system +) user turn."""
     messages = [{"role": "system", "content": args.system}] if args.system is not None else []
     messages.append({"role": "user", "content": prompt})
+    if getattr(tokenizer, "chat_template", "") is None:
+        source = getattr(tokenizer, "source", None) or args.model or "the bundled model"
+        raise FlashMoeError(f"--chat: {source} has no chat_template (not in tokenizer_config.json, no "
+                            f"chat_template.jinja); --chat works with {CHAT_MODELS}: drop --chat to continue "
+                            "the prompt as plain text")
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
@@ -96,8 +131,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError("--expert-cache-mb needs --stream-experts")
     if args.model is None and default_model_dir() is None:
         raise UsageError(NO_DEFAULT_MODEL)
-    if args.model is not None and not Path(args.model).exists():
-        raise UsageError(f"--model {args.model}: no such file or directory")
+    if args.model is not None and not Path(args.model).exists() and not hub.is_repo_id(args.model):
+        raise UsageError(f"--model {args.model}: no such file or directory (nor a Hugging Face id owner/name)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,25 +140,62 @@ def run(args: argparse.Namespace) -> int:
     from .loader import load
 
     prompt = _read_prompt(args)
-    streaming = {"stream_experts": True, "expert_cache_mb": args.expert_cache_mb} if args.stream_experts else {}
-    model, tokenizer = load(args.model, backend=args.backend, quant=args.quant, k=args.k, **streaming)
+    seed = args.seed
+    if seed is None:  # greedy decoding draws nothing; sampling gets a fresh seed, printed to repeat the run
+        seed = secrets.randbits(32) if args.temp > 0 else 0
+    options = {"stream_experts": True, "expert_cache_mb": args.expert_cache_mb} if args.stream_experts else {}
+    if args.quiet:
+        options["progress"] = False
+    model, tokenizer = load(args.model, backend=args.backend, quant=args.quant, k=args.k, **options)
+    report = getattr(model, "report", None)
+    if args.quant == "global":
+        _say_global(report)
     if args.chat:
         prompt = _chat_prompt(tokenizer, args, prompt)
+    if not args.quiet:
+        sys.stderr.write(prompt)  # the completion continues it on stdout: nothing starts mid-line
+        sys.stderr.flush()
     step = None
     with timing.timing() if args.timing else nullcontext() as timer:
         for step in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, temperature=args.temp,
-                                    top_p=args.top_p, top_k=args.top_k, seed=args.seed):
+                                    top_p=args.top_p, top_k=args.top_k, seed=seed):
             sys.stdout.write(step.text)
             sys.stdout.flush()
     print(flush=True)
+    weight_bytes, streamed = _weight_bytes(report)
     if step is not None:
-        print("=" * 10 + "\n" + format_stats(step), file=sys.stderr)
+        print("=" * 10 + "\n" + format_stats(step, weight_bytes, streamed), file=sys.stderr)
+        if args.temp > 0:
+            how = "given" if args.seed is not None else "drawn at random"
+            print(f"Seed: {seed} ({how}; --seed {seed} repeats this run)", file=sys.stderr)
     if timer is not None:
-        print(format_timing(timer), file=sys.stderr)
-        stats = model.report.stream_stats if getattr(model, "report", None) else None
+        print(format_timing(timer, weight_bytes), file=sys.stderr)
+        stats = getattr(report, "stream_stats", None)
         if stats is not None:
             print(format_stream_stats(stats), file=sys.stderr)
     return 0
+
+
+def _say_global(report) -> None:
+    """--quant global on stderr: what it does on purpose, and how many tensors it misreads."""
+    misread = getattr(report, "misread_modules", None)
+    count = f"{len(misread)} quantized modules stored at other bits are misread" if misread is not None else \
+        "modules stored at other bits are misread"
+    print(f"flashmoe: --quant global deliberately reads every quantized tensor at the config's top-level bits, "
+          f"as the 4-bit-only engine did (the bug): {count} (model.report.misread_modules)", file=sys.stderr)
+
+
+def _weight_bytes(report) -> tuple[float | None, bool]:
+    """Weight bytes a decode step reads: the loader's figure; with streaming, the non-expert bytes plus the
+    expert bytes actually read per decoded token. (None, False) when the model has no report."""
+    figures = getattr(report, "bytes_per_token", None) or {}
+    if not figures:
+        return None, False
+    stats = getattr(report, "stream_stats", None)
+    decode = stats.summary()["decode"] if stats is not None else {}
+    if decode:
+        return figures["dense"] + decode["bytes_per_token"], True
+    return figures["total"], False
 
 
 def main(argv: list[str] | None = None) -> int:

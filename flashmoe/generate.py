@@ -197,12 +197,18 @@ def generate(model: Any, tokenizer: Tokenizer, prompt: str | list[int], **kwargs
     return "".join(step.text for step in stream_generate(model, tokenizer, prompt, **kwargs))
 
 
-def format_stats(step: GenerationStep) -> str:
-    """The closing statistics, as mlx_lm.generate prints them."""
-    return (
-        f"Prompt: {step.prompt_tokens} tokens, {step.prompt_tps:.3f} tokens-per-sec\n"
-        f"Generation: {step.generation_tokens} tokens, {step.generation_tps:.3f} tokens-per-sec\n"
-        f"Peak memory: {step.peak_memory_gb:.3f} GB"
-    )
+def format_stats(step: GenerationStep, bytes_per_token: float | None = None, streamed: bool = False) -> str:
+    """The closing statistics, as mlx_lm.generate prints them, with gpt-fast's bandwidth line.
 
-
+    `bytes_per_token`: weight bytes one decode step reads (model.report.bytes_per_token["total"]; with
+    expert streaming, `streamed=True`, the non-expert bytes plus the expert bytes read from disk per
+    token); the bandwidth is that times the generation tokens-per-sec.
+    """
+    lines = [f"Prompt: {step.prompt_tokens} tokens, {step.prompt_tps:.3f} tokens-per-sec",
+             f"Generation: {step.generation_tokens} tokens, {step.generation_tps:.3f} tokens-per-sec"]
+    if bytes_per_token:
+        what = "weights read per token, the experts' as streamed from disk" if streamed else "weights read per token"
+        lines.append(f"Bandwidth: {bytes_per_token * step.generation_tps / 1e9:.3f} GB/s "
+                     f"({bytes_per_token / 1e6:.3f} MB of {what} x {step.generation_tps:.3f} tokens-per-sec)")
+    lines.append(f"Peak memory: {step.peak_memory_gb:.3f} GB")
+    return "\n".join(lines)

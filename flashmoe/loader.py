@@ -6,7 +6,10 @@ One straight line, in load_model:
         from disk (streaming.ExpertStreamer)
     the safetensors headers -> every quantized tensor checked against the plan
     the tensors -> sanitize -> TensorStore -> Model, with every tensor accounted for
-    what the loader found -> model.report (a LoadReport)
+    what the loader found -> model.report (a LoadReport), weight bytes per token included
+
+`path` may also be a Hugging Face Hub id (`mlx-community/Qwen3-Coder-Next-4bit`, flashmoe.hub):
+a local directory of that name wins, else the cached snapshot, else a download when online.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from __future__ import annotations
 import json
 import sys
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import mlx.core as mx
 
@@ -24,16 +29,18 @@ from .errors import FlashMoeError
 from .models.args import ModelArgs
 from .models.model import Model
 from .models.moe import ResidentSource
-from .models.sanitize import sanitize
+from .models.sanitize import DROPPED_PREFIXES, sanitize
 from .models.store import TensorStore
-from .quant import QuantPlan, Resolved, check_tensors, resolve
-from .safetensors import read_tensors, tensor_infos
+from .progress import progress_bar, shown
+from .quant import QuantPlan, Resolved, TensorInfo, check_tensors, resolve
+from .safetensors import nbytes, read_tensors, tensor_infos
 from .streaming.experts import ExpertStreamer, StreamOptions, stream_options
 from .streaming.layout import MANIFEST
 from .streaming.stats import StreamStats
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "flashmoe-coder-tiny"
+LARGE_CHECKPOINT_BYTES = 1 << 30  # above this, a load with a progress bar reads the weights shard by shard
 
 
 @dataclass
@@ -46,16 +53,23 @@ class LoadReport:
     misread_modules: list[str] = field(default_factory=list)  # quant="global": modules read at the wrong bits
     dropped: list[str] = field(default_factory=list)  # tensors flashmoe does not use (mtp heads, vision tower)
     stream_stats: StreamStats | None = None  # expert streaming counters (None: experts resident)
+    # weight bytes one decode step reads, gpt-fast's figure: {"dense", "experts", "total"} (bytes_per_token())
+    bytes_per_token: dict[str, float] = field(default_factory=dict)
 
 
 def load(path: str | Path | None = None, backend: str = "auto", quant: str = "config",
          k: int | None = None, dtype: mx.Dtype | None = None, stream_experts: bool | StreamOptions = False,
-         expert_cache_mb: float | None = None) -> tuple[Model, Tokenizer]:
-    """Load a model and its tokenizer. `quant="global"` reproduces the 4-bit-only engine's bug."""
-    directory = _checkpoint_dir(path)
+         expert_cache_mb: float | None = None, progress: bool | None = None) -> tuple[Model, Tokenizer]:
+    """Load a model and its tokenizer. `quant="global"` reproduces the 4-bit-only engine's bug.
+
+    `path`: a checkpoint directory, a Hugging Face Hub id (`owner/name`: the cache, else a download),
+    or None for the bundled model. `progress`: download and loading bars on stderr (None: when
+    stderr is a terminal; False: never).
+    """
+    directory = _resolve_path(path, progress)
     _say_backend_once(backend)
     model = load_model(directory, backend=backend, quant=quant, k=k, dtype=dtype, stream_experts=stream_experts,
-                       expert_cache_mb=expert_cache_mb)
+                       expert_cache_mb=expert_cache_mb, progress=progress)
     tokenizer = Tokenizer.from_dir(directory)
     vocab = getattr(tokenizer, "vocab_size", None)
     if isinstance(vocab, int) and vocab > model.args.vocab_size:
@@ -67,19 +81,23 @@ def load(path: str | Path | None = None, backend: str = "auto", quant: str = "co
 
 def load_model(directory: str | Path, backend: str = "auto", quant: str = "config", k: int | None = None,
                dtype: mx.Dtype | None = None, stream_experts: bool | StreamOptions = False,
-               expert_cache_mb: float | None = None) -> Model:
+               expert_cache_mb: float | None = None, progress: bool | None = None) -> Model:
     """The model alone (no tokenizer needed). `dtype` overrides the compute dtype (compute_dtype).
 
     `stream_experts` leaves the routed experts on disk and reads the selected ones per layer
     (flashmoe.streaming); `expert_cache_mb` sizes its LRU of recently used experts (0: none).
+    `progress`: for a checkpoint over 1 GiB with a bar shown (None: stderr is a terminal), the
+    weights are read here shard by shard under a bar; otherwise at the first forward pass.
     """
     directory = Path(directory)
     config = read_config(directory)
     args = ModelArgs.from_config(config)
     plan = resolve(config)
     experts = expert_source(directory, args, stream_experts, expert_cache_mb)
-    specs = check_tensors(plan, tensor_infos(directory) | experts.tensor_infos())
+    infos = tensor_infos(directory) | experts.tensor_infos()
+    specs = check_tensors(plan, infos)
     tensors, specs, dropped = sanitize(experts.keep(read_tensors(directory)), specs, args)
+    _read_with_progress(tensors, infos, directory, progress)
     if dropped:
         warnings.warn(f"{directory}: {len(dropped)} tensors not used by flashmoe were dropped "
                       f"({', '.join(sorted({name.split('.')[0] for name in dropped}))}.*)", stacklevel=2)
@@ -90,8 +108,48 @@ def load_model(directory: str | Path, backend: str = "auto", quant: str = "confi
     model = Model(store, args, k=k, experts=experts)
     store.finish()
     experts.finish()
-    model.report = LoadReport(directory, store.backend, store.dtype, store.misread_modules, dropped, experts.stats)
+    model.report = LoadReport(directory, store.backend, store.dtype, store.misread_modules, dropped, experts.stats,
+                              bytes_per_token=bytes_per_token(infos, args, k))
     return model
+
+
+def bytes_per_token(infos: Mapping[str, TensorInfo], args: ModelArgs, k: int | None = None) -> dict[str, float]:
+    """Weight bytes one decode step reads, from the tensors' headers (gpt-fast's figure).
+
+    Every non-expert tensor in full (the embedding table: one row, unless it is also the output
+    head), and K/E of each stacked expert tensor (the K experts a token routes to); tensors the
+    loader drops (mtp heads, vision tower) are not read. Returns {"dense", "experts", "total"} in bytes.
+    """
+    share = (k or args.num_experts_per_tok or 0) / max(args.num_experts or 0, 1)
+    dense = experts = 0.0
+    for name, info in infos.items():
+        if name.startswith(DROPPED_PREFIXES):
+            continue
+        size = nbytes(info.dtype, info.shape)
+        if ".switch_mlp." in name or ".experts." in name:
+            experts += size * share
+        elif "embed_tokens" in name and not args.tie_word_embeddings and info.shape:
+            dense += size / info.shape[0]  # one row of the table per token
+        else:
+            dense += size
+    return {"dense": dense, "experts": experts, "total": dense + experts}
+
+
+def _read_with_progress(tensors: dict[str, mx.array], infos: Mapping[str, TensorInfo], directory: Path,
+                        progress: bool | None) -> None:
+    """A large checkpoint with a bar shown: read (evaluate) its weights now, one shard at a time."""
+    if not shown(progress):
+        return  # mx.load is lazy: the weights are read at the first forward pass
+    total = sum(value.nbytes for value in tensors.values())
+    if total < LARGE_CHECKPOINT_BYTES:
+        return
+    by_file: dict[str, list[mx.array]] = defaultdict(list)
+    for name, value in tensors.items():
+        by_file[infos[name].file if name in infos else ""].append(value)  # renamed by sanitize: last
+    with progress_bar(total=total, desc=f"loading {directory.name}", unit="B", enabled=True) as bar:
+        for file in sorted(by_file, key=lambda f: (f == "", f)):
+            mx.eval(by_file[file])
+            bar.update(sum(value.nbytes for value in by_file[file]))
 
 
 _said: set[str] = set()
@@ -115,16 +173,23 @@ def expert_source(directory: Path, args: ModelArgs, stream_experts, expert_cache
     return ResidentSource()
 
 
-def _checkpoint_dir(path) -> Path:
+def _resolve_path(path, progress: bool | None = None) -> Path:
+    """The checkpoint directory `path` names: the bundled model (None), a local directory (always first),
+    or a Hugging Face Hub id `owner/name` (flashmoe.hub: the cache, else a download when online)."""
+    from . import hub
+
     if path is None:
         path = default_model_dir()
         if path is None:
             raise FlashMoeError(f"no default model in this install ({DEFAULT_MODEL_DIR} is missing): "
-                                "pass a checkpoint directory")
+                                "pass a checkpoint directory or a Hugging Face id (owner/name)")
     directory = Path(path)
-    if not directory.is_dir():
-        raise FlashMoeError(f"{directory}: not a directory (expected a checkpoint with config.json)")
-    return directory
+    if directory.is_dir():
+        return directory
+    if not directory.exists() and hub.is_repo_id(str(path)):
+        return hub.resolve_model(str(path), progress=progress)
+    raise FlashMoeError(f"{directory}: not a directory (expected a checkpoint with config.json, "
+                        "or a Hugging Face id such as mlx-community/Qwen3-Coder-Next-4bit)")
 
 
 def _stored_dtype(tensors: dict[str, mx.array]) -> mx.Dtype:

@@ -60,8 +60,9 @@ def timing():
         timer.enabled = False
 
 
-def format_timing(timer: PhaseTimer) -> str:
-    """Per-phase table: ms per decoded token and share of the total."""
+def format_timing(timer: PhaseTimer, bytes_per_token: float | None = None) -> str:
+    """Per-phase table: ms per decoded token and share of the total; with `bytes_per_token` (weight
+    bytes one decode step reads), the GB/s that makes at the timed ms per token."""
     steps = max(timer.calls.get("sampling", 0), 1)  # one sampling mark per decode step
     phases = [p for p in PHASES if p in timer.seconds] + sorted(set(timer.seconds) - set(PHASES))
     total = sum(timer.seconds.values())
@@ -70,5 +71,8 @@ def format_timing(timer: PhaseTimer) -> str:
         share = timer.seconds[phase] / total if total else 0.0
         lines.append(f"{phase:<18}{1e3 * timer.seconds[phase] / steps:>10.3f}{share:>8.1%}")
     lines.append(f"{'total':<18}{1e3 * total / steps:>10.3f}{1.0 if total else 0.0:>8.1%}")
-    return "\n".join(lines) + f"\n({steps} decode steps timed)"
-
+    text = "\n".join(lines) + f"\n({steps} decode steps timed)"
+    if bytes_per_token and total:
+        text += (f"\nweights read per token: {bytes_per_token / 1e6:.3f} MB; at {1e3 * total / steps:.3f} ms/token "
+                 f"that is {bytes_per_token * steps / total / 1e9:.3f} GB/s")
+    return text

@@ -196,3 +196,113 @@ def test_streaming_options_reach_load_and_need_each_other(loaded, tiny_dir, caps
     argv = ["--model", str(tiny_dir), "--stream-experts", "--expert-cache-mb", "64", "--max-tokens", "2"]
     assert cli.main(argv) == 0
     assert loaded["calls"][-1]["stream_experts"] is True and loaded["calls"][-1]["expert_cache_mb"] == 64.0
+
+
+# --- what a researcher meets first -------------------------------------------------------------------
+
+
+def test_the_prompt_is_echoed_on_stderr_before_the_completion(loaded, tiny_dir, capsys):
+    assert cli.main(["--model", str(tiny_dir), "--prompt", "The quick", "--max-tokens", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("The quick") and "The quick" not in out  # stdout: the completion alone
+    assert cli.main(["--model", str(tiny_dir), "--prompt", "The quick", "--max-tokens", "2", "--quiet"]) == 0
+    assert "The quick" not in capsys.readouterr().err
+
+
+def test_quant_global_says_what_it_misreads(loaded, tiny_dir, capsys):
+    from types import SimpleNamespace
+
+    loaded["model"].report = SimpleNamespace(misread_modules=["a.gate", "b.gate"], bytes_per_token={},
+                                             stream_stats=None)
+    assert cli.main(["--model", str(tiny_dir), "--quant", "global", "--max-tokens", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "deliberately" in err and "top-level bits" in err and "2 quantized modules" in err
+
+
+def test_chat_help_and_error_name_the_models_that_support_it(loaded, tiny_dir, capsys):
+    assert cli.main(["--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "chat_template.jinja" in help_text and "plain Python-code model" in help_text
+    tok = loaded["tokenizer"]
+    loaded["tokenizer"] = Tokenizer(tok.backend, tok.eos_token_ids, chat_template=None, source=str(tiny_dir))
+    assert cli.main(["--model", str(tiny_dir), "--chat"]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "tokenizer_config.json" in line and "chat_template.jinja" in line and "drop --chat" in line
+
+
+def test_sampling_without_a_seed_draws_one_and_prints_it(loaded, tiny_dir, capsys):
+    seeds = []
+    for _ in range(2):
+        assert cli.main(["--model", str(tiny_dir), "--temp", "0.8", "--max-tokens", "2"]) == 0
+        line = next(l for l in capsys.readouterr().err.splitlines() if l.startswith("Seed: "))
+        assert "drawn at random" in line
+        seeds.append(int(line.split()[1]))
+    assert seeds[0] != seeds[1]
+    assert cli.main(["--model", str(tiny_dir), "--temp", "0.8", "--seed", "7", "--max-tokens", "2"]) == 0
+    assert "Seed: 7 (given" in capsys.readouterr().err
+    assert cli.main(["--model", str(tiny_dir), "--max-tokens", "2"]) == 0
+    assert "Seed:" not in capsys.readouterr().err  # greedy: nothing drawn
+
+
+def test_help_shows_the_defaults(capsys):
+    assert cli.main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 100)" in text and "(default: 1.0)" in text and "(default: auto)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--max-tokens", "zero"], "--max-tokens: must be an integer, got 'zero'"),
+    (["--temp", "warm"], "--temp: must be a number, got 'warm'"),
+    (["--max-tokens", "0"], "--max-tokens: must be at least 1, got 0"),
+    (["--top-p", "0"], "--top-p: must be greater than 0.0 and at most 1.0, got 0"),
+])
+def test_error_texts_read_naturally(loaded, tiny_dir, capsys, argv, words):
+    assert cli.main(["--model", str(tiny_dir), *argv]) == 2
+    assert words in one_error_line(capsys.readouterr().err)
+
+
+def test_format_stats_gives_the_bandwidth_gpt_fast_style():
+    from flashmoe.generate import GenerationStep, format_stats
+
+    step = GenerationStep(1, "x", prompt_tokens=3, prompt_tps=10.0, generation_tokens=8, generation_tps=50.0,
+                          peak_memory_gb=0.5)
+    text = format_stats(step, bytes_per_token=2e6)
+    assert "Bandwidth: 0.100 GB/s (2.000 MB of weights read per token x 50.000 tokens-per-sec)" in text
+    assert "Bandwidth" not in format_stats(step)
+
+
+def test_bytes_per_token_against_a_hand_count(tmp_path):
+    """qwen3_moe, 8 experts top-2: every non-expert tensor, one embedding row, 2/8 of each expert tensor."""
+    from flashmoe.analysis.bench import weight_bytes_per_token
+    from flashmoe.loader import load_model
+
+    folder = write_tiny_tokenizer_checkpoint(tmp_path)
+    arrays = mx.load(str(next(folder.glob("*.safetensors"))))
+    embedding = sum(v.nbytes for k, v in arrays.items() if k.startswith("model.embed_tokens."))
+    experts = sum(v.nbytes for k, v in arrays.items() if ".switch_mlp." in k)
+    rest = sum(v.nbytes for k, v in arrays.items()) - embedding - experts
+    vocab = arrays["model.embed_tokens.weight"].shape[0]
+    expected = {"dense": rest + embedding / vocab, "experts": experts * 2 / 8}
+    expected["total"] = expected["dense"] + expected["experts"]
+    assert load_model(folder).report.bytes_per_token == pytest.approx(expected)
+    assert weight_bytes_per_token(folder) == pytest.approx(expected)
+    assert load_model(folder, k=4).report.bytes_per_token["experts"] == pytest.approx(experts * 4 / 8)
+
+
+def write_tiny_tokenizer_checkpoint(tmp_path):
+    from tests.helpers import write_checkpoint, write_tiny_tokenizer
+
+    return write_tiny_tokenizer(write_checkpoint(tmp_path / "qwen3_moe", "qwen3_moe"))
+
+
+def test_the_real_cli_prints_the_bandwidth_and_streaming_stats_in_words(capsys):
+    assert cli.main(["--prompt", "def parse(", "--max-tokens", "4", "--timing", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "Bandwidth: " in err and "MB of weights read per token" in err
+    assert "weights read per token: " in err and " GB/s" in err  # --timing's line
+    assert cli.main(["--prompt", "def parse(", "--max-tokens", "4", "--timing", "--stream-experts", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "the experts' as streamed from disk" in err
+    assert "page cache hits" in err and "expected MB/token" in err and "LRU hits" in err
+    assert "page$" not in err and "theory" not in err

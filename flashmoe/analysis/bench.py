@@ -180,24 +180,14 @@ def weight_bytes_per_token(directory, k: int | None = None) -> dict[str, float]:
     """Weight bytes one decode step reads, from the checkpoint's headers (gpt-fast's figure).
 
     Every non-expert tensor in full (the embedding table: one row), and K/E of each stacked expert
-    tensor (the K experts a token routes to). Returns {"dense", "experts", "total"} in bytes.
+    tensor (the K experts a token routes to). Returns {"dense", "experts", "total"} in bytes: the
+    loader's figure (flashmoe.loader.bytes_per_token, also `model.report.bytes_per_token`).
     """
-    from ..loader import read_config
+    from ..loader import bytes_per_token, read_config
     from ..models.args import ModelArgs
-    from ..safetensors import nbytes, tensor_infos
+    from ..safetensors import tensor_infos
 
-    args = ModelArgs.from_config(read_config(directory))
-    share = (k or args.num_experts_per_tok) / max(args.num_experts, 1)
-    dense = experts = 0.0
-    for name, info in tensor_infos(directory).items():
-        size = nbytes(info.dtype, info.shape)
-        if ".switch_mlp." in name or ".experts." in name:
-            experts += size * share
-        elif "embed_tokens" in name and not args.tie_word_embeddings:
-            dense += size / info.shape[0]  # one row of the table per token
-        else:
-            dense += size
-    return {"dense": dense, "experts": experts, "total": dense + experts}
+    return bytes_per_token(tensor_infos(directory), ModelArgs.from_config(read_config(directory)), k)
 
 
 @dataclass

@@ -3,8 +3,8 @@
     model.stream_stats.summary()       a dict, decode (one token per call) and prefill apart
     format_stream_stats(stats)         the text block `--timing` prints
 
-"theory" is what a resident engine's kernel would touch without any reuse: K experts x
-expert bytes x MoE layers per token. Reading less than that means experts shared between
+"expected bytes" (the summary's theory_bytes_per_token) is what a resident engine's kernel
+would touch without any reuse: K experts x expert bytes x MoE layers per token. Reading less than that means experts shared between
 the tokens of a prefill chunk (read once for all of them) or served by the LRU.
 """
 
@@ -111,16 +111,18 @@ def format_stream_stats(stats: StreamStats) -> str:
     lru = f"LRU {settings['expert_cache_mb']:g} MB" if settings["expert_cache_mb"] else "no LRU"
     probe = "page-cache hits measured with RWF_NOWAIT" if stats.probe else "page-cache hits not measured"
     lines = [f"expert streaming: {settings['layout']} layout, {settings['io_threads']} I/O threads, {lru}, {probe}",
-             f"{'phase':<8}{'tokens':>7}{'MB/tok':>9}{'theory':>9}{'reads/tok':>10}{'I/O ms/tok':>11}"
-             f"{'GB/s':>7}{'page$':>7}{'LRU':>6}"]
+             "  MB read/token: expert bytes read from disk per token; expected MB/token: K experts x expert bytes x "
+             "MoE layers (no reuse); LRU hits: experts served from memory",
+             f"{'phase':<8}{'tokens':>7}{'MB read/token':>14}{'expected MB/token':>18}{'reads/token':>12}"
+             f"{'I/O ms/token':>13}{'GB/s':>7}{'page cache hits':>16}{'LRU hits':>9}"]
     for phase in ("prefill", "decode"):
         s = summary[phase]
         if not s:
             continue
         hit = "?" if s["page_cache_hit_rate"] is None else f"{s['page_cache_hit_rate']:.0%}"
-        lines.append(f"{phase:<8}{s['tokens']:>7}{s['bytes_per_token'] / 1e6:>9.1f}"
-                     f"{s['theory_bytes_per_token'] / 1e6:>9.1f}{s['reads_per_token']:>10.1f}"
-                     f"{s['io_ms_per_token']:>11.2f}{s['read_gb_per_s']:>7.2f}{hit:>7}{s['lru_hit_rate']:>6.0%}")
+        lines.append(f"{phase:<8}{s['tokens']:>7}{s['bytes_per_token'] / 1e6:>14.1f}"
+                     f"{s['theory_bytes_per_token'] / 1e6:>18.1f}{s['reads_per_token']:>12.1f}"
+                     f"{s['io_ms_per_token']:>13.2f}{s['read_gb_per_s']:>7.2f}{hit:>16}{s['lru_hit_rate']:>9.0%}")
     decode = summary["decode"] or summary["prefill"]
     if decode:
         per_layer = decode["io_ms_per_layer"]

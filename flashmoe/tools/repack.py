@@ -11,6 +11,9 @@ reads in 9 places. DST holds the same bytes laid out for streaming:
                             size, per tensor its offset, shape and dtype within a block
     config.json, tokenizer files, ...   copied
 
+DST must be new or empty (`--force` replaces an earlier checkpoint there). A run that fails before
+any progress is saved leaves nothing behind.
+
 `--delete-source` removes each SRC shard as soon as everything in it is in DST, so a disk
 that cannot hold two copies of a large checkpoint can still be repacked. Progress is saved
 after every layer (flashmoe_experts.partial.json): `--resume` continues an interrupted run.
@@ -28,7 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from contextlib import nullcontext
+
+from . import HelpFormatter, output_directory
 from ..loader import read_config
+from ..progress import progress_bar, shown
 from ..safetensors import read_header_info, safetensors_files, tensor_infos
 from ..models.args import ModelArgs
 from ..errors import FlashMoeError
@@ -42,18 +49,29 @@ SKIPPED = ("model.safetensors.index.json", MANIFEST, PROGRESS)
 
 
 def repack(src: str | Path, dst: str | Path, *, delete_source: bool = False, resume: bool = False,
-           chunk_experts: int = 64, log=print) -> Path:
+           chunk_experts: int = 64, log=print, force: bool = False, progress: bool | None = False) -> Path:
     """Write the repacked copy of checkpoint `src` to `dst` (a new or empty directory); returns `dst`.
 
-    `resume` continues an interrupted run from PROGRESS (the manifest so far) in `dst`.
+    `resume` continues an interrupted run from PROGRESS (the manifest so far) in `dst`; `force` replaces
+    an earlier checkpoint in a non-empty `dst`. A failure before any progress is saved leaves nothing in
+    `dst`. `progress` (None: when stderr is a terminal): a bar over the bytes to write; `log` gets one
+    line per step (None: no lines).
     """
     src, dst = Path(src), Path(dst)
     if isinstance(chunk_experts, bool) or not isinstance(chunk_experts, int) or chunk_experts < 1:
         raise FlashMoeError(f"--chunk-experts {chunk_experts!r}: must be a positive integer")
     args = ModelArgs.from_config(read_config(src))
-    _check_paths(src, dst, resume)
+    _check_paths(src, dst, resume, force)
     _check_links(src)
-    progress = _read_progress(dst) if resume else dict(source=str(src), non_experts=False, layers={})
+    state = _read_progress(dst) if resume else dict(source=str(src), non_experts=False, layers={})
+    target = nullcontext() if resume else output_directory(dst, force, (src,), keep=lambda: (dst / PROGRESS).is_file())
+    with target:
+        _repack(src, dst, args, state, delete_source, chunk_experts, log, progress)
+    return dst
+
+
+def _repack(src: Path, dst: Path, args: ModelArgs, progress: dict, delete_source: bool, chunk_experts: int, log,
+            show: bool | None) -> None:
     layout = open_layout(src, args)
     for layer in layout.layers.values():
         if not 0 <= layer.layer < args.num_hidden_layers:
@@ -64,38 +82,49 @@ def repack(src: str | Path, dst: str | Path, *, delete_source: bool = False, res
     _check_space(src, dst, [layer for _, layer in todo], progress["non_experts"], delete_source)
     (dst / "experts").mkdir(parents=True, exist_ok=True)
     shards = safetensors_files(src)
-    if not progress["non_experts"]:
-        _copy_non_experts(shards, dst / "model.safetensors", log)
-        _save_progress(dst, {**progress, "non_experts": True})
-        progress["non_experts"] = True
-    pending = {i: {p for p, layer in layout.layers.items() if any(x.file == i for x in layer.pieces)}
-               for i in range(len(layout.files))}
-    for prefix, layer in todo:
-        tic = time.perf_counter()
-        name = f"experts/layer-{layer.layer:03d}.bin"
-        progress["layers"][layout.stored_prefixes[prefix]] = _write_layer(layout, layer, dst / name, chunk_experts)
-        _save_progress(dst, progress)
-        log(f"layer {layer.layer}: {layer.num_experts * layer.expert_bytes / 1e6:.0f} MB in "
-            f"{time.perf_counter() - tic:.1f} s -> {name}")
-        if delete_source:
-            _delete_done(layout, pending, prefix, log)
+    rest = 0 if progress["non_experts"] else _non_expert_bytes(src)
+    total = rest + sum(layer.num_experts * layer.expert_bytes for _, layer in todo)
+    with progress_bar(total=total, desc=f"repacking {src.name}", unit="B", enabled=show) as bar:
+        say = (lambda text: None) if log is None else (bar.write if shown(show) else log)
+        if not progress["non_experts"]:
+            _copy_non_experts(shards, dst / "model.safetensors", say)
+            _save_progress(dst, {**progress, "non_experts": True})
+            progress["non_experts"] = True
+            bar.update(rest)
+        pending = {i: {p for p, layer in layout.layers.items() if any(x.file == i for x in layer.pieces)}
+                   for i in range(len(layout.files))}
+        for prefix, layer in todo:
+            tic = time.perf_counter()
+            name = f"experts/layer-{layer.layer:03d}.bin"
+            progress["layers"][layout.stored_prefixes[prefix]] = _write_layer(layout, layer, dst / name, chunk_experts)
+            _save_progress(dst, progress)
+            bar.update(layer.num_experts * layer.expert_bytes)
+            say(f"layer {layer.layer}: {layer.num_experts * layer.expert_bytes / 1e6:.0f} MB in "
+                f"{time.perf_counter() - tic:.1f} s -> {name}")
+            if delete_source:
+                _delete_done(layout, pending, prefix, say)
     for shard in shards if delete_source else []:
         if shard.exists():  # shards without experts: their tensors are in model.safetensors
             shard.unlink()
     _finish(src, dst, args, progress)
-    return dst
 
 
-def _check_paths(src: Path, dst: Path, resume: bool) -> None:
+def _non_expert_bytes(src: Path) -> int:
+    return sum(nbytes(i.dtype, i.shape) for n, i in tensor_infos(src).items() if not is_expert_tensor(n))
+
+
+def _check_paths(src: Path, dst: Path, resume: bool, force: bool = False) -> None:
     if (src / MANIFEST).is_file():
         raise FlashMoeError(f"{src}: already repacked ({MANIFEST} is there)")
     if dst.exists() and dst.resolve() == src.resolve():
         raise FlashMoeError(f"{dst}: the destination must not be the source")
     if resume and not (dst / PROGRESS).is_file():
         raise FlashMoeError(f"{dst / PROGRESS}: not found; nothing to resume")
-    if not resume and dst.exists() and any(dst.iterdir()):
-        hint = " (an interrupted repack: add --resume)" if (dst / PROGRESS).is_file() else ""
-        raise FlashMoeError(f"{dst}: must be a new or empty directory{hint}")
+    if resume and force:
+        raise FlashMoeError("--resume continues the run in DST, --force deletes it: pass one of them")
+    if not resume and not force and dst.exists() and dst.is_dir() and any(dst.iterdir()):
+        hint = "an interrupted repack: add --resume, or" if (dst / PROGRESS).is_file() else "choose a new directory or"
+        raise FlashMoeError(f"{dst}: must be a new or empty directory ({hint} pass --force to replace its contents)")
 
 
 def _check_links(src: Path) -> None:
@@ -228,30 +257,40 @@ def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
     return value
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: python -m flashmoe.tools.repack SRC DST [--delete-source]."""
-    parser = argparse.ArgumentParser(prog="python -m flashmoe.tools.repack", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m flashmoe.tools.repack", description=__doc__.split("\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("src", help="an MLX checkpoint directory (mlx-lm's switch_mlp layout)")
-    parser.add_argument("dst", help="a new directory for the repacked copy")
+    parser.add_argument("dst", help="a new (or empty) directory for the repacked copy")
     parser.add_argument("--delete-source", action="store_true",
                         help="delete each source shard once its tensors are in DST (for disks too small for two copies)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run into the same DST")
-    parser.add_argument("--chunk-experts", type=_positive_int, default=64, help="experts rewritten per step (memory bound)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an earlier checkpoint in a non-empty DST (its files are deleted first)")
+    parser.add_argument("--chunk-experts", type=_positive_int, default=64,
+                        help="experts rewritten per step (bounds the memory used)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print nothing but errors (the progress bar is drawn only on a terminal anyway)")
     options = parser.parse_args(argv)
     try:
         tic = time.perf_counter()
         repack(options.src, options.dst, delete_source=options.delete_source, resume=options.resume,
-               chunk_experts=options.chunk_experts)
-        print(f"repacked {options.src} -> {options.dst} in {time.perf_counter() - tic:.0f} s")
+               chunk_experts=options.chunk_experts, force=options.force, log=None if options.quiet else print,
+               progress=False if options.quiet else None)
+        if not options.quiet:
+            print(f"repacked {options.src} -> {options.dst} in {time.perf_counter() - tic:.0f} s")
         return 0
     except (FlashMoeError, OSError) as err:
-        print(f"flashmoe.tools.repack: error: {err}", file=sys.stderr)
+        kept = Path(options.dst, PROGRESS).is_file() and not options.resume
+        print(f"flashmoe.tools.repack: error: {err}" + (" (the work so far is kept: --resume continues it)"
+                                                        if kept else ""), file=sys.stderr)
         return 1
 
 

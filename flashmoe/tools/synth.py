@@ -28,7 +28,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from . import HelpFormatter, output_directory
+from ..errors import FlashMoeError
 from ..models.args import ModelArgs, param_shapes
+from ..progress import progress_bar, shown
 from ..quant import QuantSpec, quantization_section, with_section
 from ..safetensors import SafetensorsWriter
 
@@ -184,32 +187,49 @@ def synth_config(preset: str, layers: int | None = None, overrides: dict | None 
 
 
 def write_synthetic(preset: str, out: str | Path, layers: int | None = None, seed: int = 0,
-                    overrides: dict | None = None, log=print) -> Path:
-    """Write the synthetic checkpoint to `out`: one shard for the globals, then one per layer."""
+                    overrides: dict | None = None, log=print, force: bool = False,
+                    progress: bool | None = False) -> Path:
+    """Write the synthetic checkpoint to `out`: one shard for the globals, then one per layer.
+
+    `out` must be new or empty (`force`: an earlier checkpoint there is replaced); on an error or an
+    interrupt nothing is left in it. `progress` (None: when stderr is a terminal): a bar over the shards.
+    `log` gets one line per shard (None: no lines).
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     config = synth_config(preset, layers, overrides)
     count = config["num_hidden_layers"]
     shards = [global_plan(config)] + [layer_plan(config, i) for i in range(count)]
-    weight_map, total = {}, 0
-    for index, plan in enumerate(shards):
-        tic = time.perf_counter()
-        name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
-        rng = np.random.default_rng([seed, index])
-        entries = [e for item in plan for e in item.entries()]
-        with SafetensorsWriter(out / name, entries) as writer:
-            for item in plan:
-                for tensor, data in generate(item, rng):
-                    writer.write(tensor, data)
-        weight_map.update({e[0]: name for e in entries})
-        size = (out / name).stat().st_size
-        total += size
-        log(f"{name}: {size / 1e6:.0f} MB in {time.perf_counter() - tic:.1f} s")
-    eos = _write_tokenizer(out)
-    (out / "config.json").write_text(json.dumps({**config, "eos_token_id": eos}, indent=2))
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    sizes = [sum(nbytes_of(entry) for item in plan for entry in item.entries()) for plan in shards]
+    weight_map, total, drawn = {}, 0, shown(progress)
+    with output_directory(out, force), progress_bar(total=sum(sizes), desc=f"writing {out.name}", unit="B",
+                                                    enabled=progress) as bar:
+        for index, plan in enumerate(shards):
+            tic = time.perf_counter()
+            name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+            rng = np.random.default_rng([seed, index])
+            entries = [e for item in plan for e in item.entries()]
+            with SafetensorsWriter(out / name, entries) as writer:
+                for item in plan:
+                    for tensor, data in generate(item, rng):
+                        writer.write(tensor, data)
+            weight_map.update({e[0]: name for e in entries})
+            size = (out / name).stat().st_size
+            total += size
+            bar.update(sizes[index])
+            if log is not None:  # above the bar while one is drawn
+                (bar.write if drawn else log)(f"{name}: {size / 1e6:.0f} MB in {time.perf_counter() - tic:.1f} s")
+        eos = _write_tokenizer(out)
+        (out / "config.json").write_text(json.dumps({**config, "eos_token_id": eos}, indent=2))
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return out
+
+
+def nbytes_of(entry: tuple[str, str, tuple]) -> int:
+    """Bytes of one (name, dtype, shape) entry."""
+    from ..safetensors import nbytes
+
+    return nbytes(entry[1], entry[2])
 
 
 def _write_tokenizer(out: Path) -> int:
@@ -231,20 +251,35 @@ def _write_tokenizer(out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: python -m flashmoe.tools.synth --preset NAME [--layers N] --out DIR [--seed S]."""
-    parser = argparse.ArgumentParser(prog="python -m flashmoe.tools.synth", description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    parser.add_argument("--layers", type=int, default=None, help="number of layers (default: the model's)")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(prog="python -m flashmoe.tools.synth", description=__doc__.split("\n")[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS),
+                        help="the model whose config, tensor names and shapes are reproduced")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="number of layers (default: the model's; fewer give a smaller checkpoint at full width)")
+    parser.add_argument("--out", required=True, help="a new (or empty) output directory")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an earlier checkpoint in a non-empty --out (its files are deleted first)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print nothing but errors (the progress bar is drawn only on a terminal anyway)")
     options = parser.parse_args(argv)
     if options.layers is not None and not 1 <= options.layers <= 4096:
         parser.error(f"--layers must be in [1, 4096], got {options.layers}")
     if not 0 <= options.seed < 2**32:
         parser.error(f"--seed must be in [0, 2**32), got {options.seed}")
     tic = time.perf_counter()
-    path = write_synthetic(options.preset, options.out, options.layers, options.seed)
+    show = False if options.quiet else None
+    log = None if options.quiet else print
+    try:
+        path = write_synthetic(options.preset, options.out, options.layers, options.seed, log=log, force=options.force,
+                               progress=show)
+    except (FlashMoeError, OSError) as err:
+        print(f"flashmoe.tools.synth: error: {err}", file=sys.stderr)
+        return 1
     size = sum(f.stat().st_size for f in path.iterdir())
-    print(f"wrote {path} ({size / 1e9:.2f} GB) in {time.perf_counter() - tic:.0f} s")
+    if not options.quiet:
+        print(f"wrote {path} ({size / 1e9:.2f} GB) in {time.perf_counter() - tic:.0f} s")
     return 0
 
 
