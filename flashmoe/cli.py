@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the selected experts from disk per layer instead of loading them (models larger than memory)")
     p.add_argument("--expert-cache-mb", type=_number(float, 0.0), default=None,
                    help="with --stream-experts: an LRU of recently used experts, in MB (default 0: the OS page cache alone)")
+    p.add_argument("--distributed", action="store_true",
+                   help="expert parallelism over the processes mlx.launch started (mx.distributed.init()): each rank "
+                        "holds 1/N of the experts; only rank 0 prints (docs/DISTRIBUTED.md)")
     return p
 
 
@@ -106,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
 
     prompt = _read_prompt(args)
     streaming = {"stream_experts": True, "expert_cache_mb": args.expert_cache_mb} if args.stream_experts else {}
-    model, tokenizer = load(args.model, backend=args.backend, quant=args.quant, k=args.k, **streaming)
+    group = _distributed_group() if args.distributed else None
+    model, tokenizer = load(args.model, backend=args.backend, quant=args.quant, k=args.k, group=group, **streaming)
     if args.chat:
         prompt = _chat_prompt(tokenizer, args, prompt)
     step = None
@@ -124,6 +128,19 @@ def run(args: argparse.Namespace) -> int:
         if stats is not None:
             print(format_stream_stats(stats), file=sys.stderr)
     return 0
+
+
+def _distributed_group():
+    """--distributed: the group mlx.launch set up; ranks other than 0 print nothing (text and stats)."""
+    import os
+
+    import mlx.core as mx
+
+    group = mx.distributed.init()
+    if group.rank() != 0:
+        devnull = open(os.devnull, "w")  # noqa: SIM115 (for the rest of the process)
+        sys.stdout = sys.stderr = devnull
+    return group
 
 
 def main(argv: list[str] | None = None) -> int:
