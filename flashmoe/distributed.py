@@ -99,7 +99,7 @@ class ShardedSource:
                 kept[f"{stored}.switch_mlp.{part}"] = value
         return kept
 
-    def __call__(self, store, prefix: str) -> "ShardedExperts":
+    def __call__(self, store, prefix: str) -> ShardedExperts:
         offset = self.lo if self.resident else 0  # resident stacks hold experts lo..hi-1 as 0..E/N-1
         return ShardedExperts(self.inner(store, prefix), self.lo, self.hi, offset, self.group, self.fold_shared)
 
