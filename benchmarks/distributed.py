@@ -6,8 +6,8 @@
 
 For each configuration (ranks x resident/streamed; 2 ranks resident also with the shared expert
 on every rank, FOLD_SHARED=False) it launches fresh processes, each loading the model, prefilling
-a prompt and timing greedy decode steps. Reported per rank: decode tok/s, peak RSS, resident
-expert bytes, expert bytes read from disk per decode token (streamed), load seconds.
+a prompt and timing greedy decode steps. Reported per rank: decode tok/s, CPU time per token, peak RSS, resident
+expert bytes, expert bytes read from disk per decode token (streamed), seconds to load and prefill 16 tokens.
 Each configuration runs in its own processes, one after the other, so the page cache is shared
 between runs (streamed figures are warm-cache figures after the first).
 """
@@ -41,26 +41,26 @@ def worker(args: argparse.Namespace) -> None:
     group = mx.distributed.init() if args.group else None
     tic = time.perf_counter()
     model = load_model(args.model, stream_experts=args.stream, group=group)
-    load_s = time.perf_counter() - tic
     cache = model.make_cache()
     step = model(mx.array([PROMPT]), cache)[:, -1]
     token = mx.argmax(step, axis=-1)
     mx.eval(token)
+    load_s = time.perf_counter() - tic  # load and prefill: one process loads lazily, on the first forward
     for _ in range(args.warmup):
         token = mx.argmax(model(token[None], cache)[:, -1], axis=-1)
         mx.eval(token)
     stats = model.report.stream_stats
     if stats is not None:
         stats.reset()
-    tic = time.perf_counter()
+    tic, cpu = time.perf_counter(), time.process_time()
     for _ in range(args.tokens):
         token = mx.argmax(model(token[None], cache)[:, -1], axis=-1)
         mx.eval(token)
-    seconds = time.perf_counter() - tic
+    seconds, cpu = time.perf_counter() - tic, time.process_time() - cpu
     rank = group.rank() if group is not None else 0
     result = dict(
         rank=rank, ranks=group.size() if group is not None else 1, stream=args.stream, fold=not args.no_fold,
-        tok_s=args.tokens / seconds, load_s=load_s,
+        tok_s=args.tokens / seconds, cpu_ms_per_token=1e3 * cpu / args.tokens, load_s=load_s,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
         expert_mb=distributed.expert_nbytes(model) / 2**20,
         read_mb_per_token=(stats.decode.bytes / args.tokens / 2**20) if stats is not None else 0.0,
@@ -77,9 +77,11 @@ def run(model: str, ranks: int, stream: bool, fold: bool, tokens: int, warmup: i
         launcher = Path(sys.executable).parent / "mlx.launch"
         command = [str(launcher if launcher.exists() else "mlx.launch"), "-n", str(ranks), "--backend", "ring",
                    "--", *command[:1], *command[1:], "--group"]
-    # The cores shared out between the ranks (flashmoe's native CPU kernels take FLASHMOE_NATIVE_THREADS).
-    threads = max(1, (os.cpu_count() or 1) // ranks)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), FLASHMOE_NATIVE_THREADS=str(threads))
+    # The cores shared out between the ranks: flashmoe's native CPU kernels (FLASHMOE_NATIVE_THREADS) and
+    # MLX's BLAS (OpenBLAS threads spin after their work: two processes' spinning threads halve the speed).
+    threads = str(max(1, len(os.sched_getaffinity(0)) // ranks))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FLASHMOE_NATIVE_THREADS=threads, OPENBLAS_NUM_THREADS=threads,
+               OMP_NUM_THREADS=threads)
     subprocess.run(command, check=True, env=env, cwd=ROOT)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     out.unlink()
@@ -112,14 +114,14 @@ def main() -> None:
                             "--layers", "2", "--out", model], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         configs = [(1, False, True), (2, False, True), (2, False, False),
                    (1, True, True), (2, True, True), (2, True, False)]
-        print("| ranks | experts | shared expert | rank | decode tok/s | peak RSS MB | resident experts MB "
-              "| expert MB read/token | load s |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| ranks | experts | shared expert | rank | decode tok/s | CPU ms/token | peak RSS MB | resident experts MB "
+              "| expert MB read/token | load+prefill s |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for ranks, stream, fold in configs:
             for r in run(model, ranks, stream, fold, args.tokens, args.warmup):
                 shared = "-" if ranks == 1 else ("rank 0, in the all_sum" if fold else "every rank, after")
                 print(f"| {ranks} | {'streamed' if stream else 'resident'} | {shared} | {r['rank']} | "
-                      f"{r['tok_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['expert_mb']:.0f} | "
+                      f"{r['tok_s']:.2f} | {r['cpu_ms_per_token']:.0f} | {r['peak_rss_mb']:.0f} | {r['expert_mb']:.0f} | "
                       f"{r['read_mb_per_token']:.2f} | {r['load_s']:.1f} |", flush=True)
                 if args.json:
                     with open(args.json, "a") as f:
