@@ -11,8 +11,8 @@ What each rank holds and does (docs/DISTRIBUTED.md):
                  as (E/N, out, words) stacks, or streamed from disk per token (stream_experts=True)
     per layer    the router runs on every rank (same weights, same input: the same choice); each rank
                  computes the selected (token, expert) slots it owns, weighted, scatter-added per token;
-                 then one all_sum of (B, T, D) combines the ranks. The shared expert is computed on rank 0
-                 only and added before that all_sum (FOLD_SHARED; measured faster: benchmarks/distributed.py).
+                 then one all_sum of (B, T, D) combines the ranks. The shared expert is computed on every
+                 rank after it (FOLD_SHARED=True: on rank 0 only, before it; no faster here, see docs).
 
 `ShardedSource(inner, ...)` wraps an expert source (models.moe.ResidentSource or
 streaming.ExpertStreamer) with the same interface; its experts objects wrap the inner ones,
@@ -32,7 +32,10 @@ from .models.moe import ResidentSource
 from .streaming.layout import ExpertLayout, is_expert_tensor, open_layout
 from .streaming.reader import ExpertReader
 
-FOLD_SHARED = True  # shared expert on rank 0 only, inside the all_sum (False: on every rank, after it)
+# The shared expert on rank 0 only, added before the all_sum (True), or on every rank after it (False, kept):
+# folding never shortens the critical path (rank 0 still computes it) and the imbalance it creates is paid
+# in the ring backend's polling while the other ranks wait; measured in benchmarks/distributed.py.
+FOLD_SHARED = False
 LOAD_THREADS = 8  # positioned reads in flight while a rank reads its experts at load
 
 
