@@ -58,13 +58,13 @@ def worker(args: argparse.Namespace) -> None:
         mx.eval(token)
     seconds, cpu = time.perf_counter() - tic, time.process_time() - cpu
     rank = group.rank() if group is not None else 0
-    result = dict(
-        rank=rank, ranks=group.size() if group is not None else 1, stream=args.stream, fold=not args.no_fold,
-        tok_s=args.tokens / seconds, cpu_ms_per_token=1e3 * cpu / args.tokens, load_s=load_s,
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
-        expert_mb=distributed.expert_nbytes(model) / 2**20,
-        read_mb_per_token=(stats.decode.bytes / args.tokens / 2**20) if stats is not None else 0.0,
-    )
+    result = {
+        "rank": rank, "ranks": group.size() if group is not None else 1, "stream": args.stream, "fold": not args.no_fold,
+        "tok_s": args.tokens / seconds, "cpu_ms_per_token": 1e3 * cpu / args.tokens, "load_s": load_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+        "expert_mb": distributed.expert_nbytes(model) / 2**20,
+        "read_mb_per_token": (stats.decode.bytes / args.tokens / 2**20) if stats is not None else 0.0,
+    }
     with open(args.out, "a") as f:
         f.write(json.dumps(result) + "\n")
 
