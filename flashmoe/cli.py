@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "cache alone)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bars and no prompt echo (bars are drawn only when stderr is a terminal anyway)")
+    p.add_argument("--distributed", action="store_true",
+                   help="expert parallelism over the processes mlx.launch started (mx.distributed.init()): each rank "
+                        "holds 1/N of the experts; only rank 0 prints (docs/DISTRIBUTED.md)")
     return p
 
 
@@ -146,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
     options = {"stream_experts": True, "expert_cache_mb": args.expert_cache_mb} if args.stream_experts else {}
     if args.quiet:
         options["progress"] = False
+    if args.distributed:
+        options["group"] = _distributed_group()
     model, tokenizer = load(args.model, backend=args.backend, quant=args.quant, k=args.k, **options)
     report = getattr(model, "report", None)
     if args.quant == "global":
@@ -196,6 +201,19 @@ def _weight_bytes(report) -> tuple[float | None, bool]:
     if decode:
         return figures["dense"] + decode["bytes_per_token"], True
     return figures["total"], False
+
+
+def _distributed_group():
+    """--distributed: the group mlx.launch set up; ranks other than 0 print nothing (text and stats)."""
+    import os
+
+    import mlx.core as mx
+
+    group = mx.distributed.init()
+    if group.rank() != 0:
+        devnull = open(os.devnull, "w")  # noqa: SIM115 (for the rest of the process)
+        sys.stdout = sys.stderr = devnull
+    return group
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from typing import Mapping
 
 import mlx.core as mx
 
-from . import kernels
+from . import distributed, kernels
 from .errors import FlashMoeError
 from .models.args import ModelArgs
 from .models.model import Model
@@ -59,17 +59,19 @@ class LoadReport:
 
 def load(path: str | Path | None = None, backend: str = "auto", quant: str = "config",
          k: int | None = None, dtype: mx.Dtype | None = None, stream_experts: bool | StreamOptions = False,
-         expert_cache_mb: float | None = None, progress: bool | None = None) -> tuple[Model, Tokenizer]:
+         expert_cache_mb: float | None = None, progress: bool | None = None, group=None) -> tuple[Model, Tokenizer]:
     """Load a model and its tokenizer. `quant="global"` reproduces the 4-bit-only engine's bug.
 
     `path`: a checkpoint directory, a Hugging Face Hub id (`owner/name`: the cache, else a download),
     or None for the bundled model. `progress`: download and loading bars on stderr (None: when
-    stderr is a terminal; False: never).
+    stderr is a terminal; False: never). `group` (an mx.distributed.Group, or True for
+    mx.distributed.init()) shards the routed experts over its ranks (flashmoe.distributed;
+    docs/DISTRIBUTED.md).
     """
     directory = _resolve_path(path, progress)
     _say_backend_once(backend)
     model = load_model(directory, backend=backend, quant=quant, k=k, dtype=dtype, stream_experts=stream_experts,
-                       expert_cache_mb=expert_cache_mb, progress=progress)
+                       expert_cache_mb=expert_cache_mb, progress=progress, group=group)
     tokenizer = Tokenizer.from_dir(directory)
     vocab = getattr(tokenizer, "vocab_size", None)
     if isinstance(vocab, int) and vocab > model.args.vocab_size:
@@ -81,19 +83,21 @@ def load(path: str | Path | None = None, backend: str = "auto", quant: str = "co
 
 def load_model(directory: str | Path, backend: str = "auto", quant: str = "config", k: int | None = None,
                dtype: mx.Dtype | None = None, stream_experts: bool | StreamOptions = False,
-               expert_cache_mb: float | None = None, progress: bool | None = None) -> Model:
+               expert_cache_mb: float | None = None, progress: bool | None = None, group=None) -> Model:
     """The model alone (no tokenizer needed). `dtype` overrides the compute dtype (compute_dtype).
 
     `stream_experts` leaves the routed experts on disk and reads the selected ones per layer
     (flashmoe.streaming); `expert_cache_mb` sizes its LRU of recently used experts (0: none).
     `progress`: for a checkpoint over 1 GiB with a bar shown (None: stderr is a terminal), the
     weights are read here shard by shard under a bar; otherwise at the first forward pass.
+    `group` (an mx.distributed.Group, or True): expert parallelism, each rank holding and computing
+    1/N of every MoE layer's experts (flashmoe.distributed).
     """
     directory = Path(directory)
     config = read_config(directory)
     args = ModelArgs.from_config(config)
     plan = resolve(config)
-    experts = expert_source(directory, args, stream_experts, expert_cache_mb)
+    experts = expert_source(directory, args, stream_experts, expert_cache_mb, group)
     infos = tensor_infos(directory) | experts.tensor_infos()
     specs = check_tensors(plan, infos)
     tensors, specs, dropped = sanitize(experts.keep(read_tensors(directory)), specs, args)
@@ -162,15 +166,21 @@ def _say_backend_once(backend: str) -> None:
         print(f"flashmoe: {kernels.backend_reason()}", file=sys.stderr)
 
 
-def expert_source(directory: Path, args: ModelArgs, stream_experts, expert_cache_mb):
-    """Where the routed experts come from: the disk (streaming) or memory; chosen once, here."""
+def expert_source(directory: Path, args: ModelArgs, stream_experts, expert_cache_mb, group=None):
+    """Where the routed experts come from: the disk (streaming) or memory, all of them or this rank's
+    share (expert parallelism: distributed.ShardedSource); chosen once, here."""
     options = stream_options(stream_experts, expert_cache_mb)
+    group = distributed.resolve_group(group)
     if options is not None:
-        return ExpertStreamer(directory, args, options)
-    if (directory / MANIFEST).is_file() and args.num_experts:
+        source = ExpertStreamer(directory, args, options)
+    elif group is not None or not ((directory / MANIFEST).is_file() and args.num_experts):
+        source = ResidentSource()  # sharded: read from the byte ranges, repacked layout included
+    else:
         raise FlashMoeError(f"{directory}: a repacked checkpoint ({MANIFEST}) keeps its experts outside the "
                             "safetensors files; load it with stream_experts=True")
-    return ResidentSource()
+    if group is None or not args.num_experts:
+        return source
+    return distributed.ShardedSource(source, directory, args, group)
 
 
 def _resolve_path(path, progress: bool | None = None) -> Path:

@@ -160,7 +160,16 @@ class MoE:
         timer.mark("routing", routing.experts, routing.weights)
         y = self.experts(x, routing.experts, routing.weights)  # (B, T, D)
         timer.mark("experts", y)
+        combine = getattr(self.experts, "combine", None)
+        if combine is not None:  # expert parallel (flashmoe.distributed): the ranks' partial sums meet here
+            y = combine(x, y, self.shared if self.shared_expert is not None else None)
+            timer.mark("all_sum", y)
+            return y
         if self.shared_expert is not None:
-            y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            y = y + self.shared(x)
             timer.mark("shared expert", y)
         return y
+
+    def shared(self, x: mx.array) -> mx.array:
+        """The gated shared expert's output for x (B, T, D)."""
+        return mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
