@@ -133,7 +133,10 @@ void compute(const Problem& P, const mx::array& x, const mx::array& w, const mx:
   const int sf_stride = ngroups + 16;  // the AVX-512 kernel reads 16 scales from any group
 
   auto body = [&](int64_t begin, int64_t end) {
-    std::vector<float> sf(kMaxRows * sf_stride, 0.f), bf(kMaxRows * ngroups, 0.f);
+    // Scales and biases of the current rows as float; kept per thread across calls.
+    thread_local std::vector<float> sf, bf;
+    sf.assign(kMaxRows * sf_stride, 0.f);
+    bf.assign(kMaxRows * ngroups, 0.f);
     float acc[kMaxRows];
     for (int64_t u = begin; u < end; ++u) {
       const int64_t p = u / tiles;
@@ -163,11 +166,16 @@ void compute(const Problem& P, const mx::array& x, const mx::array& w, const mx:
       }
     }
   };
-  const int64_t weight_bytes = pairs * P.out_dim * words * 4 * (idx ? 1 : xrows);
-  if (weight_bytes < (64 << 10)) {
+  // Chunks of about kChunkBytes of weights: small enough to balance threads that a shared
+  // machine slows unevenly, large enough that claiming one costs nothing by comparison.
+  constexpr int64_t kChunkBytes = 64 << 10;
+  const int64_t unit_bytes = static_cast<int64_t>(kMaxRows) * words * 4 * (idx ? 1 : xrows);
+  auto& pool = ThreadPool::instance();
+  if (units * unit_bytes < kChunkBytes) {
     body(0, units);
   } else {
-    ThreadPool::instance().parallel_for(units, body);
+    const int64_t grain = std::min((kChunkBytes + unit_bytes - 1) / unit_bytes, std::max<int64_t>(1, units / (4 * pool.size())));
+    pool.parallel_for(units, grain, body);
   }
 }
 
