@@ -74,9 +74,12 @@ __attribute__((target("avx2,fma"))) float row_avx2(
 // unsigned (exact: at most BITS significant bits), and the 2^(-BITS*k) is folded into xp.
 // R rows at once (rows of one matrix, row_stride words apart) share every load of x, so a
 // value costs one AND, one convert and one FMA per row; two accumulators per row keep the
-// FMA chains short. The weight stream is prefetched kPrefetchBytes ahead in each row: the
-// hardware prefetchers alone leave a single core at a third of the DRAM bandwidth here.
-constexpr int kPrefetchBytes = 1024;
+// FMA chains short. At 2 and 4 bits the weight stream is prefetched kPrefetchBytes ahead in
+// each row: a core spends twice the time per byte there than at 8 bits, and the hardware
+// prefetchers alone then leave it well short of DRAM bandwidth (+15-25% measured, one core);
+// at 8 bits the extra instructions cost more than they save (-7-15%), so none.
+template <int BITS>
+constexpr int kPrefetchBytes = BITS == 8 ? 0 : 2048;
 
 template <int BITS, int R>
 __attribute__((target("avx512f,avx2,fma"))) void rows_avx512(
@@ -93,7 +96,7 @@ __attribute__((target("avx512f,avx2,fma"))) void rows_avx512(
     __m512i v[R];
     for (int r = 0; r < R; ++r) {
       const uint32_t* wb = w + r * row_stride + 16 * b;
-      _mm_prefetch(reinterpret_cast<const char*>(wb) + kPrefetchBytes, _MM_HINT_T0);
+      if (kPrefetchBytes<BITS> > 0) _mm_prefetch(reinterpret_cast<const char*>(wb) + kPrefetchBytes<BITS>, _MM_HINT_T0);
       v[r] = _mm512_loadu_si512(wb);
     }
     const float* xb = xp + 16 * VPW * b;
