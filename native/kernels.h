@@ -9,10 +9,13 @@
 
 namespace flashmoe_native {
 
-// Sum over the row's words of scale(word) * dot(q(word), x(word)), with xp permuted for
-// block width `width` (in words) and sf the row's scales as float (padded by 16 floats).
+// For each of nrows (1..kMaxRows) rows w + r*row_stride: out[r] = sum over the row's words of
+// scale(word) * dot(q(word), x(word)), with xp permuted for block width `width` (in words)
+// and the row's scales as float at sf + r*sf_stride (each padded by 16 floats).
 // wpg: words per quantization group. The bias term is added by the caller.
-using RowFn = float (*)(const uint32_t* w, const float* xp, const float* sf, int words, int wpg);
+constexpr int kMaxRows = 4;
+using RowsFn = void (*)(const uint32_t* w, int64_t row_stride, int nrows, const float* xp, const float* sf,
+                        int sf_stride, int words, int wpg, float* out);
 
 struct Isa {
   const char* name;  // "avx512", "avx2", "neon", "scalar"
@@ -22,9 +25,10 @@ struct Isa {
 // The best instruction set this CPU supports (decided once, at run time).
 Isa best_isa();
 
-// The widest block width usable for a row of `words` words, and its kernel for `bits`.
+// The widest block width usable for a row of `words` words, and its kernel for `bits`
+// (AVX-512 computes up to kMaxRows rows in one pass over x; the others one row at a time).
 int block_width(int words);
-RowFn row_kernel(int bits, int width);
+RowsFn rows_kernel(int bits, int width);
 
 // xp[blk*W*vpw + k*W + j] = x[blk*W*vpw + j*vpw + k] for whole blocks (times 2^(-bits*k) for the
 // AVX-512 kernel, which leaves values in place), identity for the tail.

@@ -106,7 +106,7 @@ void compute(const Problem& P, const mx::array& x, const mx::array& w, const mx:
   const int in = P.in, words = in * P.bits / 32, ngroups = in / P.group_size;
   const int wpg = P.group_size * P.bits / 32;
   const int width = block_width(words);
-  const RowFn row = row_kernel(P.bits, width);
+  const RowsFn rows = rows_kernel(P.bits, width);
   const int64_t xrows = x.size() / in;
 
   // Per call: x permuted for the kernel's block width, and the sum of x over each group.
@@ -125,40 +125,57 @@ void compute(const Problem& P, const mx::array& x, const mx::array& w, const mx:
   float* y = out.data<float>();
   const uint32_t* idx = indices ? indices->data<uint32_t>() : nullptr;
   const int K = indices ? indices->shape(-1) : 1;
-  // Units of work: output rows (plain: each for all x rows; gathered: one per (pair, row)).
+  // Units of work: up to kMaxRows consecutive output rows of one matrix (plain: for every x
+  // row; gathered: of one (token, expert) pair), so the kernel shares x loads across them.
   const int64_t pairs = indices ? static_cast<int64_t>(indices->size()) : 1;
-  const int64_t units = pairs * P.out_dim;
+  const int64_t tiles = (P.out_dim + kMaxRows - 1) / kMaxRows;  // row tiles per matrix
+  const int64_t units = pairs * tiles;
+  const int sf_stride = ngroups + 16;  // the AVX-512 kernel reads 16 scales from any group
 
   auto body = [&](int64_t begin, int64_t end) {
-    std::vector<float> sf(ngroups + 16, 0.f), bf(ngroups, 0.f);
+    // Scales and biases of the current rows as float; kept per thread across calls.
+    thread_local std::vector<float> sf, bf;
+    sf.assign(kMaxRows * sf_stride, 0.f);
+    bf.assign(kMaxRows * ngroups, 0.f);
+    float acc[kMaxRows];
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t p = u / P.out_dim, o = u % P.out_dim;
+      const int64_t p = u / tiles;
+      const int o = static_cast<int>(u % tiles) * kMaxRows;
+      const int n = std::min(kMaxRows, P.out_dim - o);
       int64_t wrow = o;
       if (idx) {
         const uint32_t e = idx[p];
         if (e >= static_cast<uint32_t>(P.experts)) {  // out-of-range expert: make it visible
-          y[p * P.out_dim + o] = std::numeric_limits<float>::quiet_NaN();
+          std::fill_n(y + p * P.out_dim + o, n, std::numeric_limits<float>::quiet_NaN());
           continue;
         }
         wrow = static_cast<int64_t>(e) * P.out_dim + o;
       }
-      load_row(scales, wrow * ngroups, ngroups, sf.data());
-      load_row(biases, wrow * ngroups, ngroups, bf.data());
+      for (int i = 0; i < n; ++i) {
+        load_row(scales, (wrow + i) * ngroups, ngroups, sf.data() + i * sf_stride);
+        load_row(biases, (wrow + i) * ngroups, ngroups, bf.data() + i * ngroups);
+      }
       const uint32_t* wr = wp + wrow * words;
       const int64_t r0 = idx ? (P.shared_x ? p / K : p) : 0;
       const int64_t r1 = idx ? r0 + 1 : xrows;
       for (int64_t r = r0; r < r1; ++r) {
+        rows(wr, words, n, xp.data() + r * in, sf.data(), sf_stride, words, wpg, acc);
         const float* xs = xsum.data() + r * ngroups;
-        const float acc = row(wr, xp.data() + r * in, sf.data(), words, wpg) + dot(bf.data(), xs, ngroups);
-        y[(idx ? p : r) * P.out_dim + o] = acc;
+        float* yr = y + (idx ? p : r) * P.out_dim + o;
+        for (int i = 0; i < n; ++i) yr[i] = acc[i] + dot(bf.data() + i * ngroups, xs, ngroups);
       }
     }
   };
-  const int64_t weight_bytes = units * words * 4 * (idx ? 1 : xrows);
-  if (weight_bytes < (64 << 10)) {
+  // Chunks of about kChunkBytes of weights: small enough to balance threads that a shared
+  // machine slows unevenly, large enough that claiming one costs nothing by comparison.
+  constexpr int64_t kChunkBytes = 64 << 10;
+  const int64_t unit_bytes = static_cast<int64_t>(kMaxRows) * words * 4 * (idx ? 1 : xrows);
+  auto& pool = ThreadPool::instance();
+  if (units * unit_bytes < kChunkBytes) {
     body(0, units);
   } else {
-    ThreadPool::instance().parallel_for(units, body);
+    const int64_t grain = std::min((kChunkBytes + unit_bytes - 1) / unit_bytes, std::max<int64_t>(1, units / (4 * pool.size())));
+    pool.parallel_for(units, grain, body);
   }
 }
 

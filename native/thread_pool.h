@@ -1,7 +1,10 @@
-// A small persistent thread pool: parallel_for splits [0, n) into one contiguous range per
-// thread (the calling thread takes the first). Threads are started once, never per call.
+// A small persistent thread pool. parallel_for hands out [0, n) in chunks through an atomic
+// counter, the calling thread included: on a shared machine a worker that wakes late (or is
+// descheduled) then costs at most the chunk it holds, not a fixed share of the call.
+// Threads are started once, never per call.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -17,20 +20,25 @@ class ThreadPool {
   explicit ThreadPool(int threads);
   ~ThreadPool();
   int size() const { return static_cast<int>(workers_.size()) + 1; }
-  // fn(begin, end) on up to size() threads; returns when all are done.
-  void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn);
+  // fn(begin, end) over chunks of about `grain` items covering [0, n), on up to size()
+  // threads; returns when all chunks are done.
+  void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
  private:
-  void worker(int id);
+  void worker();
+  // Runs chunks of job `gen` until none are left; false once the job is over.
+  void run_chunks(uint32_t gen);
   std::vector<std::thread> workers_;
   std::mutex call_mutex_;  // one parallel_for at a time
   std::mutex mutex_;
-  std::condition_variable start_cv_, done_cv_;
+  std::condition_variable start_cv_;
+  // The current job; fn_, n_, grain_, chunks_ change only while no chunk of it is claimable.
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
-  int64_t n_ = 0;
-  int active_ = 0;  // threads taking part in the current call
-  int pending_ = 0;
-  uint64_t generation_ = 0;
+  int64_t n_ = 0, grain_ = 1;
+  std::atomic<uint32_t> chunks_{0};
+  std::atomic<uint64_t> next_{0};  // (job generation << 32) | next unclaimed chunk
+  std::atomic<uint32_t> done_{0};  // chunks finished in the current job
+  uint32_t generation_ = 0;
   bool stop_ = false;
 };
 

@@ -20,8 +20,9 @@ pytestmark = pytest.mark.skipif(
 TOLERANCE = 1e-5  # max |y - ref| / max |ref|, ref in float64
 BITS = (2, 4, 8)
 GROUP_SIZES = (32, 64, 128)
-# odd out dims, in dims from one group to 4096, block tails (96), and one past the threading threshold
-SHAPES = [(17, 128), (1, 32), (33, 96), (5, 256), (64, 4096), (300, 4096)]
+# odd out dims (tiles of 4 rows with 1-3 left over), in dims from one group to 4096, block tails (96),
+# and one past the threading threshold
+SHAPES = [(17, 128), (1, 32), (33, 96), (5, 256), (6, 256), (7, 512), (64, 4096), (300, 4096)]
 SCALE_DTYPES = (mx.bfloat16, mx.float32)
 
 
