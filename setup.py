@@ -54,13 +54,22 @@ class CMakeBuild(build_ext):
         build_dir = Path(self.build_temp).resolve() / "native"
         build_dir.mkdir(parents=True, exist_ok=True)
         configure = [
-            cmake, "-S", str(ROOT / "native"), "-B", str(build_dir),
-            "-DCMAKE_BUILD_TYPE=Release", f"-DPython_EXECUTABLE={sys.executable}",
+            cmake,
+            "-S",
+            str(ROOT / "native"),
+            "-B",
+            str(build_dir),
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DPython_EXECUTABLE={sys.executable}",
         ]
         subprocess.run(configure, check=True)
         jobs = str(os.cpu_count() or 2)
-        subprocess.run([cmake, "--build", str(build_dir), "--config", "Release", "-j", jobs], check=True)
-        built = sorted(build_dir.glob("_flashmoe_native*.so")) + sorted(build_dir.glob("Release/_flashmoe_native*.so"))
+        subprocess.run(
+            [cmake, "--build", str(build_dir), "--config", "Release", "-j", jobs], check=True
+        )
+        built = sorted(build_dir.glob("_flashmoe_native*.so")) + sorted(
+            build_dir.glob("Release/_flashmoe_native*.so")
+        )
         if not built:
             raise RuntimeError(f"cmake produced no _flashmoe_native module in {build_dir}")
         target = Path(self.get_ext_fullpath(ext.name))

@@ -28,7 +28,11 @@ from flashmoe.loader import default_model_dir, load_model
 from flashmoe.tools.synth import PRESETS, write_synthetic
 
 ON_GPU = mx.default_device() == mx.gpu
-DEFAULT_MODELS = ("bundled,qwen3-coder-next,qwen3-30b-a3b" if ON_GPU else "bundled,qwen3-moe-small,qwen3-coder-next")
+DEFAULT_MODELS = (
+    "bundled,qwen3-coder-next,qwen3-30b-a3b"
+    if ON_GPU
+    else "bundled,qwen3-moe-small,qwen3-coder-next"
+)
 PROMPT = [11, 23, 5, 87, 42, 7, 19, 3]  # ids valid in every vocabulary here
 
 
@@ -52,7 +56,10 @@ def measure(directory: Path, backend: str, runs: int, tokens: int) -> dict[str, 
     """tokens/s samples per engine, the two engines alternating run by run."""
     engines = {
         "flashmoe": (model := load_model(directory, backend=backend), model.make_cache),
-        "mlx-lm": (ref := mlx_lm_model(directory, dtype=None if ON_GPU else mx.float32), mlx_lm_cache(ref)),
+        "mlx-lm": (
+            ref := mlx_lm_model(directory, dtype=None if ON_GPU else mx.float32),
+            mlx_lm_cache(ref),
+        ),
     }
     samples: dict[str, list[float]] = {name: [] for name in engines}
     for run in range(runs):
@@ -63,30 +70,48 @@ def measure(directory: Path, backend: str, runs: int, tokens: int) -> dict[str, 
     return samples
 
 
-def report(label: str, samples: dict[str, list[float]], per_token: dict[str, float], bandwidth: float) -> None:
-    print(f"\n{label}: {per_token['total'] / 1e6:.1f} MB of weights read per token "
-          f"({per_token['dense'] / 1e6:.1f} dense + {per_token['experts'] / 1e6:.1f} experts)")
+def report(
+    label: str, samples: dict[str, list[float]], per_token: dict[str, float], bandwidth: float
+) -> None:
+    print(
+        f"\n{label}: {per_token['total'] / 1e6:.1f} MB of weights read per token "
+        f"({per_token['dense'] / 1e6:.1f} dense + {per_token['experts'] / 1e6:.1f} experts)"
+    )
     print(f"{'engine':<10}{'tok/s':>9}{'min':>9}{'max':>9}{'GB/s':>8}{'of bw':>8}")
     medians = {}
     for name, values in samples.items():
         medians[name] = med = statistics.median(values)
         gbs = med * per_token["total"] / 1e9
-        print(f"{name:<10}{med:>9.2f}{min(values):>9.2f}{max(values):>9.2f}{gbs:>8.2f}{gbs / bandwidth:>8.1%}")
+        print(
+            f"{name:<10}{med:>9.2f}{min(values):>9.2f}{max(values):>9.2f}{gbs:>8.2f}{gbs / bandwidth:>8.1%}"
+        )
     print(f"flashmoe / mlx-lm: {medians['flashmoe'] / medians['mlx-lm']:.2f}x (medians)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated (default: {DEFAULT_MODELS})")
-    parser.add_argument("--layers", type=int, default=None, help="layers of synthetic checkpoints (GPU 8, CPU 4)")
-    parser.add_argument("--runs", type=int, default=5, help="interleaved runs per engine (default: 5)")
-    parser.add_argument("--tokens", type=int, default=32 if ON_GPU else 8, help="tokens decoded per run")
-    parser.add_argument("--backend", default="auto", help="flashmoe's kernel backend (default: auto)")
+    parser.add_argument(
+        "--models", default=DEFAULT_MODELS, help=f"comma-separated (default: {DEFAULT_MODELS})"
+    )
+    parser.add_argument(
+        "--layers", type=int, default=None, help="layers of synthetic checkpoints (GPU 8, CPU 4)"
+    )
+    parser.add_argument(
+        "--runs", type=int, default=5, help="interleaved runs per engine (default: 5)"
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=32 if ON_GPU else 8, help="tokens decoded per run"
+    )
+    parser.add_argument(
+        "--backend", default="auto", help="flashmoe's kernel backend (default: auto)"
+    )
     args = parser.parse_args(argv)
     layers = args.layers or (8 if ON_GPU else 4)
     bandwidth = measure_bandwidth(256)
-    print(f"device {mx.default_device()}, flashmoe backend {kernels.resolve_backend(args.backend)}, "
-          f"dtype {'bf16 (as stored)' if ON_GPU else 'float32'}, measured bandwidth {bandwidth:.1f} GB/s")
+    print(
+        f"device {mx.default_device()}, flashmoe backend {kernels.resolve_backend(args.backend)}, "
+        f"dtype {'bf16 (as stored)' if ON_GPU else 'float32'}, measured bandwidth {bandwidth:.1f} GB/s"
+    )
     for name in args.models.split(","):
         with checkpoint(name.strip(), layers) as (directory, label):
             samples = measure(directory, args.backend, args.runs, args.tokens)

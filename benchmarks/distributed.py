@@ -45,7 +45,9 @@ def worker(args: argparse.Namespace) -> None:
     step = model(mx.array([PROMPT]), cache)[:, -1]
     token = mx.argmax(step, axis=-1)
     mx.eval(token)
-    load_s = time.perf_counter() - tic  # load and prefill: one process loads lazily, on the first forward
+    load_s = (
+        time.perf_counter() - tic
+    )  # load and prefill: one process loads lazily, on the first forward
     for _ in range(args.warmup):
         token = mx.argmax(model(token[None], cache)[:, -1], axis=-1)
         mx.eval(token)
@@ -59,11 +61,18 @@ def worker(args: argparse.Namespace) -> None:
     seconds, cpu = time.perf_counter() - tic, time.process_time() - cpu
     rank = group.rank() if group is not None else 0
     result = {
-        "rank": rank, "ranks": group.size() if group is not None else 1, "stream": args.stream, "fold": not args.no_fold,
-        "tok_s": args.tokens / seconds, "cpu_ms_per_token": 1e3 * cpu / args.tokens, "load_s": load_s,
+        "rank": rank,
+        "ranks": group.size() if group is not None else 1,
+        "stream": args.stream,
+        "fold": not args.no_fold,
+        "tok_s": args.tokens / seconds,
+        "cpu_ms_per_token": 1e3 * cpu / args.tokens,
+        "load_s": load_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
         "expert_mb": distributed.expert_nbytes(model) / 2**20,
-        "read_mb_per_token": (stats.decode.bytes / args.tokens / 2**20) if stats is not None else 0.0,
+        "read_mb_per_token": (stats.decode.bytes / args.tokens / 2**20)
+        if stats is not None
+        else 0.0,
     }
     with open(args.out, "a") as f:
         f.write(json.dumps(result) + "\n")
@@ -71,17 +80,46 @@ def worker(args: argparse.Namespace) -> None:
 
 def run(model: str, ranks: int, stream: bool, fold: bool, tokens: int, warmup: int) -> list[dict]:
     out = Path(tempfile.mkstemp(suffix=".jsonl")[1])
-    command = [sys.executable, __file__, "--worker", "--model", model, "--tokens", str(tokens),
-               "--warmup", str(warmup), "--out", str(out)] + (["--stream"] * stream) + (["--no-fold"] * (not fold))
+    command = (
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--model",
+            model,
+            "--tokens",
+            str(tokens),
+            "--warmup",
+            str(warmup),
+            "--out",
+            str(out),
+        ]
+        + (["--stream"] * stream)
+        + (["--no-fold"] * (not fold))
+    )
     if ranks > 1:
         launcher = Path(sys.executable).parent / "mlx.launch"
-        command = [str(launcher if launcher.exists() else "mlx.launch"), "-n", str(ranks), "--backend", "ring",
-                   "--", *command[:1], *command[1:], "--group"]
+        command = [
+            str(launcher if launcher.exists() else "mlx.launch"),
+            "-n",
+            str(ranks),
+            "--backend",
+            "ring",
+            "--",
+            *command[:1],
+            *command[1:],
+            "--group",
+        ]
     # The cores shared out between the ranks: flashmoe's native CPU kernels (FLASHMOE_NATIVE_THREADS) and
     # MLX's BLAS (OpenBLAS threads spin after their work: two processes' spinning threads halve the speed).
     threads = str(max(1, len(os.sched_getaffinity(0)) // ranks))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), FLASHMOE_NATIVE_THREADS=threads, OPENBLAS_NUM_THREADS=threads,
-               OMP_NUM_THREADS=threads)
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        FLASHMOE_NATIVE_THREADS=threads,
+        OPENBLAS_NUM_THREADS=threads,
+        OMP_NUM_THREADS=threads,
+    )
     subprocess.run(command, check=True, env=env, cwd=ROOT)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     out.unlink()
@@ -89,9 +127,15 @@ def run(model: str, ranks: int, stream: bool, fold: bool, tokens: int, warmup: i
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", help="checkpoint directory")
-    p.add_argument("--synth", action="store_true", help="write (and delete after) a 2-layer synthetic Coder-Next")
+    p.add_argument(
+        "--synth",
+        action="store_true",
+        help="write (and delete after) a 2-layer synthetic Coder-Next",
+    )
     p.add_argument("--tokens", type=int, default=24, help="timed decode steps")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--json", help="append every row to this JSONL file")
@@ -110,19 +154,47 @@ def main() -> None:
         model = args.model
         if scratch:
             model = str(Path(scratch) / "coder-next-2l")
-            subprocess.run([sys.executable, "-m", "flashmoe.tools.synth", "--preset", "qwen3-coder-next",
-                            "--layers", "2", "--out", model], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        configs = [(1, False, True), (2, False, True), (2, False, False),
-                   (1, True, True), (2, True, True), (2, True, False)]
-        print("| ranks | experts | shared expert | rank | decode tok/s | CPU ms/token | peak RSS MB | resident experts MB "
-              "| expert MB read/token | load+prefill s |")
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "flashmoe.tools.synth",
+                    "--preset",
+                    "qwen3-coder-next",
+                    "--layers",
+                    "2",
+                    "--out",
+                    model,
+                ],
+                check=True,
+                env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            )
+        configs = [
+            (1, False, True),
+            (2, False, True),
+            (2, False, False),
+            (1, True, True),
+            (2, True, True),
+            (2, True, False),
+        ]
+        print(
+            "| ranks | experts | shared expert | rank | decode tok/s | CPU ms/token | peak RSS MB | resident experts MB "
+            "| expert MB read/token | load+prefill s |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|")
         for ranks, stream, fold in configs:
             for r in run(model, ranks, stream, fold, args.tokens, args.warmup):
-                shared = "-" if ranks == 1 else ("rank 0, in the all_sum" if fold else "every rank, after")
-                print(f"| {ranks} | {'streamed' if stream else 'resident'} | {shared} | {r['rank']} | "
-                      f"{r['tok_s']:.2f} | {r['cpu_ms_per_token']:.0f} | {r['peak_rss_mb']:.0f} | {r['expert_mb']:.0f} | "
-                      f"{r['read_mb_per_token']:.2f} | {r['load_s']:.1f} |", flush=True)
+                shared = (
+                    "-"
+                    if ranks == 1
+                    else ("rank 0, in the all_sum" if fold else "every rank, after")
+                )
+                print(
+                    f"| {ranks} | {'streamed' if stream else 'resident'} | {shared} | {r['rank']} | "
+                    f"{r['tok_s']:.2f} | {r['cpu_ms_per_token']:.0f} | {r['peak_rss_mb']:.0f} | {r['expert_mb']:.0f} | "
+                    f"{r['read_mb_per_token']:.2f} | {r['load_s']:.1f} |",
+                    flush=True,
+                )
                 if args.json:
                     with open(args.json, "a") as f:
                         f.write(json.dumps(dict(r, model=model)) + "\n")

@@ -46,32 +46,56 @@ try:
 except FlashMoeError as e:
     print(str(e).splitlines()[0][:300], file=sys.stderr)
     sys.exit(3)
-""" % ", ".join(map(str, PROMPT))
+""" % ", ".join(map(str, PROMPT))  # noqa: UP031 (a code template: braces would clash)
 
 
 def mutate_header(header: dict, rng: random.Random) -> tuple[dict | bytes, str]:
     names = [n for n in header if n != "__metadata__"]
     name = rng.choice(names)
     entry = header[name]
-    kind = rng.choice(["dtype", "shape", "offsets", "delete", "duplicate", "swap", "metadata", "type", "rename",
-                       "json_bytes"])
+    kind = rng.choice(
+        [
+            "dtype",
+            "shape",
+            "offsets",
+            "delete",
+            "duplicate",
+            "swap",
+            "metadata",
+            "type",
+            "rename",
+            "json_bytes",
+        ]
+    )
     if kind == "dtype":
         entry["dtype"] = rng.choice(["F32", "F16", "BF16", "U8", "I64", "F8_E4M3", "X", 5])
     elif kind == "shape":
         shape = list(entry["shape"])
         if shape:
             i = rng.randrange(len(shape))
-            shape[i] = rng.choice([0, -1, shape[i] + 1, shape[i] - 1, shape[i] * 2, 2**62, "8", 1.5])
+            shape[i] = rng.choice(
+                [0, -1, shape[i] + 1, shape[i] - 1, shape[i] * 2, 2**62, "8", 1.5]
+            )
         else:
             shape = [rng.randint(0, 4)]
         if rng.random() < 0.3:
-            shape = shape[::-1]  # a transposed shape of the same size: undetectable from the header alone
+            shape = shape[
+                ::-1
+            ]  # a transposed shape of the same size: undetectable from the header alone
         entry["shape"] = shape
     elif kind == "offsets":
         begin, end = entry["data_offsets"]
         delta = rng.choice([1, -1, 2, 8, -8, 4096, 2**40, -(2**40)])
-        entry["data_offsets"] = rng.choice([[begin + delta, end + delta], [begin, end + delta], [begin + delta, end],
-                                            [end, begin], [begin], "x"])
+        entry["data_offsets"] = rng.choice(
+            [
+                [begin + delta, end + delta],
+                [begin, end + delta],
+                [begin + delta, end],
+                [end, begin],
+                [begin],
+                "x",
+            ]
+        )
     elif kind == "delete":
         del header[name]
     elif kind == "duplicate":
@@ -98,21 +122,29 @@ def mutate_header(header: dict, rng: random.Random) -> tuple[dict | bytes, str]:
 def mutate(source: Path, target: Path, rng: random.Random) -> str:
     data = bytearray(source.read_bytes())
     (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + length])
-    body = data[8 + length:]
-    kind = rng.choice(["header"] * 5 + ["length", "truncate", "append", "flip_data", "flip_any", "zero_data",
-                                        "nan_data"])
+    header = json.loads(data[8 : 8 + length])
+    body = data[8 + length :]
+    kind = rng.choice(
+        ["header"] * 5
+        + ["length", "truncate", "append", "flip_data", "flip_any", "zero_data", "nan_data"]
+    )
     if kind == "header":
         new, sub = mutate_header(header, rng)
-        raw = new if isinstance(new, bytes) else (new.encode() if isinstance(new, str) else json.dumps(new).encode())
+        raw = (
+            new
+            if isinstance(new, bytes)
+            else (new.encode() if isinstance(new, str) else json.dumps(new).encode())
+        )
         raw += b" " * (-len(raw) % 8)
         target.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
         return f"header.{sub}"
     if kind == "length":
-        value = rng.choice([0, 1, length - 1, length + 1, length + 8, 10**12, 2**63, 2**64 - 1, len(data)])
+        value = rng.choice(
+            [0, 1, length - 1, length + 1, length + 8, 10**12, 2**63, 2**64 - 1, len(data)]
+        )
         data[:8] = struct.pack("<Q", value)
     elif kind == "truncate":
-        data = data[:rng.randrange(len(data))]
+        data = data[: rng.randrange(len(data))]
     elif kind == "append":
         data += os.urandom(rng.choice([1, 8, 4096]))
     elif kind == "flip_data":
@@ -127,7 +159,7 @@ def mutate(source: Path, target: Path, rng: random.Random) -> str:
         data[start:stop] = bytes(stop - start)  # same length: only the values change
     else:  # bf16 NaN / inf bytes in a random spot of the data
         start = 8 + length + 2 * rng.randrange(len(body) // 2)
-        data[start:start + 2] = rng.choice([b"\xc0\x7f", b"\x80\x7f", b"\x80\xff"])
+        data[start : start + 2] = rng.choice([b"\xc0\x7f", b"\x80\x7f", b"\x80\xff"])
     target.write_bytes(bytes(data))
     return kind
 
@@ -137,8 +169,12 @@ def run_one(folder: Path, reference, timeout: float) -> tuple[str, str]:
 
     out = folder / "logits.npy"
     try:
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(ROOT), str(out)],
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, str(folder), str(ROOT), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return "hang", ""
     if proc.returncode == 3:
@@ -178,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copytree(source_dir, folder)
         outcome, _ = run_one(folder, None, options.timeout)
         import numpy as np
+
         reference = np.load(folder / "logits.npy")
         deadline = time.monotonic() + options.seconds
         while time.monotonic() < deadline:
@@ -198,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         for example in examples.get(outcome, [])[:5]:
             print(f"  {outcome}: {example}")
     if options.json:
-        Path(options.json).write_text(json.dumps(dict(counts=counts, by_kind=by_kind, examples=examples), indent=1))
+        Path(options.json).write_text(
+            json.dumps(dict(counts=counts, by_kind=by_kind, examples=examples), indent=1)
+        )
     return 1 if counts["traceback"] or counts["crash"] or counts["hang"] else 0
 
 

@@ -1,6 +1,6 @@
 """Gated DeltaNet decode step (T = 1, Qwen3-Coder-Next heads): one-launch kernel vs the pure-MLX path.
 
-    python benchmarks/gated_delta_step.py [--steps 48] [--repeats 9]
+python benchmarks/gated_delta_step.py [--steps 48] [--repeats 9]
 """
 
 from __future__ import annotations
@@ -26,9 +26,15 @@ def main():
     backend = next((b for b in ("metal", "cuda") if kernels.backend_available(b)), "reference")
     B, C = args.batch, 2 * N_K * D_K + N_V * D_V
     r, bf = mx.random, mx.bfloat16
-    fixed = dict(conv_w=(0.5 * r.normal((W, C))).astype(bf), z=r.normal((B, N_V, D_V)).astype(bf),
-                 b=r.normal((B, N_V)).astype(bf), a=r.normal((B, N_V)).astype(bf), A_log=r.uniform(-1, 1, (N_V,)),
-                 dt_bias=r.normal((N_V,)), norm_w=mx.ones((D_V,), dtype=bf))
+    fixed = dict(
+        conv_w=(0.5 * r.normal((W, C))).astype(bf),
+        z=r.normal((B, N_V, D_V)).astype(bf),
+        b=r.normal((B, N_V)).astype(bf),
+        a=r.normal((B, N_V)).astype(bf),
+        A_log=r.uniform(-1, 1, (N_V,)),
+        dt_bias=r.normal((N_V,)),
+        norm_w=mx.ones((D_V,), dtype=bf),
+    )
     qkvs = [r.normal((B, C)).astype(bf) for _ in range(8)]
     dims = dict(n_k=N_K, n_v=N_V, d_k=D_K, d_v=D_V, rms_eps=1e-6)
 
@@ -39,25 +45,36 @@ def main():
             outs.append(out)
         return outs + [state]
 
-    paths = {"pure MLX (reference)": gated_delta.reference,
-             f"kernel ({backend})": lambda **kw: gated_delta.gated_delta_step(**kw, backend=backend)}
+    paths = {
+        "pure MLX (reference)": gated_delta.reference,
+        f"kernel ({backend})": lambda **kw: gated_delta.gated_delta_step(**kw, backend=backend),
+    }
     res = {k: run(f) for k, f in paths.items()}
     mx.eval(res)
     a, b = list(res.values())
-    err = max((mx.abs(x.astype(mx.float32) - y.astype(mx.float32)).max() / mx.abs(x.astype(mx.float32)).max()).item()
-              for x, y in zip(a, b))
+    err = max(
+        (
+            mx.abs(x.astype(mx.float32) - y.astype(mx.float32)).max()
+            / mx.abs(x.astype(mx.float32)).max()
+        ).item()
+        for x, y in zip(a, b)
+    )
     samples = {k: [] for k in paths}
     for _ in range(args.repeats):
         for k, f in paths.items():
             t = time.perf_counter()
             mx.eval(run(f))
             samples[k].append((time.perf_counter() - t) / args.steps * 1e6)
-    print(f"gated delta step B={B} H_k={N_K} H_v={N_V} d={D_K}, bf16, {args.steps} chained steps per eval; "
-          f"max rel diff over steps {err:.2e}")
+    print(
+        f"gated delta step B={B} H_k={N_K} H_v={N_V} d={D_K}, bf16, {args.steps} chained steps per eval; "
+        f"max rel diff over steps {err:.2e}"
+    )
     base = statistics.median(samples["pure MLX (reference)"])
     for k, s in samples.items():
-        print(f"{k:>24}: {statistics.median(s):8.1f} us/step (min {min(s):.1f}, max {max(s):.1f}) "
-              f"speedup {base / statistics.median(s):.2f}x")
+        print(
+            f"{k:>24}: {statistics.median(s):8.1f} us/step (min {min(s):.1f}, max {max(s):.1f}) "
+            f"speedup {base / statistics.median(s):.2f}x"
+        )
 
 
 if __name__ == "__main__":

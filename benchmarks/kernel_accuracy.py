@@ -13,6 +13,7 @@ import mlx.core as mx
 from flashmoe import kernels
 from flashmoe.analysis.accuracy import worst_error
 
+
 def main() -> None:
     print(f"device {mx.default_device()}; worst rel err vs mx.dequantize + float32 matmul")
     print(f"{'backend':>10} {'bits':>4} {'matvec':>10} {'gathered':>10}")

@@ -56,11 +56,22 @@ def bench_shape(out_dim, in_dim, bits, backends, calls, repeats) -> list[dict]:
     weight_bytes = q.nbytes + scales.nbytes + biases.nbytes
     rows = []
     for backend in backends:
+
         def call(backend=backend):
-            return kernels.dequant_matvec(x, q, scales, biases, bits=bits, group_size=GROUP_SIZE, backend=backend)
+            return kernels.dequant_matvec(
+                x, q, scales, biases, bits=bits, group_size=GROUP_SIZE, backend=backend
+            )
+
         seconds = timed(call, calls, repeats)
-        rows.append(dict(shape=f"{out_dim}x{in_dim}", bits=bits, backend=backend,
-                         us=seconds * 1e6, gbps=weight_bytes / seconds / 1e9))
+        rows.append(
+            dict(
+                shape=f"{out_dim}x{in_dim}",
+                bits=bits,
+                backend=backend,
+                us=seconds * 1e6,
+                gbps=weight_bytes / seconds / 1e9,
+            )
+        )
     return rows
 
 
@@ -69,27 +80,49 @@ def bench_gathered(out_dim, in_dim, bits, backends, calls, repeats) -> list[dict
     w = mx.random.normal((EXPERTS, out_dim, in_dim)).astype(mx.bfloat16)
     q, scales, biases = mx.quantize(w, group_size=GROUP_SIZE, bits=bits)
     ids = mx.random.permutation(EXPERTS)[:TOP_K].astype(mx.uint32)[None]  # (1, K)
-    x = mx.random.normal((1, in_dim) if out_dim < in_dim else (1, TOP_K, in_dim)).astype(mx.bfloat16)
+    x = mx.random.normal((1, in_dim) if out_dim < in_dim else (1, TOP_K, in_dim)).astype(
+        mx.bfloat16
+    )
     per = (q.nbytes + scales.nbytes + biases.nbytes) / EXPERTS * TOP_K
     rows = []
     for backend in backends:
+
         def call(backend=backend):
-            return kernels.gather_dequant_matvec(x, q, scales, biases, ids, bits=bits, group_size=GROUP_SIZE,
-                                                 backend=backend)
+            return kernels.gather_dequant_matvec(
+                x, q, scales, biases, ids, bits=bits, group_size=GROUP_SIZE, backend=backend
+            )
+
         seconds = timed(call, calls, repeats)
-        rows.append(dict(shape=f"{TOP_K}x{out_dim}x{in_dim}", bits=bits, backend=backend,
-                         us=seconds * 1e6, gbps=per / seconds / 1e9))
+        rows.append(
+            dict(
+                shape=f"{TOP_K}x{out_dim}x{in_dim}",
+                bits=bits,
+                backend=backend,
+                us=seconds * 1e6,
+                gbps=per / seconds / 1e9,
+            )
+        )
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--full", action="store_true",
-                        help="the whole sweep (every shape, 50 calls x 7 repeats) instead of the quick look")
-    parser.add_argument("--backends", default=",".join(kernels.available_backends()), help="comma-separated")
-    parser.add_argument("--calls", type=int, default=None, help="matvecs per evaluation (default: 5, --full 50)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed evaluations (default: 3, --full 7)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="the whole sweep (every shape, 50 calls x 7 repeats) instead of the quick look",
+    )
+    parser.add_argument(
+        "--backends", default=",".join(kernels.available_backends()), help="comma-separated"
+    )
+    parser.add_argument(
+        "--calls", type=int, default=None, help="matvecs per evaluation (default: 5, --full 50)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed evaluations (default: 3, --full 7)"
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     plan = FULL if args.full else QUICK
@@ -100,11 +133,17 @@ def main() -> None:
         backends.append("mlx")  # the baseline: mx.quantized_matmul
 
     bandwidth = measure_bandwidth(repeats=args.repeats)
-    print(f"device {mx.default_device()}, activations {compute_dtype(mx.bfloat16)}, bf16 scales/biases, "
-          f"g{GROUP_SIZE}; measured memory bandwidth {bandwidth:.1f} GB/s (flashmoe.profiling.measure_bandwidth)")
-    print(f"{'shape':>14} {'bits':>4} {'backend':>20} {'median us':>10} {'GB/s':>8} {'% of bw':>8} {'vs qmm':>7}")
+    print(
+        f"device {mx.default_device()}, activations {compute_dtype(mx.bfloat16)}, bf16 scales/biases, "
+        f"g{GROUP_SIZE}; measured memory bandwidth {bandwidth:.1f} GB/s (flashmoe.profiling.measure_bandwidth)"
+    )
+    print(
+        f"{'shape':>14} {'bits':>4} {'backend':>20} {'median us':>10} {'GB/s':>8} {'% of bw':>8} {'vs qmm':>7}"
+    )
     rows = []
-    cases = [(bench_shape, s) for s in plan["shapes"]] + [(bench_gathered, s) for s in plan["gathered"]]
+    cases = [(bench_shape, s) for s in plan["shapes"]] + [
+        (bench_gathered, s) for s in plan["gathered"]
+    ]
     for bench, (out_dim, in_dim) in cases:
         for bits in plan["bits"]:
             group = bench(out_dim, in_dim, bits, backends, args.calls, args.repeats)
@@ -112,14 +151,23 @@ def main() -> None:
             for r in group:
                 r["share_of_bandwidth"] = r["gbps"] / bandwidth
                 r["speedup_vs_quantized_matmul"] = base / r["us"]
-                name = r["backend"] if r["backend"] != "mlx" else (
-                    "mlx (quantized_matmul)" if bench is bench_shape else "mlx (gather_qmm)")
-                print(f"{r['shape']:>14} {bits:>4} {name:>20} {r['us']:>10.1f} {r['gbps']:>8.1f} "
-                      f"{100 * r['share_of_bandwidth']:>7.1f}% {r['speedup_vs_quantized_matmul']:>6.2f}x")
+                name = (
+                    r["backend"]
+                    if r["backend"] != "mlx"
+                    else ("mlx (quantized_matmul)" if bench is bench_shape else "mlx (gather_qmm)")
+                )
+                print(
+                    f"{r['shape']:>14} {bits:>4} {name:>20} {r['us']:>10.1f} {r['gbps']:>8.1f} "
+                    f"{100 * r['share_of_bandwidth']:>7.1f}% {r['speedup_vs_quantized_matmul']:>6.2f}x"
+                )
             rows += group
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=str(mx.default_device()), bandwidth_gbps=bandwidth, rows=rows), f, indent=1)
+            json.dump(
+                dict(device=str(mx.default_device()), bandwidth_gbps=bandwidth, rows=rows),
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

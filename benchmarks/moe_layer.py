@@ -37,13 +37,24 @@ def q(w, bits):
 
 def make_layer():
     n = lambda *s: (0.02 * mx.random.normal(s)).astype(mx.bfloat16)  # noqa: E731
-    layer = dict(router=q(n(E, D), 8), sgate=q(n(1, D), 8),
-                 gate=q(n(E, I, D), 4), up=q(n(E, I, D), 4), down=q(n(E, D, I), 4),
-                 s_gate=q(n(I, D), 4), s_up=q(n(I, D), 4), s_down=q(n(D, I), 4))
+    layer = dict(
+        router=q(n(E, D), 8),
+        sgate=q(n(1, D), 8),
+        gate=q(n(E, I, D), 4),
+        up=q(n(E, I, D), 4),
+        down=q(n(E, D, I), 4),
+        s_gate=q(n(I, D), 4),
+        s_up=q(n(I, D), 4),
+        s_down=q(n(D, I), 4),
+    )
     # fused layout, made once at load: router + shared gate rows in one matrix; shared expert as expert E
-    layer["router_plus"] = tuple(mx.concatenate([a, b]) for a, b in zip(layer["router"], layer["sgate"]))
+    layer["router_plus"] = tuple(
+        mx.concatenate([a, b]) for a, b in zip(layer["router"], layer["sgate"])
+    )
     for name, shared in (("gate", "s_gate"), ("up", "s_up"), ("down", "s_down")):
-        layer[name + "_plus"] = tuple(mx.concatenate([a, b[None]]) for a, b in zip(layer[name], layer[shared]))
+        layer[name + "_plus"] = tuple(
+            mx.concatenate([a, b[None]]) for a, b in zip(layer[name], layer[shared])
+        )
     mx.eval(layer)
     return layer
 
@@ -62,7 +73,9 @@ def mlx_layer(x, L):
     g = mx.gather_qmm(xe, *L["gate"], rhs_indices=inds, transpose=True, group_size=G, bits=4)
     u = mx.gather_qmm(xe, *L["up"], rhs_indices=inds, transpose=True, group_size=G, bits=4)
     h = (g * mx.sigmoid(g)) * u
-    y = mx.gather_qmm(h, *L["down"], rhs_indices=inds, transpose=True, group_size=G, bits=4).squeeze(-2)
+    y = mx.gather_qmm(
+        h, *L["down"], rhs_indices=inds, transpose=True, group_size=G, bits=4
+    ).squeeze(-2)
     y = (y * scores[..., None].astype(y.dtype)).sum(-2)
     sg = qmm(x, L["s_gate"], 4)
     sh = qmm((sg * mx.sigmoid(sg)) * qmm(x, L["s_up"], 4), L["s_down"], 4)
@@ -78,7 +91,9 @@ def _route(logits):
 
 
 def fused_layer(x, L, backend):
-    logits = kernels.dequant_matvec(x, *L["router_plus"], bits=8, group_size=G, backend=backend)  # (1, E + 1)
+    logits = kernels.dequant_matvec(
+        x, *L["router_plus"], bits=8, group_size=G, backend=backend
+    )  # (1, E + 1)
     ids, w = _route(logits)
     h = moe.moe_gate_up(x, L["gate_plus"], L["up_plus"], ids, bits=4, group_size=G, backend=backend)
     return moe.moe_down(h, L["down_plus"], ids, w, bits=4, group_size=G, backend=backend)
@@ -89,13 +104,19 @@ def main():
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--distinct", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=9)
-    ap.add_argument("--backend", default=next((b for b in ("metal", "cuda") if kernels.backend_available(b)), "reference"))
+    ap.add_argument(
+        "--backend",
+        default=next((b for b in ("metal", "cuda") if kernels.backend_available(b)), "reference"),
+    )
     args = ap.parse_args()
     layers = [make_layer() for _ in range(args.distinct)]
     x0 = mx.random.normal((1, D)).astype(mx.bfloat16)
     # agreement on one layer (bf16 both ways)
     a, b = mlx_layer(x0, layers[0]), fused_layer(x0, layers[0], args.backend)
-    err = (mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max() / mx.abs(a.astype(mx.float32)).max()).item()
+    err = (
+        mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max()
+        / mx.abs(a.astype(mx.float32)).max()
+    ).item()
 
     def step(fn):
         x = x0
@@ -103,21 +124,28 @@ def main():
             x = x + fn(x, layers[i % len(layers)])
         return x
 
-    paths = {"mlx gather_qmm": mlx_layer, f"flashmoe fused ({args.backend})": lambda x, L: fused_layer(x, L, args.backend)}
+    paths = {
+        "mlx gather_qmm": mlx_layer,
+        f"flashmoe fused ({args.backend})": lambda x, L: fused_layer(x, L, args.backend),
+    }
     samples = {name: [] for name in paths}
-    for name, fn in paths.items():
+    for fn in paths.values():
         mx.eval(step(fn))  # warm-up, compiles
     for _ in range(args.repeats):
         for name, fn in paths.items():
             t = time.perf_counter()
             mx.eval(step(fn))
             samples[name].append((time.perf_counter() - t) / args.layers * 1e6)
-    print(f"MoE layer D={D} E={E} K={K} I={I} + shared expert, experts 4-bit g64, router 8-bit, bf16; "
-          f"{args.layers} layers per eval, {args.repeats} repeats; rel diff of outputs {err:.2e}")
+    print(
+        f"MoE layer D={D} E={E} K={K} I={I} + shared expert, experts 4-bit g64, router 8-bit, bf16; "
+        f"{args.layers} layers per eval, {args.repeats} repeats; rel diff of outputs {err:.2e}"
+    )
     base = statistics.median(samples["mlx gather_qmm"])
     for name, s in samples.items():
         med = statistics.median(s)
-        print(f"{name:>26}: {med:8.1f} us/layer (min {min(s):.1f}, max {max(s):.1f})  speedup {base / med:.2f}x")
+        print(
+            f"{name:>26}: {med:8.1f} us/layer (min {min(s):.1f}, max {max(s):.1f})  speedup {base / med:.2f}x"
+        )
 
 
 if __name__ == "__main__":

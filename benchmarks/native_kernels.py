@@ -68,26 +68,39 @@ def row(label, name, secs, nbytes, bw):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--pool-mb", type=int, default=320, help="weights per shape, spread over copies (> LLC)")
+    p.add_argument(
+        "--pool-mb", type=int, default=320, help="weights per shape, spread over copies (> LLC)"
+    )
     args = p.parse_args()
     mx.set_default_device(mx.cpu)
     if not native.available():
         raise SystemExit(f"native kernels unavailable: {native.why_unavailable()}")
     bw1, bw2 = read_bandwidth(threads=1), read_bandwidth(threads=2)
     print(f"native: {native.info()}")
-    print(f"read bandwidth (numpy sum over 1 GB): 1 thread {bw1:.1f} GB/s, 2 threads {bw2:.1f} GB/s; share below is of {bw2:.1f}")
+    print(
+        f"read bandwidth (numpy sum over 1 GB): 1 thread {bw1:.1f} GB/s, 2 threads {bw2:.1f} GB/s; share below is of {bw2:.1f}"
+    )
     print(f"{'shape':<28} {'kernel':<7} {'median':>11}  (min-max)        GB/s  share")
 
     for out_dim, in_dim in [(4096, 4096), (16384, 4096)]:
         for bits in (4, 8):
             one = quantized((out_dim, in_dim), bits, 64)
             nbytes = sum(a.nbytes for a in one)
-            copies = [one] + [tuple(mx.array(a) + 0 for a in one) for _ in range(max(1, args.pool_mb * 2**20 // nbytes) - 1)]
+            copies = [one] + [
+                tuple(mx.array(a) + 0 for a in one)
+                for _ in range(max(1, args.pool_mb * 2**20 // nbytes) - 1)
+            ]
             mx.eval(copies)
             x = mx.random.normal((1, in_dim))
             fns = {
-                "native": lambda: [native.dequant_matvec(x, q, s, b, bits=bits, group_size=64) for q, s, b in copies],
-                "mlx": lambda: [mx.quantized_matmul(x, q, s, b, transpose=True, group_size=64, bits=bits) for q, s, b in copies],
+                "native": lambda: [
+                    native.dequant_matvec(x, q, s, b, bits=bits, group_size=64)
+                    for q, s, b in copies
+                ],
+                "mlx": lambda: [
+                    mx.quantized_matmul(x, q, s, b, transpose=True, group_size=64, bits=bits)
+                    for q, s, b in copies
+                ],
             }
             res = interleaved(fns, args.repeats)
             for name, secs in res.items():
@@ -95,15 +108,26 @@ def main() -> None:
             copies = None  # free the pool before the next shape
 
     experts, k = 512, 10
-    for label, out_dim, in_dim, shared in [("gate/up 10/512 512x2048", 512, 2048, True), ("down 10/512 2048x512", 2048, 512, False)]:
+    for label, out_dim, in_dim, shared in [
+        ("gate/up 10/512 512x2048", 512, 2048, True),
+        ("down 10/512 2048x512", 2048, 512, False),
+    ]:
         q, s, b = quantized((experts, out_dim, in_dim), 4, 64)
         per_expert = (q.nbytes + s.nbytes + b.nbytes) // experts
         rng = np.random.default_rng(0)
-        calls = [mx.array(rng.choice(experts, k, replace=False)[None].astype(np.uint32)) for _ in range(32)]
+        calls = [
+            mx.array(rng.choice(experts, k, replace=False)[None].astype(np.uint32))
+            for _ in range(32)
+        ]
         x = mx.random.normal((1, in_dim) if shared else (1, k, in_dim))
         fns = {
-            "native": lambda: [native.gather_dequant_matvec(x, q, s, b, i, bits=4, group_size=64) for i in calls],
-            "mlx": lambda: [kernels.gather_dequant_matvec(x, q, s, b, i, bits=4, group_size=64, backend="mlx") for i in calls],
+            "native": lambda: [
+                native.gather_dequant_matvec(x, q, s, b, i, bits=4, group_size=64) for i in calls
+            ],
+            "mlx": lambda: [
+                kernels.gather_dequant_matvec(x, q, s, b, i, bits=4, group_size=64, backend="mlx")
+                for i in calls
+            ],
         }
         for name, secs in interleaved(fns, args.repeats).items():
             row(label, name, secs, k * per_expert, bw2)

@@ -35,13 +35,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from flashmoe.loader import read_config
+from flashmoe.loader import load_model, read_config
 from flashmoe.models.args import ModelArgs
+from flashmoe.streaming.experts import StreamOptions
 from flashmoe.streaming.layout import open_layout
 from flashmoe.streaming.reader import ExpertReader
-from flashmoe.loader import load_model
 from flashmoe.streaming.stats import format_stream_stats
-from flashmoe.streaming.experts import StreamOptions
 
 
 def drop_page_cache(directory: Path) -> int:
@@ -68,8 +67,11 @@ def decode(model, cache, ids: np.ndarray) -> float:
 
 def phase(model, seconds: float, tokens: int, kind: str = "decode") -> dict:
     summary = model.report.stream_stats.summary()[kind]
-    return dict(tokens_per_s=tokens / seconds, seconds=seconds, **{k: v for k, v in summary.items()
-                                                                    if k != "io_ms_per_layer"})
+    return dict(
+        tokens_per_s=tokens / seconds,
+        seconds=seconds,
+        **{k: v for k, v in summary.items() if k != "io_ms_per_layer"},
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -80,26 +82,34 @@ def run(args: argparse.Namespace) -> dict:
     model = load_model(directory, stream_experts=options)
     rng = np.random.default_rng(args.seed)
     ids = rng.integers(0, model.args.vocab_size, args.prompt + 2 * args.tokens + args.warmup + 1)
-    mx.eval(model(mx.array([[int(ids[-1])]]), model.make_cache()))  # brings the non-expert weights in
-    result = dict(model=str(directory), layout=model.report.stream_stats.layout, cache_mb=args.cache_mb,
-                  threads=args.threads, load_s=time.perf_counter() - tic, k=model.args.num_experts_per_tok,
-                  moe_layers=len(model.moe_layers),
-                  expert_bytes=model.layers[model.moe_layers[0]].mlp.experts.layer.expert_bytes)
+    mx.eval(
+        model(mx.array([[int(ids[-1])]]), model.make_cache())
+    )  # brings the non-expert weights in
+    result = dict(
+        model=str(directory),
+        layout=model.report.stream_stats.layout,
+        cache_mb=args.cache_mb,
+        threads=args.threads,
+        load_s=time.perf_counter() - tic,
+        k=model.args.num_experts_per_tok,
+        moe_layers=len(model.moe_layers),
+        expert_bytes=model.layers[model.moe_layers[0]].mlp.experts.layer.expert_bytes,
+    )
     result["dropped_bytes"] = drop_page_cache(directory) if not args.no_drop else 0
     model.report.stream_stats.reset()
     cache = model.make_cache()
     tic = time.perf_counter()
-    mx.eval(model(mx.array(ids[None, :args.prompt]), cache))
+    mx.eval(model(mx.array(ids[None, : args.prompt]), cache))
     result["prefill"] = phase(model, time.perf_counter() - tic, args.prompt, "prefill")
     at = args.prompt
-    result["cold"] = phase(model, decode(model, cache, ids[at:at + args.tokens]), args.tokens)
+    result["cold"] = phase(model, decode(model, cache, ids[at : at + args.tokens]), args.tokens)
     print(format_stream_stats(model.report.stream_stats), file=sys.stderr)
     at += args.tokens
     if args.warmup >= 0:
-        decode(model, cache, ids[at:at + args.warmup])
+        decode(model, cache, ids[at : at + args.warmup])
         model.report.stream_stats.reset()
         at += args.warmup
-        result["warm"] = phase(model, decode(model, cache, ids[at:at + args.tokens]), args.tokens)
+        result["warm"] = phase(model, decode(model, cache, ids[at : at + args.tokens]), args.tokens)
         print(format_stream_stats(model.report.stream_stats), file=sys.stderr)
     return result
 
@@ -119,13 +129,26 @@ def io_only(model: str, threads: int, tokens: int, seed: int) -> dict:
         for layer in layout.layers.values():
             ids = np.sort(rng.choice(layer.num_experts, args.num_experts_per_tok, replace=False))
             _, report = reader.read(layer, ids)
-            reads, size, hits = reads + report.reads, size + report.bytes, hits + report.page_cache_bytes
+            reads, size, hits = (
+                reads + report.reads,
+                size + report.bytes,
+                hits + report.page_cache_bytes,
+            )
             read_s, upload_s = read_s + report.seconds, upload_s + report.upload_seconds
     seconds = time.perf_counter() - tic
-    return dict(model=model, layout=layout.kind, threads=threads, tokens=tokens, ms_per_token=1e3 * seconds / tokens,
-                read_ms_per_token=1e3 * read_s / tokens, upload_ms_per_token=1e3 * upload_s / tokens,
-                read_gb_per_s=size / read_s / 1e9, bytes_per_token=size / tokens, reads_per_token=reads / tokens,
-                page_cache_hit_rate=hits / size)
+    return dict(
+        model=model,
+        layout=layout.kind,
+        threads=threads,
+        tokens=tokens,
+        ms_per_token=1e3 * seconds / tokens,
+        read_ms_per_token=1e3 * read_s / tokens,
+        upload_ms_per_token=1e3 * upload_s / tokens,
+        read_gb_per_s=size / read_s / 1e9,
+        bytes_per_token=size / tokens,
+        reads_per_token=reads / tokens,
+        page_cache_hit_rate=hits / size,
+    )
 
 
 def trace(model: str, path: str, prompt: int, tokens: int, seed: int) -> dict:
@@ -150,7 +173,9 @@ def replay(model: str, path: str, threads: int, cache_mb: float) -> dict:
     steps = np.load(path)  # (tokens, layers, K)
     reader = ExpertReader(layout.files, threads=threads, cache_bytes=int(cache_mb * 2**20))
     drop_page_cache(directory)
-    result = dict(model=model, layout=layout.kind, threads=threads, cache_mb=cache_mb, tokens=len(steps))
+    result = dict(
+        model=model, layout=layout.kind, threads=threads, cache_mb=cache_mb, tokens=len(steps)
+    )
     for name in ("cold", "warm"):
         totals = dict(bytes=0, hits=0, cached=0, experts=0, seconds=0.0)
         tic = time.perf_counter()
@@ -162,9 +187,12 @@ def replay(model: str, path: str, threads: int, cache_mb: float) -> dict:
                 totals["cached"] += report.cached
                 totals["experts"] += report.experts
         seconds = time.perf_counter() - tic
-        result[name] = dict(ms_per_token=1e3 * seconds / len(steps), bytes_per_token=totals["bytes"] / len(steps),
-                            page_cache_hit_rate=totals["hits"] / max(totals["bytes"], 1),
-                            lru_hit_rate=totals["cached"] / totals["experts"])
+        result[name] = dict(
+            ms_per_token=1e3 * seconds / len(steps),
+            bytes_per_token=totals["bytes"] / len(steps),
+            page_cache_hit_rate=totals["hits"] / max(totals["bytes"], 1),
+            lru_hit_rate=totals["cached"] / totals["experts"],
+        )
     return result
 
 
@@ -183,10 +211,24 @@ def measure(model: str, **options) -> dict:
     return result
 
 
-def mlx_lm(model: str, limit_gb: float, timeout: float, prompt: str = "def fibonacci(n):", tokens: int = 4) -> dict:
+def mlx_lm(
+    model: str, limit_gb: float, timeout: float, prompt: str = "def fibonacci(n):", tokens: int = 4
+) -> dict:
     """mlx-lm's own generate on the same checkpoint, its address space capped with prlimit, killed after `timeout` s."""
-    argv = ["prlimit", f"--as={int(limit_gb * 2**30)}", sys.executable, "-m", "mlx_lm", "generate",
-            "--model", model, "--prompt", prompt, "--max-tokens", str(tokens)]
+    argv = [
+        "prlimit",
+        f"--as={int(limit_gb * 2**30)}",
+        sys.executable,
+        "-m",
+        "mlx_lm",
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        str(tokens),
+    ]
     tic = time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:
         child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -204,8 +246,14 @@ def mlx_lm(model: str, limit_gb: float, timeout: float, prompt: str = "def fibon
                 time.sleep(1)
         log.seek(0)
         out = log.read()
-    return dict(command=" ".join(argv), outcome=outcome, exit_status=os.waitstatus_to_exitcode(status),
-                seconds=time.perf_counter() - tic, peak_rss_gb=usage.ru_maxrss * 1024 / 1e9, output_tail=out[-1500:])
+    return dict(
+        command=" ".join(argv),
+        outcome=outcome,
+        exit_status=os.waitstatus_to_exitcode(status),
+        seconds=time.perf_counter() - tic,
+        peak_rss_gb=usage.ru_maxrss * 1024 / 1e9,
+        output_tail=out[-1500:],
+    )
 
 
 def _vm_status(pid: int) -> str:
@@ -220,17 +268,28 @@ def _vm_status(pid: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["run", "suite", "threads", "io", "trace", "replay", "mlx-lm"])
+    parser.add_argument(
+        "command", choices=["run", "suite", "threads", "io", "trace", "replay", "mlx-lm"]
+    )
     parser.add_argument("--model", required=True)
     parser.add_argument("--cache-mb", default="0", help="LRU size in MB (suite: a comma list)")
     parser.add_argument("--threads", default="16", help="I/O threads (threads, io: a comma list)")
     parser.add_argument("--prompt", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=24)
-    parser.add_argument("--warmup", type=int, default=48, help="unmeasured tokens before the warm run; -1: no warm run")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=48,
+        help="unmeasured tokens before the warm run; -1: no warm run",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-drop", action="store_true", help="keep the page cache (not a cold start)")
+    parser.add_argument(
+        "--no-drop", action="store_true", help="keep the page cache (not a cold start)"
+    )
     parser.add_argument("--limit-gb", type=float, default=16.0, help="mlx-lm: address-space cap")
-    parser.add_argument("--timeout", type=float, default=900.0, help="mlx-lm: seconds before it is killed")
+    parser.add_argument(
+        "--timeout", type=float, default=900.0, help="mlx-lm: seconds before it is killed"
+    )
     parser.add_argument("--trace", help="trace/replay: the .npy file of recorded expert ids")
     parser.add_argument("--json", help="append the results to this JSON-lines file")
     args = parser.parse_args(argv)
@@ -240,16 +299,25 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run(args)))
         return 0
     if args.command == "suite":
-        results = [measure(args.model, cache_mb=c, threads=args.threads, warmup=args.warmup, **common)
-                   for c in args.cache_mb.split(",")]
+        results = [
+            measure(args.model, cache_mb=c, threads=args.threads, warmup=args.warmup, **common)
+            for c in args.cache_mb.split(",")
+        ]
     elif args.command == "trace":
         results = [trace(args.model, args.trace, args.prompt, args.tokens, args.seed)]
     elif args.command == "replay":
-        results = [replay(args.model, args.trace, int(args.threads), float(c)) for c in args.cache_mb.split(",")]
+        results = [
+            replay(args.model, args.trace, int(args.threads), float(c))
+            for c in args.cache_mb.split(",")
+        ]
     elif args.command == "io":
-        results = [io_only(args.model, int(t), args.tokens, args.seed) for t in args.threads.split(",")]
+        results = [
+            io_only(args.model, int(t), args.tokens, args.seed) for t in args.threads.split(",")
+        ]
     elif args.command == "threads":
-        results = [measure(args.model, threads=t, warmup=-1, **common) for t in args.threads.split(",")]
+        results = [
+            measure(args.model, threads=t, warmup=-1, **common) for t in args.threads.split(",")
+        ]
     else:
         results = [mlx_lm(args.model, args.limit_gb, args.timeout)]
     for result in results:

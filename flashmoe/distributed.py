@@ -45,19 +45,25 @@ def resolve_group(group) -> mx.distributed.Group | None:
         return None
     if group is True:
         if not mx.distributed.is_available():
-            raise FlashMoeError("group=True: this MLX build has no distributed backend (mx.distributed.is_available())")
+            raise FlashMoeError(
+                "group=True: this MLX build has no distributed backend (mx.distributed.is_available())"
+            )
         return mx.distributed.init()
     if isinstance(group, mx.distributed.Group):
         return group
-    raise FlashMoeError(f"group must be an mx.distributed.Group, True or None, found {type(group).__name__}")
+    raise FlashMoeError(
+        f"group must be an mx.distributed.Group, True or None, found {type(group).__name__}"
+    )
 
 
 def expert_range(num_experts: int, group) -> tuple[int, int]:
     """The experts [lo, hi) rank group.rank() owns: a contiguous 1/N of them."""
     size, rank = group.size(), group.rank()
     if num_experts % size:
-        raise FlashMoeError(f"expert parallelism over {size} ranks needs a number of experts divisible by {size}; "
-                            f"the model has {num_experts} experts per MoE layer (use a divisor of {num_experts})")
+        raise FlashMoeError(
+            f"expert parallelism over {size} ranks needs a number of experts divisible by {size}; "
+            f"the model has {num_experts} experts per MoE layer (use a divisor of {num_experts})"
+        )
     per = num_experts // size
     return rank * per, (rank + 1) * per
 
@@ -65,8 +71,14 @@ def expert_range(num_experts: int, group) -> tuple[int, int]:
 class ShardedSource:
     """An expert source whose layers hold (and compute) only this rank's experts."""
 
-    def __init__(self, inner, directory: str | Path, args: ModelArgs, group: mx.distributed.Group,
-                 fold_shared: bool | None = None):
+    def __init__(
+        self,
+        inner,
+        directory: str | Path,
+        args: ModelArgs,
+        group: mx.distributed.Group,
+        fold_shared: bool | None = None,
+    ):
         self.inner, self.group = inner, group
         self.rank, self.size = group.rank(), group.size()
         self.lo, self.hi = expert_range(args.num_experts, group)
@@ -77,8 +89,10 @@ class ShardedSource:
             try:
                 self.layout = open_layout(directory, args)
             except FlashMoeError as err:
-                raise FlashMoeError(f"expert parallelism reads each rank's experts by their byte ranges; {err} "
-                                    "(convert the checkpoint to mlx-lm's layout first)") from None
+                raise FlashMoeError(
+                    f"expert parallelism reads each rank's experts by their byte ranges; {err} "
+                    "(convert the checkpoint to mlx-lm's layout first)"
+                ) from None
         self.loaded_bytes = 0  # expert bytes this rank read at load (resident)
         self.stats = inner.stats  # streaming counters of this rank (None: resident)
 
@@ -103,8 +117,12 @@ class ShardedSource:
         return kept
 
     def __call__(self, store, prefix: str) -> ShardedExperts:
-        offset = self.lo if self.resident else 0  # resident stacks hold experts lo..hi-1 as 0..E/N-1
-        return ShardedExperts(self.inner(store, prefix), self.lo, self.hi, offset, self.group, self.fold_shared)
+        offset = (
+            self.lo if self.resident else 0
+        )  # resident stacks hold experts lo..hi-1 as 0..E/N-1
+        return ShardedExperts(
+            self.inner(store, prefix), self.lo, self.hi, offset, self.group, self.fold_shared
+        )
 
     def finish(self) -> None:
         self.inner.finish()
@@ -114,7 +132,9 @@ class ShardedExperts:
     """One MoE layer's experts on this rank: the owned slots through the inner experts object, a
     partial (B, T, D) sum; `combine` all_sums it (with the shared expert) into the layer's output."""
 
-    def __init__(self, inner, lo: int, hi: int, offset: int, group: mx.distributed.Group, fold_shared: bool):
+    def __init__(
+        self, inner, lo: int, hi: int, offset: int, group: mx.distributed.Group, fold_shared: bool
+    ):
         self.inner, self.lo, self.hi, self.offset = inner, lo, hi, offset
         self.group, self.rank, self.fold_shared = group, group.rank(), fold_shared
 
@@ -129,12 +149,16 @@ class ShardedExperts:
             return mx.zeros(x.shape, x.dtype)
         local = (flat[slots] - self.offset).astype(np.uint32)
         w = weights.reshape(-1)[mx.array(slots)]
-        if x.size == d:  # one token (decode): its n owned slots as (1, 1, n), as the engine's decode path
+        if (
+            x.size == d
+        ):  # one token (decode): its n owned slots as (1, 1, n), as the engine's decode path
             n = len(slots)
             return self.inner(x, mx.array(local).reshape(1, 1, n), w.reshape(1, 1, n))
         tokens = mx.array(slots // k)  # each slot's token
         rows = x.reshape(-1, d)[tokens][None]  # (1, n, D): one row per owned slot, one expert each
-        y = self.inner(rows, mx.array(local).reshape(1, -1, 1), w.reshape(1, -1, 1))[0]  # (n, D), weighted
+        y = self.inner(rows, mx.array(local).reshape(1, -1, 1), w.reshape(1, -1, 1))[
+            0
+        ]  # (n, D), weighted
         return mx.zeros((x.size // d, d), x.dtype).at[tokens].add(y).reshape(*lead, d)
 
     def combine(self, x: mx.array, y: mx.array, shared) -> mx.array:

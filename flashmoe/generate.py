@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -44,7 +45,7 @@ def _cache_state(cache: list) -> list:
 def prefill(model: Any, tokens: mx.array, cache: list, chunk: int) -> None:
     """Feed `tokens` (T,) through the cache `chunk` at a time; their logits are never computed."""
     for start in range(0, tokens.shape[0], chunk):
-        model(tokens[None, start:start + chunk], cache)  # (1, chunk) -> logits, left unevaluated
+        model(tokens[None, start : start + chunk], cache)  # (1, chunk) -> logits, left unevaluated
         mx.eval(_cache_state(cache))  # bound the graph: one chunk of work at a time
 
 
@@ -52,7 +53,9 @@ def prefill(model: Any, tokens: mx.array, cache: list, chunk: int) -> None:
 # (ml-explore/mlx#2133 and friends: its streams are not thread safe); generation steps take
 # this lock, so a model shared between threads is used by one of them at a time.
 MODEL_LOCK = threading.RLock()
-_active = [0]  # generations in progress: with more than one, a step is finished before the lock is let go
+_active = [
+    0
+]  # generations in progress: with more than one, a step is finished before the lock is let go
 
 
 def _settle() -> None:
@@ -92,12 +95,16 @@ def _unpack(step: mx.array, i: int) -> int:
         return int(step.item())
     token, finite = step.tolist()
     if not finite:
-        raise FlashMoeError(f"generation step {i}: the model's logits are not finite (NaN or inf); the "
-                            "checkpoint's weights or the prompt drove it out of range, stopping")
+        raise FlashMoeError(
+            f"generation step {i}: the model's logits are not finite (NaN or inf); the "
+            "checkpoint's weights or the prompt drove it out of range, stopping"
+        )
     return token
 
 
-def decode_tokens(model: Any, token: mx.array, cache: list, sampler: Sampler, n: int) -> Iterator[int]:
+def decode_tokens(
+    model: Any, token: mx.array, cache: list, sampler: Sampler, n: int
+) -> Iterator[int]:
     """Yield `n` ids, starting with `token` ((1,) id or (2,) decode_step result); each next one is computing
     while the caller handles this one. Non-finite logits stop it with a FlashMoeError naming the step."""
     for i in range(n):
@@ -111,24 +118,33 @@ def decode_tokens(model: Any, token: mx.array, cache: list, sampler: Sampler, n:
         token = following
 
 
-def _prompt_ids(tokenizer: Tokenizer, prompt: str | list[int], vocab_size: int | None = None) -> list[int]:
+def _prompt_ids(
+    tokenizer: Tokenizer, prompt: str | list[int], vocab_size: int | None = None
+) -> list[int]:
     """The prompt as ids: a string is encoded, a list is taken as is; every id must be in [0, vocab_size)."""
     if isinstance(prompt, str):
         ids = tokenizer.encode(prompt)
     else:
         ids = []
         for t in prompt:
-            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) and not (
-                    isinstance(t, float) and t.is_integer()):
+            if (
+                isinstance(t, bool)
+                or not isinstance(t, (int, np.integer))
+                and not (isinstance(t, float) and t.is_integer())
+            ):
                 raise FlashMoeError(f"prompt token {t!r} is not an integer id")
             ids.append(int(t))
     if not ids:
-        raise FlashMoeError("the prompt is empty: generation needs at least one token to start from")
+        raise FlashMoeError(
+            "the prompt is empty: generation needs at least one token to start from"
+        )
     if vocab_size is not None:
         for position, t in enumerate(ids):
             if not 0 <= t < vocab_size:
-                raise FlashMoeError(f"prompt token {t} at position {position} is outside the model's vocabulary "
-                                    f"[0, {vocab_size}) (config.json vocab_size)")
+                raise FlashMoeError(
+                    f"prompt token {t} at position {position} is outside the model's vocabulary "
+                    f"[0, {vocab_size}) (config.json vocab_size)"
+                )
     return ids
 
 
@@ -137,25 +153,41 @@ def _vocab_size(model: Any) -> int | None:
     return size if isinstance(size, int) else None
 
 
-def _prompt_phase(model: Any, ids: list[int], sampler: Sampler, chunk: int) -> tuple[mx.array, list, float]:
+def _prompt_phase(
+    model: Any, ids: list[int], sampler: Sampler, chunk: int
+) -> tuple[mx.array, list, float]:
     """Prefill all but the last prompt id, sample the first token; return it, the cache and prompt tokens/s."""
     cache = model.make_cache()
     tic = time.perf_counter()
     with MODEL_LOCK:
         _settle()
         prefill(model, mx.array(ids[:-1], dtype=mx.int32), cache, max(1, chunk))
-        first = decode_step(model, mx.array(ids[-1:], dtype=mx.int32), cache, sampler)  # (2,) [id, finite]
+        first = decode_step(
+            model, mx.array(ids[-1:], dtype=mx.int32), cache, sampler
+        )  # (2,) [id, finite]
         mx.eval(first)  # sync: the prompt phase ends here, for prompt_tps
     return first, cache, len(ids) / (time.perf_counter() - tic)
 
 
-def stream_generate(model: Any, tokenizer: Tokenizer, prompt: str | list[int], max_tokens: int = 64,
-                    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                    prefill_chunk: int = 512) -> Iterator[GenerationStep]:
+def stream_generate(
+    model: Any,
+    tokenizer: Tokenizer,
+    prompt: str | list[int],
+    max_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    prefill_chunk: int = 512,
+) -> Iterator[GenerationStep]:
     """Yield one GenerationStep per generated token until EOS or `max_tokens`."""
     ids = _prompt_ids(tokenizer, prompt, _vocab_size(model))
     sampler = make_sampler(temperature, top_p, top_k)
-    for name, value, low in (("seed", seed, 0), ("max_tokens", max_tokens, 0), ("prefill_chunk", prefill_chunk, 1)):
+    for name, value, low in (
+        ("seed", seed, 0),
+        ("max_tokens", max_tokens, 0),
+        ("prefill_chunk", prefill_chunk, 1),
+    ):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise FlashMoeError(f"{name} must be an integer >= {low}; got {value!r}")
     if seed >= 2**64:
@@ -171,8 +203,15 @@ def stream_generate(model: Any, tokenizer: Tokenizer, prompt: str | list[int], m
             _active[0] -= 1
 
 
-def _generate(model: Any, tokenizer: Tokenizer, ids: list[int], sampler: Sampler, max_tokens: int, seed: int,
-              prefill_chunk: int) -> Iterator[GenerationStep]:
+def _generate(
+    model: Any,
+    tokenizer: Tokenizer,
+    ids: list[int],
+    sampler: Sampler,
+    max_tokens: int,
+    seed: int,
+    prefill_chunk: int,
+) -> Iterator[GenerationStep]:
     mx.random.seed(seed)
     first, cache, prompt_tps = _prompt_phase(model, ids, sampler, prefill_chunk)
     if timing.timer.enabled:
@@ -186,8 +225,16 @@ def _generate(model: Any, tokenizer: Tokenizer, ids: list[int], sampler: Sampler
         if finish:
             text += detokenizer.finalize()
         elapsed = max(time.perf_counter() - tic, 1e-9)
-        yield GenerationStep(token, text, len(ids), prompt_tps, n + 1, (n + 1) / elapsed,
-                             mx.get_peak_memory() / 1e9, finish)
+        yield GenerationStep(
+            token,
+            text,
+            len(ids),
+            prompt_tps,
+            n + 1,
+            (n + 1) / elapsed,
+            mx.get_peak_memory() / 1e9,
+            finish,
+        )
         if stop:
             return
 
@@ -197,18 +244,28 @@ def generate(model: Any, tokenizer: Tokenizer, prompt: str | list[int], **kwargs
     return "".join(step.text for step in stream_generate(model, tokenizer, prompt, **kwargs))
 
 
-def format_stats(step: GenerationStep, bytes_per_token: float | None = None, streamed: bool = False) -> str:
+def format_stats(
+    step: GenerationStep, bytes_per_token: float | None = None, streamed: bool = False
+) -> str:
     """The closing statistics, as mlx_lm.generate prints them, with gpt-fast's bandwidth line.
 
     `bytes_per_token`: weight bytes one decode step reads (model.report.bytes_per_token["total"]; with
     expert streaming, `streamed=True`, the non-expert bytes plus the expert bytes read from disk per
     token); the bandwidth is that times the generation tokens-per-sec.
     """
-    lines = [f"Prompt: {step.prompt_tokens} tokens, {step.prompt_tps:.3f} tokens-per-sec",
-             f"Generation: {step.generation_tokens} tokens, {step.generation_tps:.3f} tokens-per-sec"]
+    lines = [
+        f"Prompt: {step.prompt_tokens} tokens, {step.prompt_tps:.3f} tokens-per-sec",
+        f"Generation: {step.generation_tokens} tokens, {step.generation_tps:.3f} tokens-per-sec",
+    ]
     if bytes_per_token:
-        what = "weights read per token, the experts' as streamed from disk" if streamed else "weights read per token"
-        lines.append(f"Bandwidth: {bytes_per_token * step.generation_tps / 1e9:.3f} GB/s "
-                     f"({bytes_per_token / 1e6:.3f} MB of {what} x {step.generation_tps:.3f} tokens-per-sec)")
+        what = (
+            "weights read per token, the experts' as streamed from disk"
+            if streamed
+            else "weights read per token"
+        )
+        lines.append(
+            f"Bandwidth: {bytes_per_token * step.generation_tps / 1e9:.3f} GB/s "
+            f"({bytes_per_token / 1e6:.3f} MB of {what} x {step.generation_tps:.3f} tokens-per-sec)"
+        )
     lines.append(f"Peak memory: {step.peak_memory_gb:.3f} GB")
     return "\n".join(lines)

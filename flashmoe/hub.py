@@ -19,7 +19,15 @@ from pathlib import Path
 
 from .errors import FlashMoeError
 
-ALLOW_PATTERNS = ["config.json", "*.safetensors", "*.json", "tokenizer*", "*.jinja", "*.txt", "*.model"]
+ALLOW_PATTERNS = [
+    "config.json",
+    "*.safetensors",
+    "*.json",
+    "tokenizer*",
+    "*.jinja",
+    "*.txt",
+    "*.model",
+]
 # owner/name, as the Hub spells them: letters, digits, '-', '_', '.'; no '--' or '..', no leading or trailing '-' or '.'
 REPO_ID = re.compile(r"^(?![-.])[\w.-]{1,96}(?<![-.])/(?![-.])[\w.-]{1,96}(?<![-.])$")
 _TRUE = {"1", "on", "yes", "true"}
@@ -46,7 +54,10 @@ def cache_dir() -> Path:
 
 def offline() -> bool:
     """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set, now or when huggingface_hub was imported."""
-    if any(os.environ.get(name, "").strip().lower() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+    if any(
+        os.environ.get(name, "").strip().lower() in _TRUE
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    ):
         return True
     constants = sys.modules.get("huggingface_hub.constants")
     return bool(getattr(constants, "HF_HUB_OFFLINE", False))
@@ -61,8 +72,10 @@ def resolve_model(repo_id: str, *, progress: bool | None = None) -> Path:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
     except ImportError:
-        raise FlashMoeError(f"{repo_id}: not a local directory, and huggingface_hub (to fetch it from the Hugging Face "
-                            "Hub) is not installed: pip install huggingface_hub") from None
+        raise FlashMoeError(
+            f"{repo_id}: not a local directory, and huggingface_hub (to fetch it from the Hugging Face "
+            "Hub) is not installed: pip install huggingface_hub"
+        ) from None
     try:
         from huggingface_hub.errors import IncompleteSnapshotError as incomplete
     except ImportError:  # before huggingface_hub 1.0 a partial snapshot is returned as it is
@@ -75,14 +88,22 @@ def resolve_model(repo_id: str, *, progress: bool | None = None) -> Path:
     except (LocalEntryNotFoundError, incomplete, OSError):
         pass  # not cached (or only in part): download it, if downloads are allowed
     except Exception as err:  # noqa: BLE001 an invalid id and the like: one line
-        raise FlashMoeError(f"{repo_id}: {type(err).__name__}: {' '.join(str(err).split())[:300]}") from None
+        raise FlashMoeError(
+            f"{repo_id}: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        ) from None
     if cached is not None and (cached / "config.json").is_file():
         return cached
     if offline():
-        where = f"the cached snapshot {cached} has no config.json" if cached else f"not in the Hugging Face cache ({cache})"
-        raise FlashMoeError(f"{repo_id}: not a local directory and {where}, and downloads are off "
-                            "(HF_HUB_OFFLINE is set): download it once with a network (unset HF_HUB_OFFLINE), "
-                            "or pass a checkpoint directory")
+        where = (
+            f"the cached snapshot {cached} has no config.json"
+            if cached
+            else f"not in the Hugging Face cache ({cache})"
+        )
+        raise FlashMoeError(
+            f"{repo_id}: not a local directory and {where}, and downloads are off "
+            "(HF_HUB_OFFLINE is set): download it once with a network (unset HF_HUB_OFFLINE), "
+            "or pass a checkpoint directory"
+        )
     try:
         with _bars(progress):
             return _checked(repo_id, Path(snapshot_download(**kwargs)), cache)
@@ -93,8 +114,10 @@ def resolve_model(repo_id: str, *, progress: bool | None = None) -> Path:
         if kind in ("RepositoryNotFoundError", "GatedRepoError"):
             why = "no such repository on the Hugging Face Hub (or it is private or gated: `hf auth login`)"
         elif isinstance(err, LocalEntryNotFoundError):
-            why = (f"not in the Hugging Face cache ({cache}) and the Hub cannot be reached "
-                   "(no network? set HF_HUB_OFFLINE=1 to use the cache alone)")
+            why = (
+                f"not in the Hugging Face cache ({cache}) and the Hub cannot be reached "
+                "(no network? set HF_HUB_OFFLINE=1 to use the cache alone)"
+            )
         else:
             why = f"download failed ({kind}: {' '.join(str(err).split())[:300]})"
         raise FlashMoeError(f"{repo_id}: {why}") from None
@@ -103,15 +126,21 @@ def resolve_model(repo_id: str, *, progress: bool | None = None) -> Path:
 def _checked(repo_id: str, folder: Path, cache: Path) -> Path:
     """A snapshot that holds a checkpoint (config.json and weights); else a FlashMoeError."""
     if not (folder / "config.json").is_file():
-        raise FlashMoeError(f"{repo_id}: the snapshot {folder} has no config.json: not a model repository "
-                            f"(or an interrupted download: delete it from {cache} and try again)")
+        raise FlashMoeError(
+            f"{repo_id}: the snapshot {folder} has no config.json: not a model repository "
+            f"(or an interrupted download: delete it from {cache} and try again)"
+        )
     return folder
 
 
 @contextmanager
 def _bars(progress: bool | None):
     """huggingface_hub's own tqdm bars on or off for the block (off: --quiet, or stderr not a terminal)."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
 
     show = sys.stderr.isatty() if progress is None else progress
     was_disabled = are_progress_bars_disabled()

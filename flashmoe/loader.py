@@ -18,9 +18,9 @@ import json
 import sys
 import warnings
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import mlx.core as mx
 
@@ -40,7 +40,9 @@ from .streaming.stats import StreamStats
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "flashmoe-coder-tiny"
-LARGE_CHECKPOINT_BYTES = 1 << 30  # above this, a load with a progress bar reads the weights shard by shard
+LARGE_CHECKPOINT_BYTES = (
+    1 << 30
+)  # above this, a load with a progress bar reads the weights shard by shard
 
 
 @dataclass
@@ -50,16 +52,28 @@ class LoadReport:
     directory: Path
     backend: str  # the kernel backend the model runs
     dtype: mx.Dtype  # the compute dtype
-    misread_modules: list[str] = field(default_factory=list)  # quant="global": modules read at the wrong bits
-    dropped: list[str] = field(default_factory=list)  # tensors flashmoe does not use (mtp heads, vision tower)
+    misread_modules: list[str] = field(
+        default_factory=list
+    )  # quant="global": modules read at the wrong bits
+    dropped: list[str] = field(
+        default_factory=list
+    )  # tensors flashmoe does not use (mtp heads, vision tower)
     stream_stats: StreamStats | None = None  # expert streaming counters (None: experts resident)
     # weight bytes one decode step reads, gpt-fast's figure: {"dense", "experts", "total"} (bytes_per_token())
     bytes_per_token: dict[str, float] = field(default_factory=dict)
 
 
-def load(path: str | Path | None = None, backend: str = "auto", quant: str = "config",
-         k: int | None = None, dtype: mx.Dtype | None = None, stream_experts: bool | StreamOptions = False,
-         expert_cache_mb: float | None = None, progress: bool | None = None, group=None) -> tuple[Model, Tokenizer]:
+def load(
+    path: str | Path | None = None,
+    backend: str = "auto",
+    quant: str = "config",
+    k: int | None = None,
+    dtype: mx.Dtype | None = None,
+    stream_experts: bool | StreamOptions = False,
+    expert_cache_mb: float | None = None,
+    progress: bool | None = None,
+    group=None,
+) -> tuple[Model, Tokenizer]:
     """Load a model and its tokenizer. `quant="global"` reproduces the 4-bit-only engine's bug.
 
     `path`: a checkpoint directory, a Hugging Face Hub id (`owner/name`: the cache, else a download),
@@ -70,20 +84,39 @@ def load(path: str | Path | None = None, backend: str = "auto", quant: str = "co
     """
     directory = _resolve_path(path, progress)
     _say_backend_once(backend)
-    model = load_model(directory, backend=backend, quant=quant, k=k, dtype=dtype, stream_experts=stream_experts,
-                       expert_cache_mb=expert_cache_mb, progress=progress, group=group)
+    model = load_model(
+        directory,
+        backend=backend,
+        quant=quant,
+        k=k,
+        dtype=dtype,
+        stream_experts=stream_experts,
+        expert_cache_mb=expert_cache_mb,
+        progress=progress,
+        group=group,
+    )
     tokenizer = Tokenizer.from_dir(directory)
     vocab = getattr(tokenizer, "vocab_size", None)
     if isinstance(vocab, int) and vocab > model.args.vocab_size:
-        raise FlashMoeError(f"{directory / 'tokenizer.json'}: the tokenizer has {vocab} ids but the model's "
-                            f"embedding has {model.args.vocab_size} rows ({directory / 'config.json'} vocab_size): "
-                            "ids past the table have no embedding (do tokenizer and model belong together?)")
+        raise FlashMoeError(
+            f"{directory / 'tokenizer.json'}: the tokenizer has {vocab} ids but the model's "
+            f"embedding has {model.args.vocab_size} rows ({directory / 'config.json'} vocab_size): "
+            "ids past the table have no embedding (do tokenizer and model belong together?)"
+        )
     return model, tokenizer
 
 
-def load_model(directory: str | Path, backend: str = "auto", quant: str = "config", k: int | None = None,
-               dtype: mx.Dtype | None = None, stream_experts: bool | StreamOptions = False,
-               expert_cache_mb: float | None = None, progress: bool | None = None, group=None) -> Model:
+def load_model(
+    directory: str | Path,
+    backend: str = "auto",
+    quant: str = "config",
+    k: int | None = None,
+    dtype: mx.Dtype | None = None,
+    stream_experts: bool | StreamOptions = False,
+    expert_cache_mb: float | None = None,
+    progress: bool | None = None,
+    group=None,
+) -> Model:
     """The model alone (no tokenizer needed). `dtype` overrides the compute dtype (compute_dtype).
 
     `stream_experts` leaves the routed experts on disk and reads the selected ones per layer
@@ -103,21 +136,38 @@ def load_model(directory: str | Path, backend: str = "auto", quant: str = "confi
     tensors, specs, dropped = sanitize(experts.keep(read_tensors(directory)), specs, args)
     _read_with_progress(tensors, infos, directory, progress)
     if dropped:
-        warnings.warn(f"{directory}: {len(dropped)} tensors not used by flashmoe were dropped "
-                      f"({', '.join(sorted({name.split('.')[0] for name in dropped}))}.*)", stacklevel=2)
+        warnings.warn(
+            f"{directory}: {len(dropped)} tensors not used by flashmoe were dropped "
+            f"({', '.join(sorted({name.split('.')[0] for name in dropped}))}.*)",
+            stacklevel=2,
+        )
     store = TensorStore(
-        tensors, specs=specs, default_spec=plan.default, quant=quant, backend=kernels.resolve_backend(backend),
-        dtype=dtype or compute_dtype(_stored_dtype(tensors)), source=str(directory),
+        tensors,
+        specs=specs,
+        default_spec=plan.default,
+        quant=quant,
+        backend=kernels.resolve_backend(backend),
+        dtype=dtype or compute_dtype(_stored_dtype(tensors)),
+        source=str(directory),
     )
     model = Model(store, args, k=k, experts=experts)
     store.finish()
     experts.finish()
-    model.report = LoadReport(directory, store.backend, store.dtype, store.misread_modules, dropped, experts.stats,
-                              bytes_per_token=bytes_per_token(infos, args, k))
+    model.report = LoadReport(
+        directory,
+        store.backend,
+        store.dtype,
+        store.misread_modules,
+        dropped,
+        experts.stats,
+        bytes_per_token=bytes_per_token(infos, args, k),
+    )
     return model
 
 
-def bytes_per_token(infos: Mapping[str, TensorInfo], args: ModelArgs, k: int | None = None) -> dict[str, float]:
+def bytes_per_token(
+    infos: Mapping[str, TensorInfo], args: ModelArgs, k: int | None = None
+) -> dict[str, float]:
     """Weight bytes one decode step reads, from the tensors' headers (gpt-fast's figure).
 
     Every non-expert tensor in full (the embedding table: one row, unless it is also the output
@@ -139,8 +189,12 @@ def bytes_per_token(infos: Mapping[str, TensorInfo], args: ModelArgs, k: int | N
     return {"dense": dense, "experts": experts, "total": dense + experts}
 
 
-def _read_with_progress(tensors: dict[str, mx.array], infos: Mapping[str, TensorInfo], directory: Path,
-                        progress: bool | None) -> None:
+def _read_with_progress(
+    tensors: dict[str, mx.array],
+    infos: Mapping[str, TensorInfo],
+    directory: Path,
+    progress: bool | None,
+) -> None:
     """A large checkpoint with a bar shown: read (evaluate) its weights now, one shard at a time."""
     if not shown(progress):
         return  # mx.load is lazy: the weights are read at the first forward pass
@@ -149,7 +203,9 @@ def _read_with_progress(tensors: dict[str, mx.array], infos: Mapping[str, Tensor
         return
     by_file: dict[str, list[mx.array]] = defaultdict(list)
     for name, value in tensors.items():
-        by_file[infos[name].file if name in infos else ""].append(value)  # renamed by sanitize: last
+        by_file[infos[name].file if name in infos else ""].append(
+            value
+        )  # renamed by sanitize: last
     with progress_bar(total=total, desc=f"loading {directory.name}", unit="B", enabled=True) as bar:
         for file in sorted(by_file, key=lambda f: (f == "", f)):
             mx.eval(by_file[file])
@@ -176,8 +232,10 @@ def expert_source(directory: Path, args: ModelArgs, stream_experts, expert_cache
     elif group is not None or not ((directory / MANIFEST).is_file() and args.num_experts):
         source = ResidentSource()  # sharded: read from the byte ranges, repacked layout included
     else:
-        raise FlashMoeError(f"{directory}: a repacked checkpoint ({MANIFEST}) keeps its experts outside the "
-                            "safetensors files; load it with stream_experts=True")
+        raise FlashMoeError(
+            f"{directory}: a repacked checkpoint ({MANIFEST}) keeps its experts outside the "
+            "safetensors files; load it with stream_experts=True"
+        )
     if group is None or not args.num_experts:
         return source
     return distributed.ShardedSource(source, directory, args, group)
@@ -191,15 +249,19 @@ def _resolve_path(path, progress: bool | None = None) -> Path:
     if path is None:
         path = default_model_dir()
         if path is None:
-            raise FlashMoeError(f"no default model in this install ({DEFAULT_MODEL_DIR} is missing): "
-                                "pass a checkpoint directory or a Hugging Face id (owner/name)")
+            raise FlashMoeError(
+                f"no default model in this install ({DEFAULT_MODEL_DIR} is missing): "
+                "pass a checkpoint directory or a Hugging Face id (owner/name)"
+            )
     directory = Path(path)
     if directory.is_dir():
         return directory
     if not directory.exists() and hub.is_repo_id(str(path)):
         return hub.resolve_model(str(path), progress=progress)
-    raise FlashMoeError(f"{directory}: not a directory (expected a checkpoint with config.json, "
-                        "or a Hugging Face id such as mlx-community/Qwen3-Coder-Next-4bit)")
+    raise FlashMoeError(
+        f"{directory}: not a directory (expected a checkpoint with config.json, "
+        "or a Hugging Face id such as mlx-community/Qwen3-Coder-Next-4bit)"
+    )
 
 
 def _stored_dtype(tensors: dict[str, mx.array]) -> mx.Dtype:
@@ -219,7 +281,9 @@ def read_config(directory: str | Path) -> dict:
     if not path.is_file():
         raise FlashMoeError(f"{path}: not a regular file")
     if path.stat().st_size > 64 << 20:
-        raise FlashMoeError(f"{path}: {path.stat().st_size} bytes; a config.json is far smaller (wrong file?)")
+        raise FlashMoeError(
+            f"{path}: {path.stat().st_size} bytes; a config.json is far smaller (wrong file?)"
+        )
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
@@ -237,11 +301,9 @@ def check_checkpoint(directory: str | Path) -> tuple[QuantPlan, dict[str, Resolv
     return plan, check_tensors(plan, tensor_infos(directory))
 
 
-
 def default_model_dir() -> Path | None:
     """The bundled checkpoint directory, or None when this install has none."""
     return DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / "config.json").is_file() else None
-
 
 
 def compute_dtype(stored: mx.Dtype, device: mx.Device | None = None) -> mx.Dtype:
@@ -254,4 +316,3 @@ def compute_dtype(stored: mx.Dtype, device: mx.Device | None = None) -> mx.Dtype
     if device == mx.cpu and mx.issubdtype(stored, mx.floating):
         return mx.float32
     return stored
-

@@ -20,7 +20,9 @@ import mlx.core as mx
 from .errors import FlashMoeError
 
 
-def misread_as(w: mx.array, *, stored_bits: int, read_bits: int, in_dim: int, name: str = "tensor") -> mx.array:
+def misread_as(
+    w: mx.array, *, stored_bits: int, read_bits: int, in_dim: int, name: str = "tensor"
+) -> mx.array:
     """The packed words an engine reading `read_bits` sees in w (..., out, in*stored_bits/32)."""
     if w.shape[-1] * 32 != in_dim * stored_bits:
         raise FlashMoeError(

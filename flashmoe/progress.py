@@ -27,7 +27,7 @@ class _NoBar:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "_NoBar":
+    def __enter__(self) -> _NoBar:
         return self
 
     def __exit__(self, *_) -> None:
@@ -56,7 +56,9 @@ def _in_notebook() -> bool:
     return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
 
-def progress_bar(total: float | None = None, desc: str = "", unit: str = "it", enabled: bool | None = None, **kw):
+def progress_bar(
+    total: float | None = None, desc: str = "", unit: str = "it", enabled: bool | None = None, **kw
+):
     """A tqdm bar on stderr (bytes scaled to kB/MB/GB when unit="B"), or a silent stand-in."""
     if not shown(enabled):
         return _NoBar()
@@ -68,5 +70,13 @@ def progress_bar(total: float | None = None, desc: str = "", unit: str = "it", e
     except ImportError:
         return _NoBar()
     scale = dict(unit_scale=True, unit_divisor=1024) if unit == "B" else {}
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True,
-                **scale, **kw)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        leave=False,
+        dynamic_ncols=True,
+        **scale,
+        **kw,
+    )

@@ -18,8 +18,8 @@ project is about, and the shapes always tell the truth:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 from .errors import QuantConfigError, QuantMismatchError
 
@@ -27,7 +27,10 @@ AFFINE_BITS = (2, 3, 4, 5, 6, 8)
 AFFINE_GROUP_SIZES = (32, 64, 128)
 # Floating-point formats fix their bits and group size; scales are uint8, no biases.
 FP_FORMATS = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
-MODE_DEFAULTS = {"affine": (4, 64), **FP_FORMATS}  # mode -> (bits, group_size), as MLX's nn.quantize
+MODE_DEFAULTS = {
+    "affine": (4, 64),
+    **FP_FORMATS,
+}  # mode -> (bits, group_size), as MLX's nn.quantize
 SECTION_KEYS = ("quantization", "quantization_config")
 
 
@@ -187,12 +190,18 @@ def claim_bits(config: Mapping, module: str, bits: int) -> dict:
         if key in config:
             section = dict(config[key])
             entry = section.get(module) if isinstance(section.get(module), dict) else {}
-            section[module] = {**entry, "bits": bits, "group_size": entry.get("group_size", section.get("group_size", 64))}
+            section[module] = {
+                **entry,
+                "bits": bits,
+                "group_size": entry.get("group_size", section.get("group_size", 64)),
+            }
             config[key] = section
     return config
 
 
-def implied_bits(weight_shape: Sequence[int], scales_shape: Sequence[int], group_size: int) -> float:
+def implied_bits(
+    weight_shape: Sequence[int], scales_shape: Sequence[int], group_size: int
+) -> float:
     """Bits per value that a packed weight's shape implies, given the group size."""
     in_dim = scales_shape[-1] * group_size
     return weight_shape[-1] * 32 / in_dim
@@ -245,9 +254,15 @@ def check_module(plan: QuantPlan, module: str, tensors: Mapping[str, TensorInfo]
     return Resolved(module, spec, f"shapes{said}")
 
 
-def infer_spec(module: str, weight: TensorInfo, scales: TensorInfo, hint: QuantSpec | None) -> QuantSpec:
+def infer_spec(
+    module: str, weight: TensorInfo, scales: TensorInfo, hint: QuantSpec | None
+) -> QuantSpec:
     """The spec a tensor's shapes imply, trying the hinted group size first."""
-    mode = "affine" if scales.dtype != "U8" else (hint.mode if hint and hint.mode != "affine" else None)
+    mode = (
+        "affine"
+        if scales.dtype != "U8"
+        else (hint.mode if hint and hint.mode != "affine" else None)
+    )
     if mode is None:
         raise QuantMismatchError(
             f"{weight.file}: '{module}.scales' is uint8 (an fp format), but the config names "
@@ -288,7 +303,9 @@ def _mismatch_message(module: str, claim: Resolved, weight: TensorInfo, scales: 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 
 
-def _check_dtypes(module: str, weight: TensorInfo, scales: TensorInfo, biases: TensorInfo | None) -> None:
+def _check_dtypes(
+    module: str, weight: TensorInfo, scales: TensorInfo, biases: TensorInfo | None
+) -> None:
     """Packed words are uint32; scales are floats (affine) or uint8 (fp formats); biases floats."""
     problems = []
     if weight.dtype != "U32":
@@ -306,9 +323,13 @@ def _check_companions(module: str, spec: QuantSpec, tensors: Mapping[str, Tensor
     scales = tensors[f"{module}.scales"]
     biases = tensors.get(f"{module}.biases")
     if spec.has_biases and biases is None:
-        raise QuantMismatchError(f"{scales.file}: '{module}' is {spec} but has no '{module}.biases'")
+        raise QuantMismatchError(
+            f"{scales.file}: '{module}' is {spec} but has no '{module}.biases'"
+        )
     if not spec.has_biases and biases is not None:
-        raise QuantMismatchError(f"{scales.file}: '{module}' is {spec}, which has no biases, but '{module}.biases' exists")
+        raise QuantMismatchError(
+            f"{scales.file}: '{module}' is {spec}, which has no biases, but '{module}.biases' exists"
+        )
     if biases is not None and biases.shape != scales.shape:
         raise QuantMismatchError(
             f"{biases.file}: '{module}.biases' has shape {biases.shape}, expected the scales' {scales.shape}"

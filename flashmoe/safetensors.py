@@ -23,11 +23,33 @@ import numpy as np
 from .errors import FlashMoeError
 from .quant import TensorInfo
 
-DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "BF16": 2, "F16": 2, "U16": 2, "I16": 2,
-               "F32": 4, "U32": 4, "I32": 4, "F64": 8, "U64": 8, "I64": 8}
+DTYPE_SIZES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "BF16": 2,
+    "F16": 2,
+    "U16": 2,
+    "I16": 2,
+    "F32": 4,
+    "U32": 4,
+    "I32": 4,
+    "F64": 8,
+    "U64": 8,
+    "I64": 8,
+}
 DEFAULT_SHARD_BYTES = 5 * 2**30  # 5 GB shards, as mlx-lm and Hugging Face write them
-MLX_DTYPES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32",
-              mx.int32: "I32", mx.uint8: "U8", mx.uint16: "U16", mx.int64: "I64", mx.uint64: "U64"}
+MLX_DTYPES = {
+    mx.bfloat16: "BF16",
+    mx.float16: "F16",
+    mx.float32: "F32",
+    mx.uint32: "U32",
+    mx.int32: "I32",
+    mx.uint8: "U8",
+    mx.uint16: "U16",
+    mx.int64: "I64",
+    mx.uint64: "U64",
+}
 
 
 def nbytes(dtype: str, shape) -> int:
@@ -45,7 +67,9 @@ def host_bytes(value: mx.array) -> np.ndarray:
 class SafetensorsWriter:
     """`with SafetensorsWriter(path, [(name, dtype, shape), ...]) as w: w.write(name, data)` in header order."""
 
-    def __init__(self, path: str | Path, entries: list[tuple[str, str, tuple]], metadata: dict | None = None):
+    def __init__(
+        self, path: str | Path, entries: list[tuple[str, str, tuple]], metadata: dict | None = None
+    ):
         self.path = Path(path)
         self.entries = [(name, dtype, tuple(shape)) for name, dtype, shape in entries]
         header: dict = {"__metadata__": metadata or {"format": "mlx"}}
@@ -54,7 +78,11 @@ class SafetensorsWriter:
             if dtype not in DTYPE_SIZES:
                 raise FlashMoeError(f"{self.path}: tensor '{name}' has unknown dtype {dtype!r}")
             size = nbytes(dtype, shape)
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[name] = {
+                "dtype": dtype,
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
@@ -66,14 +94,18 @@ class SafetensorsWriter:
     def write(self, name: str, data) -> None:
         """Append `data` (numpy array, bytes or mx.array) to tensor `name`; a tensor may come in several pieces."""
         if self._index >= len(self.entries) or self.entries[self._index][0] != name:
-            expected = self.entries[self._index][0] if self._index < len(self.entries) else "nothing"
+            expected = (
+                self.entries[self._index][0] if self._index < len(self.entries) else "nothing"
+            )
             raise FlashMoeError(f"{self.path}: wrote '{name}' out of order (expected {expected})")
         raw = host_bytes(data) if isinstance(data, mx.array) else memoryview(data).cast("B")
         _, dtype, shape = self.entries[self._index]
         size = nbytes(dtype, shape)
         if self._written + len(raw) > size:
-            raise FlashMoeError(f"{self.path}: tensor '{name}' {dtype} {shape} takes {size} bytes; "
-                                f"{self._written + len(raw)} were written")
+            raise FlashMoeError(
+                f"{self.path}: tensor '{name}' {dtype} {shape} takes {size} bytes; "
+                f"{self._written + len(raw)} were written"
+            )
         self._file.write(raw)
         self._written += len(raw)
         if self._written == size:
@@ -83,9 +115,11 @@ class SafetensorsWriter:
         """Finish the file; an error if some tensor was not (completely) written."""
         self._file.close()
         if self._index < len(self.entries):
-            raise FlashMoeError(f"{self.path}: closed before tensor '{self.entries[self._index][0]}' was written")
+            raise FlashMoeError(
+                f"{self.path}: closed before tensor '{self.entries[self._index][0]}' was written"
+            )
 
-    def __enter__(self) -> "SafetensorsWriter":
+    def __enter__(self) -> SafetensorsWriter:
         return self
 
     def __exit__(self, kind, *_) -> None:
@@ -151,17 +185,25 @@ def read_header_info(path: str | Path) -> tuple[dict[str, dict], int]:
         with open(path, "rb") as f:
             prefix = f.read(8)
             if len(prefix) != 8:
-                raise FlashMoeError(f"{path}: {len(prefix)} bytes, too short to be a safetensors file")
+                raise FlashMoeError(
+                    f"{path}: {len(prefix)} bytes, too short to be a safetensors file"
+                )
             length = int.from_bytes(prefix, "little")
             if length > MAX_HEADER_BYTES:
-                raise FlashMoeError(f"{path}: the header claims {length} bytes; safetensors headers are at most "
-                                    f"{MAX_HEADER_BYTES} (not a safetensors file, or a corrupt one)")
+                raise FlashMoeError(
+                    f"{path}: the header claims {length} bytes; safetensors headers are at most "
+                    f"{MAX_HEADER_BYTES} (not a safetensors file, or a corrupt one)"
+                )
             if 8 + length > file_size:
-                raise FlashMoeError(f"{path}: the header claims {length} bytes but the file has only "
-                                    f"{file_size - 8} after the length (truncated file?)")
+                raise FlashMoeError(
+                    f"{path}: the header claims {length} bytes but the file has only "
+                    f"{file_size - 8} after the length (truncated file?)"
+                )
             raw = f.read(length)
     except OSError as err:
-        raise FlashMoeError(f"{path}: cannot read the safetensors file ({err.strerror or err})") from None
+        raise FlashMoeError(
+            f"{path}: cannot read the safetensors file ({err.strerror or err})"
+        ) from None
     if len(raw) != length:
         raise FlashMoeError(f"{path}: the header is cut short ({len(raw)} of {length} bytes)")
     try:
@@ -169,51 +211,79 @@ def read_header_info(path: str | Path) -> tuple[dict[str, dict], int]:
     except _DuplicateKey as err:
         raise FlashMoeError(f"{path}: the header names tensor '{err.args[0]}' twice") from None
     except UnicodeDecodeError as err:
-        raise FlashMoeError(f"{path}: the header is not UTF-8 ({err.reason} at byte {err.start})") from None
+        raise FlashMoeError(
+            f"{path}: the header is not UTF-8 ({err.reason} at byte {err.start})"
+        ) from None
     except (ValueError, RecursionError) as err:
-        raise FlashMoeError(f"{path}: unreadable safetensors header ({type(err).__name__}: {err})") from None
+        raise FlashMoeError(
+            f"{path}: unreadable safetensors header ({type(err).__name__}: {err})"
+        ) from None
     if not isinstance(header, dict):
         raise FlashMoeError(f"{path}: the header is a JSON {type(header).__name__}, not an object")
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not isinstance(metadata, dict):
-        raise FlashMoeError(f"{path}: the header's __metadata__ is a {type(metadata).__name__}, not an object")
+        raise FlashMoeError(
+            f"{path}: the header's __metadata__ is a {type(metadata).__name__}, not an object"
+        )
     data_bytes = file_size - 8 - length
     spans = []
     for name, entry in header.items():
         where = f"{path}: tensor '{name}'"
         if not isinstance(entry, dict):
-            raise FlashMoeError(f"{where}: its header entry is a {type(entry).__name__}, not an object")
+            raise FlashMoeError(
+                f"{where}: its header entry is a {type(entry).__name__}, not an object"
+            )
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-            raise FlashMoeError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPE_SIZES)})")
+            raise FlashMoeError(
+                f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPE_SIZES)})"
+            )
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise FlashMoeError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
-            raise FlashMoeError(f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_int(o) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise FlashMoeError(
+                f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end"
+            )
         size = DTYPE_SIZES[dtype]
         for d in shape:
             size *= d
             if size > _MAX_TENSOR_BYTES:
                 raise FlashMoeError(f"{where}: shape {shape} is too large ({dtype})")
         if size != offsets[1] - offsets[0]:
-            raise FlashMoeError(f"{where}: {dtype} {shape} takes {size} bytes, its data_offsets {offsets} "
-                                f"span {offsets[1] - offsets[0]}")
+            raise FlashMoeError(
+                f"{where}: {dtype} {shape} takes {size} bytes, its data_offsets {offsets} "
+                f"span {offsets[1] - offsets[0]}"
+            )
         spans.append((offsets[0], offsets[1], name))
     spans.sort()
     end = 0
     for begin, stop, name in spans:
         if begin != end:
-            kind = "overlaps the tensor before it" if begin < end else f"leaves a gap of {begin - end} bytes before it"
-            raise FlashMoeError(f"{path}: tensor '{name}' at data_offsets [{begin}, {stop}] {kind} (at byte {end})")
+            kind = (
+                "overlaps the tensor before it"
+                if begin < end
+                else f"leaves a gap of {begin - end} bytes before it"
+            )
+            raise FlashMoeError(
+                f"{path}: tensor '{name}' at data_offsets [{begin}, {stop}] {kind} (at byte {end})"
+            )
         end = stop
     if end != data_bytes:
         last = f" (after tensor '{spans[-1][2]}')" if spans else ""
         if end > data_bytes:
-            raise FlashMoeError(f"{path}: the tensors need {end} data bytes{last}, the file holds {data_bytes} "
-                                "(truncated file?)")
-        raise FlashMoeError(f"{path}: {data_bytes - end} bytes after the last tensor's data{last} that no tensor "
-                            "describes")
+            raise FlashMoeError(
+                f"{path}: the tensors need {end} data bytes{last}, the file holds {data_bytes} "
+                "(truncated file?)"
+            )
+        raise FlashMoeError(
+            f"{path}: {data_bytes - end} bytes after the last tensor's data{last} that no tensor "
+            "describes"
+        )
     return header, 8 + length
 
 
@@ -238,7 +308,6 @@ def tensor_infos(directory: str | Path) -> dict[str, TensorInfo]:
     return infos
 
 
-
 def read_tensors(directory: str | Path) -> dict[str, mx.array]:
     """Every tensor of every *.safetensors file.
 
@@ -251,13 +320,18 @@ def read_tensors(directory: str | Path) -> dict[str, mx.array]:
         try:
             tensors.update(mx.load(str(path)))
         except (RuntimeError, ValueError, OSError, MemoryError) as err:
-            raise FlashMoeError(f"{path}: MLX cannot read it ({type(err).__name__}: {err})") from None
+            raise FlashMoeError(
+                f"{path}: MLX cannot read it ({type(err).__name__}: {err})"
+            ) from None
     return tensors
 
 
-
-def save_shards(tensors: dict[str, mx.array], directory: str | Path, prefix: str = "model",
-                max_bytes: int = DEFAULT_SHARD_BYTES) -> dict[str, str]:
+def save_shards(
+    tensors: dict[str, mx.array],
+    directory: str | Path,
+    prefix: str = "model",
+    max_bytes: int = DEFAULT_SHARD_BYTES,
+) -> dict[str, str]:
     """{prefix}-0000i-of-0000N.safetensors of at most `max_bytes` each (a tensor never splits), plus
     {prefix}.safetensors.index.json; returns the weight map (tensor name -> file)."""
     directory = Path(directory)
@@ -265,7 +339,9 @@ def save_shards(tensors: dict[str, mx.array], directory: str | Path, prefix: str
     for name in sorted(tensors):
         nbytes = tensors[name].nbytes
         if nbytes > max_bytes:
-            raise FlashMoeError(f"{directory}: tensor '{name}' has {nbytes} bytes; a shard holds at most {max_bytes}")
+            raise FlashMoeError(
+                f"{directory}: tensor '{name}' has {nbytes} bytes; a shard holds at most {max_bytes}"
+            )
         if current and size + nbytes > max_bytes:
             shards.append(current)
             current, size = {}, 0
@@ -277,7 +353,9 @@ def save_shards(tensors: dict[str, mx.array], directory: str | Path, prefix: str
         file = f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         mx.save_safetensors(str(directory / file), shard, metadata={"format": "mlx"})
         weight_map.update({name: file for name in shard})
-    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+    index = {
+        "metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+        "weight_map": weight_map,
+    }
     (directory / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return weight_map
-

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 
@@ -21,7 +21,9 @@ def top_k_filter(logits: mx.array, k: int) -> mx.array:
     """Keep the k largest logits of each row, set the rest to -inf."""
     if k <= 0 or k >= logits.shape[-1]:
         return logits
-    dropped = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., k:]  # (B, V - k) ids outside the top k
+    dropped = mx.argpartition(-logits, kth=k - 1, axis=-1)[
+        ..., k:
+    ]  # (B, V - k) ids outside the top k
     return mx.put_along_axis(logits, dropped, mx.array(-float("inf"), logits.dtype), axis=-1)
 
 
@@ -31,17 +33,30 @@ def top_p_filter(logits: mx.array, p: float) -> mx.array:
         return logits
     order = mx.argsort(-logits, axis=-1)  # (B, V) most likely first
     probs = mx.take_along_axis(mx.softmax(logits, axis=-1), order, axis=-1)  # (B, V) sorted
-    before = mx.cumsum(probs, axis=-1) - probs  # mass of the ids ahead of each one; the top id has 0
+    before = (
+        mx.cumsum(probs, axis=-1) - probs
+    )  # mass of the ids ahead of each one; the top id has 0
     drop_sorted = before >= p
-    drop = mx.put_along_axis(mx.zeros_like(drop_sorted), order, drop_sorted, axis=-1)  # back to vocab order
+    drop = mx.put_along_axis(
+        mx.zeros_like(drop_sorted), order, drop_sorted, axis=-1
+    )  # back to vocab order
     return mx.where(drop, mx.array(-float("inf"), logits.dtype), logits)
 
 
 def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> Sampler:
     """A function from logits (B, V) to ids (B,); random draws use mx.random, which the caller seeds."""
-    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (temperature, top_p, top_k))
-    if (not numbers or not math.isfinite(temperature) or not math.isfinite(top_p) or temperature < 0
-            or not 0 < top_p <= 1 or top_k < 0 or top_k != int(top_k)):
+    numbers = all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in (temperature, top_p, top_k)
+    )
+    if (
+        not numbers
+        or not math.isfinite(temperature)
+        or not math.isfinite(top_p)
+        or temperature < 0
+        or not 0 < top_p <= 1
+        or top_k < 0
+        or top_k != int(top_k)
+    ):
         raise FlashMoeError(
             f"sampling needs a finite temperature >= 0, 0 < top_p <= 1 and an integer top_k >= 0; "
             f"got temperature={temperature}, top_p={top_p}, top_k={top_k}"

@@ -13,8 +13,18 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 
-PHASES = ("embedding", "attention", "linear attention", "routing", "expert i/o", "experts", "shared expert",
-          "dense mlp", "output", "sampling")
+PHASES = (
+    "embedding",
+    "attention",
+    "linear attention",
+    "routing",
+    "expert i/o",
+    "experts",
+    "shared expert",
+    "dense mlp",
+    "output",
+    "sampling",
+)
 
 
 class PhaseTimer:
@@ -73,6 +83,8 @@ def format_timing(timer: PhaseTimer, bytes_per_token: float | None = None) -> st
     lines.append(f"{'total':<18}{1e3 * total / steps:>10.3f}{1.0 if total else 0.0:>8.1%}")
     text = "\n".join(lines) + f"\n({steps} decode steps timed)"
     if bytes_per_token and total:
-        text += (f"\nweights read per token: {bytes_per_token / 1e6:.3f} MB; at {1e3 * total / steps:.3f} ms/token "
-                 f"that is {bytes_per_token * steps / total / 1e9:.3f} GB/s")
+        text += (
+            f"\nweights read per token: {bytes_per_token / 1e6:.3f} MB; at {1e3 * total / steps:.3f} ms/token "
+            f"that is {bytes_per_token * steps / total / 1e9:.3f} GB/s"
+        )
     return text

@@ -46,7 +46,9 @@ def _as_ids(value: Any) -> set[int]:
 def _chat_template(folder: Path, config: dict) -> str | None:
     """tokenizer_config.json's chat_template (a string or named templates), else chat_template.jinja."""
     template = config.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+    if isinstance(
+        template, list
+    ):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
     if isinstance(template, dict):
         template = template.get("default")
@@ -90,8 +92,14 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
     def call(self, __context, __obj, *args: Any, **kwargs: Any):
         self.check()
         for value in (*args, *kwargs.values()):
-            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > TEMPLATE_MAX_CHARS:
-                raise _TemplateLimit(f"a call with the argument {value} (above {TEMPLATE_MAX_CHARS})")
+            if (
+                isinstance(value, int)
+                and not isinstance(value, bool)
+                and abs(value) > TEMPLATE_MAX_CHARS
+            ):
+                raise _TemplateLimit(
+                    f"a call with the argument {value} (above {TEMPLATE_MAX_CHARS})"
+                )
         return super().call(__context, __obj, *args, **kwargs)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
@@ -108,7 +116,11 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
             raise _TemplateLimit(f"an exponent of {right}")
         if operator == "*":
             for seq, n in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > TEMPLATE_MAX_CHARS:
+                if (
+                    isinstance(seq, (str, list, tuple))
+                    and isinstance(n, int)
+                    and len(seq) * n > TEMPLATE_MAX_CHARS
+                ):
                     raise _TemplateLimit(f"a repetition of {len(seq)} x {n} items")
         result = super().call_binop(context, operator, left, right)
         if isinstance(result, (str, list, tuple)) and len(result) > TEMPLATE_MAX_CHARS:
@@ -121,7 +133,7 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
             yield i
 
 
-def _environment() -> "_BoundedEnvironment":
+def _environment() -> _BoundedEnvironment:
     """The same sandbox transformers renders chat templates in, so prompts match theirs (bounded in time and size)."""
     env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.globals["range"] = env.range
@@ -134,8 +146,14 @@ def _environment() -> "_BoundedEnvironment":
 class Tokenizer:
     """A model folder's tokenizer: encode, decode, EOS ids and chat template."""
 
-    def __init__(self, backend: tokenizers.Tokenizer, eos_token_ids: set[int], chat_template: str | None = None,
-                 special_tokens: dict[str, str] | None = None, source: str = "tokenizer"):
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        eos_token_ids: set[int],
+        chat_template: str | None = None,
+        special_tokens: dict[str, str] | None = None,
+        source: str = "tokenizer",
+    ):
         self.backend = backend
         self.eos_token_ids = set(eos_token_ids)
         self.chat_template = chat_template
@@ -144,18 +162,22 @@ class Tokenizer:
         self.template_source: str | None = None  # the file the chat template came from
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "Tokenizer":
+    def from_dir(cls, path: str | Path) -> Tokenizer:
         """Read tokenizer.json, tokenizer_config.json, generation_config.json and config.json from `path`."""
         folder = Path(path)
         file = folder / "tokenizer.json"
         if not file.is_file():
-            raise FlashMoeError(f"{file}: no tokenizer.json; a model folder needs one to turn text into tokens")
+            raise FlashMoeError(
+                f"{file}: no tokenizer.json; a model folder needs one to turn text into tokens"
+            )
         try:
             backend = tokenizers.Tokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises a bare Exception for a malformed file
             raise FlashMoeError(f"{file}: cannot be read as a tokenizer ({e})") from e
         config = _read_json(folder / "tokenizer_config.json")
-        special = {k: t for k in SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k))) is not None}
+        special = {
+            k: t for k in SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k))) is not None
+        }
         eos = _as_ids(_read_json(folder / "generation_config.json").get("eos_token_id"))
         eos |= _as_ids(_read_json(folder / "config.json").get("eos_token_id"))
         if "eos_token" in special and backend.token_to_id(special["eos_token"]) is not None:
@@ -163,8 +185,14 @@ class Tokenizer:
         template = _chat_template(folder, config)
         tokenizer = cls(backend, eos, template, special, source=str(folder))
         if template is not None:
-            tokenizer.template_source = str(folder / ("tokenizer_config.json" if config.get("chat_template") is not None
-                                                      else "chat_template.jinja"))
+            tokenizer.template_source = str(
+                folder
+                / (
+                    "tokenizer_config.json"
+                    if config.get("chat_template") is not None
+                    else "chat_template.jinja"
+                )
+            )
         return tokenizer
 
     @functools.cached_property
@@ -172,7 +200,9 @@ class Tokenizer:
         """Rows an embedding needs for every id the tokenizer can produce: its largest id + 1 (added tokens
         included; the same as their count when the ids are contiguous, as they usually are)."""
         vocab = self.backend.get_vocab(with_added_tokens=True)
-        return max(max(vocab.values(), default=-1) + 1, self.backend.get_vocab_size(with_added_tokens=True))
+        return max(
+            max(vocab.values(), default=-1) + 1, self.backend.get_vocab_size(with_added_tokens=True)
+        )
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; no second BOS when the text (e.g. a rendered chat) already starts with one."""
@@ -184,7 +214,9 @@ class Tokenizer:
         """Text of `ids`, special tokens included (the caller decides which ids to drop, e.g. EOS)."""
         return self.backend.decode(list(ids), skip_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any) -> str:
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any
+    ) -> str:
         """Render `messages` ([{"role": ..., "content": ...}]) with the model's chat template."""
         if self.chat_template is None:
             raise FlashMoeError(
@@ -197,8 +229,12 @@ class Tokenizer:
             template = env.from_string(self.chat_template)
             env.deadline = time.monotonic() + TEMPLATE_SECONDS
             pieces, size = [], 0
-            for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                           **self.special_tokens, **extra):
+            for piece in template.generate(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                **self.special_tokens,
+                **extra,
+            ):
                 size += len(piece)
                 if size > TEMPLATE_MAX_CHARS:
                     raise _TemplateLimit(f"the output passed {TEMPLATE_MAX_CHARS} characters")
@@ -209,9 +245,11 @@ class Tokenizer:
             raise FlashMoeError(f"{where}: the chat template was stopped: {e}") from None
         except Exception as e:  # noqa: BLE001 (a template can raise anything: every failure is one line)
             message = " ".join(str(e).split())[:300] or type(e).__name__
-            raise FlashMoeError(f"{where}: the chat template failed ({type(e).__name__}: {message})") from None
+            raise FlashMoeError(
+                f"{where}: the chat template failed ({type(e).__name__}: {message})"
+            ) from None
 
-    def detokenizer(self) -> "StreamingDetokenizer":
+    def detokenizer(self) -> StreamingDetokenizer:
         """A fresh streaming decoder for one generation."""
         return StreamingDetokenizer(self)
 
@@ -234,16 +272,16 @@ class StreamingDetokenizer:
     def add_token(self, token: int) -> str:
         """Add one id; return the text it completes ("" while a character is still partial)."""
         self.tokens.append(token)
-        emitted = self._decode(self.tokens[self._prefix:self._read])
-        text = self._decode(self.tokens[self._prefix:])
+        emitted = self._decode(self.tokens[self._prefix : self._read])
+        text = self._decode(self.tokens[self._prefix :])
         if text.endswith("\ufffd") or len(text) <= len(emitted):
             return ""
         self._prefix, self._read = self._read, len(self.tokens)
-        return text[len(emitted):]
+        return text[len(emitted) :]
 
     def finalize(self) -> str:
         """Whatever is still held back (a trailing partial character decodes as U+FFFD)."""
-        emitted = self._decode(self.tokens[self._prefix:self._read])
-        text = self._decode(self.tokens[self._prefix:])
+        emitted = self._decode(self.tokens[self._prefix : self._read])
+        text = self._decode(self.tokens[self._prefix :])
         self._prefix = self._read = len(self.tokens)
-        return text[len(emitted):]
+        return text[len(emitted) :]

@@ -9,7 +9,6 @@ import mlx.core as mx
 import pytest
 
 from flashmoe.tokenizer import Tokenizer
-
 from tests.helpers import write_tiny_tokenizer
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import mlx.core as mx
 import pytest
@@ -31,7 +31,7 @@ def require_backend(backend: str) -> None:
             "metal": "Metal is not available (mx.metal.is_available() is False); the Apple Silicon CI runs these",
             "cuda": "CUDA is not available (needs an NVIDIA GPU and mlx[cuda13])",
             "native": "native CPU kernels unavailable: "
-                      f"{kernels.native.why_unavailable() or 'the default device is a GPU'}",
+            f"{kernels.native.why_unavailable() or 'the default device is a GPU'}",
         }[backend]
         pytest.skip(why)
 
@@ -46,31 +46,55 @@ needs_cuda = pytest.mark.skipif(
 
 # Widths of 128 let every group size (32/64/128) quantize every linear layer.
 _COMMON = dict(
-    hidden_size=128, num_hidden_layers=4, intermediate_size=256, num_attention_heads=4,
-    num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
-    rms_norm_eps=1e-6, vocab_size=320,  # >= the tiny tokenizer's 300 ids
-    rope_theta=10000.0, max_position_embeddings=512,
+    hidden_size=128,
+    num_hidden_layers=4,
+    intermediate_size=256,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=128,
+    rms_norm_eps=1e-6,
+    vocab_size=320,  # >= the tiny tokenizer's 300 ids
+    rope_theta=10000.0,
+    max_position_embeddings=512,
     tie_word_embeddings=False,
 )
 _LINEAR_ATTENTION = dict(
-    linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=32,
-    linear_value_head_dim=32, linear_conv_kernel_dim=4, full_attention_interval=4,
-    shared_expert_intermediate_size=128, decoder_sparse_step=1, head_dim=32,
+    linear_num_value_heads=4,
+    linear_num_key_heads=2,
+    linear_key_head_dim=32,
+    linear_value_head_dim=32,
+    linear_conv_kernel_dim=4,
+    full_attention_interval=4,
+    shared_expert_intermediate_size=128,
+    decoder_sparse_step=1,
+    head_dim=32,
 )
 CONFIGS = {
     "qwen3_next": dict(
-        _COMMON, **_LINEAR_ATTENTION, model_type="qwen3_next", mlp_only_layers=[],
-        partial_rotary_factor=0.25, norm_topk_prob=True,
+        _COMMON,
+        **_LINEAR_ATTENTION,
+        model_type="qwen3_next",
+        mlp_only_layers=[],
+        partial_rotary_factor=0.25,
+        norm_topk_prob=True,
     ),
     "qwen3_moe": dict(
-        _COMMON, model_type="qwen3_moe", head_dim=32, decoder_sparse_step=1, mlp_only_layers=[1],
+        _COMMON,
+        model_type="qwen3_moe",
+        head_dim=32,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
         norm_topk_prob=True,
     ),
     "qwen2_moe": dict(_COMMON, model_type="qwen2_moe", shared_expert_intermediate_size=128),
     "qwen3_5_moe": dict(
         model_type="qwen3_5_moe",
         text_config=dict(
-            _COMMON, **_LINEAR_ATTENTION, model_type="qwen3_5_moe_text",
+            _COMMON,
+            **_LINEAR_ATTENTION,
+            model_type="qwen3_5_moe_text",
             rope_parameters=dict(type="default", rope_theta=10000.0, partial_rotary_factor=0.25),
         ),
     ),
@@ -85,7 +109,14 @@ def gates_at_8_bits(path: str, _module) -> dict | bool:
 
 
 def write_checkpoint(
-    directory: Path, model_type: str, *, group_size=64, bits=4, predicate=None, seed=0, overrides=None,
+    directory: Path,
+    model_type: str,
+    *,
+    group_size=64,
+    bits=4,
+    predicate=None,
+    seed=0,
+    overrides=None,
     quantize=True,
 ) -> Path:
     """Build a random mlx-lm model of `model_type`, quantize it as mlx-lm does, save it to `directory`."""
@@ -98,10 +129,14 @@ def write_checkpoint(
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(config))
     cast = getattr(model, "cast_predicate", lambda _: True)  # as mlx-lm's convert: bf16, A_log kept
-    model.update(tree_map_with_path(
-        lambda k, v: v.astype(mx.bfloat16) if cast(k) and mx.issubdtype(v.dtype, mx.floating) else v,
-        model.parameters(),
-    ))
+    model.update(
+        tree_map_with_path(
+            lambda k, v: (
+                v.astype(mx.bfloat16) if cast(k) and mx.issubdtype(v.dtype, mx.floating) else v
+            ),
+            model.parameters(),
+        )
+    )
     predicate = predicate or getattr(model, "quant_predicate", None) or gates_at_8_bits
     if quantize:
         model, config = quantize_model(model, config, group_size, bits, quant_predicate=predicate)
@@ -133,8 +168,12 @@ def write_tiny_tokenizer(folder: Path) -> Path:
     bpe = HFTokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     bpe.train_from_iterator(SENTENCES, trainer)
     folder.mkdir(parents=True, exist_ok=True)
     bpe.save(str(folder / "tokenizer.json"))
@@ -175,11 +214,15 @@ class MockModel:
             c.fed.extend(ids)
         self.calls.append(len(ids))
         peaks = mx.array([[self.rule(start + t, tok) for t, tok in enumerate(ids)]])  # (1, T)
-        distance = (mx.arange(self.args.vocab_size)[None, None, :] - peaks[..., None]) % self.args.vocab_size
+        distance = (
+            mx.arange(self.args.vocab_size)[None, None, :] - peaks[..., None]
+        ) % self.args.vocab_size
         return -0.5 * distance.astype(mx.float32)  # (1, T, V): the peak id has 0, the rest decay
 
 
 def script_model(tokenizer: Tokenizer, prompt_len: int, script: list[int]) -> MockModel:
     """A mock model that answers a prompt of `prompt_len` ids with `script`."""
     last = prompt_len - 1
-    return MockModel(tokenizer.vocab_size, lambda p, t: script[p - last] if 0 <= p - last < len(script) else 1)
+    return MockModel(
+        tokenizer.vocab_size, lambda p, t: script[p - last] if 0 <= p - last < len(script) else 1
+    )

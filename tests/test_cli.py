@@ -36,7 +36,9 @@ def loaded(monkeypatch, tiny_dir):
     record = {"model": MockModel(tok.vocab_size), "tokenizer": tok, "calls": []}
 
     def fake_load(path, backend="auto", quant="config", k=None, **streaming):
-        record["calls"].append({"path": path, "backend": backend, "quant": quant, "k": k, **streaming})
+        record["calls"].append(
+            {"path": path, "backend": backend, "quant": quant, "k": k, **streaming}
+        )
         return record["model"], record["tokenizer"]
 
     monkeypatch.setattr(loading, "load", fake_load, raising=False)
@@ -61,7 +63,9 @@ def test_streams_text_to_stdout_and_stats_to_stderr(loaded, tiny_dir, capsys):
     assert f"Prompt: {len(tok.encode(prompt))} tokens, " in err and "tokens-per-sec" in err
     assert f"Generation: {len(tok.encode(MULTIBYTE)) + 1} tokens, " in err
     assert "Peak memory: " in err and " GB" in err
-    assert loaded["calls"] == [{"path": str(tiny_dir), "backend": "auto", "quant": "config", "k": None}]
+    assert loaded["calls"] == [
+        {"path": str(tiny_dir), "backend": "auto", "quant": "config", "k": None}
+    ]
 
 
 def test_flushes_stdout_after_every_token(loaded, tiny_dir, monkeypatch):
@@ -80,13 +84,38 @@ def test_flushes_stdout_after_every_token(loaded, tiny_dir, monkeypatch):
 
 
 def test_options_reach_load_and_sampling(loaded, tiny_dir, capsys):
-    args = ["--model", str(tiny_dir), "--prompt", "a", "--max-tokens", "3", "--k", "2", "--backend", "mlx",
-            "--quant", "global", "--temp", "0.7", "--top-k", "1", "--seed", "4"]
+    args = [
+        "--model",
+        str(tiny_dir),
+        "--prompt",
+        "a",
+        "--max-tokens",
+        "3",
+        "--k",
+        "2",
+        "--backend",
+        "mlx",
+        "--quant",
+        "global",
+        "--temp",
+        "0.7",
+        "--top-k",
+        "1",
+        "--seed",
+        "4",
+    ]
     assert cli.main(args) == 0
-    assert loaded["calls"][0] == {"path": str(tiny_dir), "backend": "mlx", "quant": "global", "k": 2}
+    assert loaded["calls"][0] == {
+        "path": str(tiny_dir),
+        "backend": "mlx",
+        "quant": "global",
+        "k": 2,
+    }
     tok = loaded["tokenizer"]
     last = tok.encode("a")[-1]
-    assert capsys.readouterr().out == tok.decode([last + 1, last + 2, last + 3]) + "\n"  # top-k 1 is greedy
+    assert (
+        capsys.readouterr().out == tok.decode([last + 1, last + 2, last + 3]) + "\n"
+    )  # top-k 1 is greedy
 
 
 def test_prompt_from_stdin_and_the_default_prompt(loaded, tiny_dir, monkeypatch, capsys):
@@ -104,16 +133,33 @@ def test_chat_applies_the_template_with_the_system_message(loaded, tiny_dir, cap
     tok = loaded["tokenizer"]
     cache = loaded["model"].make_cache()
     loaded["model"].make_cache = lambda: cache
-    assert cli.main(["--model", str(tiny_dir), "--prompt", "Hi", "--chat", "--system", "Be brief.",
-                     "--max-tokens", "1"]) == 0
-    expected = tok.apply_chat_template([{"role": "system", "content": "Be brief."},
-                                        {"role": "user", "content": "Hi"}])
+    assert (
+        cli.main(
+            [
+                "--model",
+                str(tiny_dir),
+                "--prompt",
+                "Hi",
+                "--chat",
+                "--system",
+                "Be brief.",
+                "--max-tokens",
+                "1",
+            ]
+        )
+        == 0
+    )
+    expected = tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    )
     assert cache[0].fed == tok.encode(expected)
 
 
 def test_timing_prints_a_phase_table(loaded, tiny_dir, capsys):
     loaded["model"] = PhaseModel(loaded["tokenizer"].vocab_size)
-    assert cli.main(["--model", str(tiny_dir), "--prompt", "a", "--max-tokens", "5", "--timing"]) == 0
+    assert (
+        cli.main(["--model", str(tiny_dir), "--prompt", "a", "--max-tokens", "5", "--timing"]) == 0
+    )
     err = capsys.readouterr().err
     rows = {line.split()[0]: line for line in err.splitlines() if line.split()}
     assert "ms/token" in rows["phase"]
@@ -123,15 +169,18 @@ def test_timing_prints_a_phase_table(loaded, tiny_dir, capsys):
     assert not timing.timer.enabled
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--max-tokens", "zero"], "--max-tokens"),
-    (["--max-tokens", "0"], "--max-tokens"),
-    (["--top-p", "1.5"], "--top-p"),
-    (["--temp", "-1"], "--temp"),
-    (["--backend", "vulkan"], "--backend"),
-    (["--bogus"], "--bogus"),
-    (["--system", "x"], "--chat"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--max-tokens", "zero"], "--max-tokens"),
+        (["--max-tokens", "0"], "--max-tokens"),
+        (["--top-p", "1.5"], "--top-p"),
+        (["--temp", "-1"], "--temp"),
+        (["--backend", "vulkan"], "--backend"),
+        (["--bogus"], "--bogus"),
+        (["--system", "x"], "--chat"),
+    ],
+)
 def test_bad_arguments_give_one_line_and_exit_2(loaded, tiny_dir, capsys, argv, needle):
     assert cli.main(["--model", str(tiny_dir), *argv]) == 2
     out, err = capsys.readouterr()
@@ -165,14 +214,21 @@ def test_errors_while_loading_give_one_line_and_exit_1(loaded, tiny_dir, monkeyp
 
 def test_chat_without_a_template_gives_one_line(loaded, tiny_dir, capsys):
     tok = loaded["tokenizer"]
-    loaded["tokenizer"] = Tokenizer(tok.backend, tok.eos_token_ids, chat_template=None, source=str(tiny_dir))
+    loaded["tokenizer"] = Tokenizer(
+        tok.backend, tok.eos_token_ids, chat_template=None, source=str(tiny_dir)
+    )
     assert cli.main(["--model", str(tiny_dir), "--chat"]) == 1
     assert "no chat_template" in one_error_line(capsys.readouterr().err)
 
 
 def test_python_m_flashmoe_with_a_missing_model_exits_cleanly():
-    run = subprocess.run([sys.executable, "-m", "flashmoe", "--model", "/nonexistent"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "flashmoe", "--model", "/nonexistent"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode != 0 and run.stdout == ""
     assert "/nonexistent" in one_error_line(run.stderr)
 
@@ -180,11 +236,13 @@ def test_python_m_flashmoe_with_a_missing_model_exits_cleanly():
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen3_next"])
 def test_end_to_end_with_the_real_loader(tmp_path, capsys, model_type):
     """A tiny random checkpoint through flashmoe.loader.load: the CLI runs it and times its phases."""
-    from tests.helpers import write_tiny_tokenizer
-    from tests.helpers import write_checkpoint
+    from tests.helpers import write_checkpoint, write_tiny_tokenizer
 
     folder = write_tiny_tokenizer(write_checkpoint(tmp_path / model_type, model_type))
-    assert cli.main(["--model", str(folder), "--prompt", "Le café", "--max-tokens", "5", "--timing"]) == 0
+    assert (
+        cli.main(["--model", str(folder), "--prompt", "Le café", "--max-tokens", "5", "--timing"])
+        == 0
+    )
     err = capsys.readouterr().err
     assert "Generation: " in err and "Peak memory: " in err
     assert all(phase in err for phase in ("attention", "routing", "experts", "sampling"))
@@ -193,9 +251,20 @@ def test_end_to_end_with_the_real_loader(tmp_path, capsys, model_type):
 def test_streaming_options_reach_load_and_need_each_other(loaded, tiny_dir, capsys):
     assert cli.main(["--model", str(tiny_dir), "--expert-cache-mb", "64"]) == 2
     assert "--expert-cache-mb needs --stream-experts" in one_error_line(capsys.readouterr().err)
-    argv = ["--model", str(tiny_dir), "--stream-experts", "--expert-cache-mb", "64", "--max-tokens", "2"]
+    argv = [
+        "--model",
+        str(tiny_dir),
+        "--stream-experts",
+        "--expert-cache-mb",
+        "64",
+        "--max-tokens",
+        "2",
+    ]
     assert cli.main(argv) == 0
-    assert loaded["calls"][-1]["stream_experts"] is True and loaded["calls"][-1]["expert_cache_mb"] == 64.0
+    assert (
+        loaded["calls"][-1]["stream_experts"] is True
+        and loaded["calls"][-1]["expert_cache_mb"] == 64.0
+    )
 
 
 # --- what a researcher meets first -------------------------------------------------------------------
@@ -205,15 +274,21 @@ def test_the_prompt_is_echoed_on_stderr_before_the_completion(loaded, tiny_dir, 
     assert cli.main(["--model", str(tiny_dir), "--prompt", "The quick", "--max-tokens", "2"]) == 0
     out, err = capsys.readouterr()
     assert err.startswith("The quick") and "The quick" not in out  # stdout: the completion alone
-    assert cli.main(["--model", str(tiny_dir), "--prompt", "The quick", "--max-tokens", "2", "--quiet"]) == 0
+    assert (
+        cli.main(
+            ["--model", str(tiny_dir), "--prompt", "The quick", "--max-tokens", "2", "--quiet"]
+        )
+        == 0
+    )
     assert "The quick" not in capsys.readouterr().err
 
 
 def test_quant_global_says_what_it_misreads(loaded, tiny_dir, capsys):
     from types import SimpleNamespace
 
-    loaded["model"].report = SimpleNamespace(misread_modules=["a.gate", "b.gate"], bytes_per_token={},
-                                             stream_stats=None)
+    loaded["model"].report = SimpleNamespace(
+        misread_modules=["a.gate", "b.gate"], bytes_per_token={}, stream_stats=None
+    )
     assert cli.main(["--model", str(tiny_dir), "--quant", "global", "--max-tokens", "1"]) == 0
     err = capsys.readouterr().err
     assert "deliberately" in err and "top-level bits" in err and "2 quantized modules" in err
@@ -224,10 +299,14 @@ def test_chat_help_and_error_name_the_models_that_support_it(loaded, tiny_dir, c
     help_text = " ".join(capsys.readouterr().out.split())
     assert "chat_template.jinja" in help_text and "plain Python-code model" in help_text
     tok = loaded["tokenizer"]
-    loaded["tokenizer"] = Tokenizer(tok.backend, tok.eos_token_ids, chat_template=None, source=str(tiny_dir))
+    loaded["tokenizer"] = Tokenizer(
+        tok.backend, tok.eos_token_ids, chat_template=None, source=str(tiny_dir)
+    )
     assert cli.main(["--model", str(tiny_dir), "--chat"]) == 1
     line = one_error_line(capsys.readouterr().err)
-    assert "tokenizer_config.json" in line and "chat_template.jinja" in line and "drop --chat" in line
+    assert (
+        "tokenizer_config.json" in line and "chat_template.jinja" in line and "drop --chat" in line
+    )
 
 
 def test_sampling_without_a_seed_draws_one_and_prints_it(loaded, tiny_dir, capsys):
@@ -238,7 +317,10 @@ def test_sampling_without_a_seed_draws_one_and_prints_it(loaded, tiny_dir, capsy
         assert "drawn at random" in line
         seeds.append(int(line.split()[1]))
     assert seeds[0] != seeds[1]
-    assert cli.main(["--model", str(tiny_dir), "--temp", "0.8", "--seed", "7", "--max-tokens", "2"]) == 0
+    assert (
+        cli.main(["--model", str(tiny_dir), "--temp", "0.8", "--seed", "7", "--max-tokens", "2"])
+        == 0
+    )
     assert "Seed: 7 (given" in capsys.readouterr().err
     assert cli.main(["--model", str(tiny_dir), "--max-tokens", "2"]) == 0
     assert "Seed:" not in capsys.readouterr().err  # greedy: nothing drawn
@@ -251,12 +333,15 @@ def test_help_shows_the_defaults(capsys):
     assert "(default: None)" not in text and "(default: False)" not in text
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--max-tokens", "zero"], "--max-tokens: must be an integer, got 'zero'"),
-    (["--temp", "warm"], "--temp: must be a number, got 'warm'"),
-    (["--max-tokens", "0"], "--max-tokens: must be at least 1, got 0"),
-    (["--top-p", "0"], "--top-p: must be greater than 0.0 and at most 1.0, got 0"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--max-tokens", "zero"], "--max-tokens: must be an integer, got 'zero'"),
+        (["--temp", "warm"], "--temp: must be a number, got 'warm'"),
+        (["--max-tokens", "0"], "--max-tokens: must be at least 1, got 0"),
+        (["--top-p", "0"], "--top-p: must be greater than 0.0 and at most 1.0, got 0"),
+    ],
+)
 def test_error_texts_read_naturally(loaded, tiny_dir, capsys, argv, words):
     assert cli.main(["--model", str(tiny_dir), *argv]) == 2
     assert words in one_error_line(capsys.readouterr().err)
@@ -265,10 +350,19 @@ def test_error_texts_read_naturally(loaded, tiny_dir, capsys, argv, words):
 def test_format_stats_gives_the_bandwidth_gpt_fast_style():
     from flashmoe.generate import GenerationStep, format_stats
 
-    step = GenerationStep(1, "x", prompt_tokens=3, prompt_tps=10.0, generation_tokens=8, generation_tps=50.0,
-                          peak_memory_gb=0.5)
+    step = GenerationStep(
+        1,
+        "x",
+        prompt_tokens=3,
+        prompt_tps=10.0,
+        generation_tokens=8,
+        generation_tps=50.0,
+        peak_memory_gb=0.5,
+    )
     text = format_stats(step, bytes_per_token=2e6)
-    assert "Bandwidth: 0.100 GB/s (2.000 MB of weights read per token x 50.000 tokens-per-sec)" in text
+    assert (
+        "Bandwidth: 0.100 GB/s (2.000 MB of weights read per token x 50.000 tokens-per-sec)" in text
+    )
     assert "Bandwidth" not in format_stats(step)
 
 
@@ -287,7 +381,9 @@ def test_bytes_per_token_against_a_hand_count(tmp_path):
     expected["total"] = expected["dense"] + expected["experts"]
     assert load_model(folder).report.bytes_per_token == pytest.approx(expected)
     assert weight_bytes_per_token(folder) == pytest.approx(expected)
-    assert load_model(folder, k=4).report.bytes_per_token["experts"] == pytest.approx(experts * 4 / 8)
+    assert load_model(folder, k=4).report.bytes_per_token["experts"] == pytest.approx(
+        experts * 4 / 8
+    )
 
 
 def write_tiny_tokenizer_checkpoint(tmp_path):
@@ -301,7 +397,20 @@ def test_the_real_cli_prints_the_bandwidth_and_streaming_stats_in_words(capsys):
     err = capsys.readouterr().err
     assert "Bandwidth: " in err and "MB of weights read per token" in err
     assert "weights read per token: " in err and " GB/s" in err  # --timing's line
-    assert cli.main(["--prompt", "def parse(", "--max-tokens", "4", "--timing", "--stream-experts", "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "--prompt",
+                "def parse(",
+                "--max-tokens",
+                "4",
+                "--timing",
+                "--stream-experts",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "the experts' as streamed from disk" in err
     assert "page cache hits" in err and "expected MB/token" in err and "LRU hits" in err

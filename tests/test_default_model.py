@@ -12,11 +12,9 @@ import numpy as np
 import pytest
 
 import flashmoe
-from flashmoe.loader import default_model_dir
 from flashmoe.analysis.evaluate import perplexity
-from flashmoe.loader import load_model
 from flashmoe.analysis.parity import greedy_tokens, mlx_lm_cache, mlx_lm_model
-
+from flashmoe.loader import default_model_dir, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["def parse(", "import os\n", "class Config:", "for i in range(", "    def __init__(self"]
@@ -56,7 +54,9 @@ def test_at_least_6_of_10_held_out_signatures_complete_to_valid_python(bundled):
     valid = []
     for item in SIGNATURES:
         prompt = item["prompt"].rstrip("\n")
-        body = (prompt + flashmoe.generate(model, tokenizer, prompt, max_tokens=96)).split("\n\n")[0]
+        body = (prompt + flashmoe.generate(model, tokenizer, prompt, max_tokens=96)).split("\n\n")[
+            0
+        ]
         try:
             ast.parse(body)
             valid.append(prompt)
@@ -66,7 +66,12 @@ def test_at_least_6_of_10_held_out_signatures_complete_to_valid_python(bundled):
 
 
 def test_python_m_flashmoe_runs_the_bundled_model_from_another_folder(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "flashmoe", "--prompt", "def add(a, b):", "--max-tokens", "16"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "flashmoe", "--prompt", "def add(a, b):", "--max-tokens", "16"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() and "Generation: 16 tokens" in run.stderr

@@ -41,8 +41,9 @@ def test_a_cached_id_loads_offline_and_runs_like_the_bundled_model(offline_hub):
     assert Path(model.report.directory) == offline_hub
     bundled, bundled_tokenizer = flashmoe.load(None)
     prompt = "def parse("
-    assert flashmoe.generate(model, tokenizer, prompt, max_tokens=6) == \
-        flashmoe.generate(bundled, bundled_tokenizer, prompt, max_tokens=6)
+    assert flashmoe.generate(model, tokenizer, prompt, max_tokens=6) == flashmoe.generate(
+        bundled, bundled_tokenizer, prompt, max_tokens=6
+    )
 
 
 def test_an_uncached_id_offline_is_a_clear_error(offline_hub):
@@ -69,17 +70,32 @@ def test_the_cache_folder_follows_the_environment_at_call_time(monkeypatch, tmp_
     assert hub.cache_dir() == tmp_path / "cache"
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("mlx-community/Qwen3-Coder-Next-4bit", True), ("org/name.v2", True), ("a_b/c-d", True),
-    ("name", False), ("/abs/path", False), ("./org/name", False), ("org/name/extra", False),
-    ("org--x/name", False), ("org/na..me", False), ("-org/name", False), ("org/name.", False), ("", False),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("mlx-community/Qwen3-Coder-Next-4bit", True),
+        ("org/name.v2", True),
+        ("a_b/c-d", True),
+        ("name", False),
+        ("/abs/path", False),
+        ("./org/name", False),
+        ("org/name/extra", False),
+        ("org--x/name", False),
+        ("org/na..me", False),
+        ("-org/name", False),
+        ("org/name.", False),
+        ("", False),
+    ],
+)
 def test_what_reads_as_an_id(text, expected):
     assert hub.is_repo_id(text) is expected
 
 
 def test_the_cli_takes_an_id(offline_hub, capsys):
-    assert cli.main(["--model", REPO_ID, "--prompt", "def parse(", "--max-tokens", "4", "--quiet"]) == 0
+    assert (
+        cli.main(["--model", REPO_ID, "--prompt", "def parse(", "--max-tokens", "4", "--quiet"])
+        == 0
+    )
     out, err = capsys.readouterr()
     assert out.strip() and "Generation: 4 tokens" in err
 

@@ -8,11 +8,12 @@ import pytest
 
 from flashmoe import kernels, misread_as
 from flashmoe.errors import FlashMoeError
-
 from tests.helpers import rel_err, require_backend
 
 
-def engine_4bit_matvec(words: np.ndarray, scales: np.ndarray, biases: np.ndarray, x: np.ndarray, group_size: int):
+def engine_4bit_matvec(
+    words: np.ndarray, scales: np.ndarray, biases: np.ndarray, x: np.ndarray, group_size: int
+):
     """flash-moe's 4-bit kernel, as a loop: row r starts at word r * in/8 of the flat buffer,
     value i is nibble i % 8 of word i // 8, dequantized with row r's scale and bias of group i // group_size."""
     flat = words.reshape(-1)
@@ -42,8 +43,12 @@ def test_an_8_bit_gate_read_as_4_bit_matches_the_engine_loop(backend, group_size
 
     bad_words = misread_as(q, stored_bits=8, read_bits=4, in_dim=hidden)
     assert bad_words.shape == (experts, hidden // 8)  # half of each 8-bit row's words
-    got = kernels.dequant_matvec(x[None], bad_words, scales, biases, bits=4, group_size=group_size, backend=backend)
-    want = engine_4bit_matvec(to_numpy(q), to_numpy(scales), to_numpy(biases), to_numpy(x), group_size)
+    got = kernels.dequant_matvec(
+        x[None], bad_words, scales, biases, bits=4, group_size=group_size, backend=backend
+    )
+    want = engine_4bit_matvec(
+        to_numpy(q), to_numpy(scales), to_numpy(biases), to_numpy(x), group_size
+    )
     assert rel_err(got[0], mx.array(want.astype(np.float32))) < 1e-4, f"seed {seed}"
 
     true_scores = x @ mx.dequantize(q, scales, biases, group_size=group_size, bits=8).T

@@ -12,7 +12,6 @@ import flashmoe.loader as loader
 from flashmoe import progress
 from flashmoe.loader import load_model
 from flashmoe.tools import convert, repack, synth
-
 from tests.helpers import write_checkpoint
 
 SYNTH = ["--preset", "qwen3-moe-small", "--layers", "1"]
@@ -102,7 +101,9 @@ def test_repack_on_a_terminal_draws_a_bar(quantized_checkpoint, tmp_path, monkey
     assert "repacking" in terminal.getvalue()
 
 
-def test_loading_a_large_checkpoint_reads_it_shard_by_shard_under_a_bar(quantized_checkpoint, monkeypatch, seed):
+def test_loading_a_large_checkpoint_reads_it_shard_by_shard_under_a_bar(
+    quantized_checkpoint, monkeypatch, seed
+):
     tokens = mx.random.randint(0, 256, (1, 6))
     expected = load_model(quantized_checkpoint)(tokens)
     monkeypatch.setattr(loader, "LARGE_CHECKPOINT_BYTES", 0)  # everything is large

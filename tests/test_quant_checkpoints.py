@@ -8,7 +8,6 @@ import pytest
 
 from flashmoe import check_checkpoint, quant
 from flashmoe.errors import QuantMismatchError
-
 from tests.helpers import CONFIGS, write_checkpoint
 
 ROUTERS = ("mlp.gate", "mlp.shared_expert_gate")
@@ -72,6 +71,7 @@ def test_group_sizes_and_bits_resolve_from_mlx_lm_configs(group_size, bits, tmp_
 
 def test_unmentioned_tensor_stored_at_other_bits_gets_its_spec_from_shapes(tmp_path):
     """2-bit experts under a config whose top level says 4: the shapes decide, and say so."""
+
     def predicate(path, module):
         return {"group_size": 64, "bits": 8} if path.endswith("mlp.gate") else True
 

@@ -12,14 +12,20 @@ from flashmoe.quant import QuantSpec, TensorInfo
 
 affine = st.builds(
     lambda b, g: {"bits": b, "group_size": g},
-    st.sampled_from(quant.AFFINE_BITS), st.sampled_from(quant.AFFINE_GROUP_SIZES),
+    st.sampled_from(quant.AFFINE_BITS),
+    st.sampled_from(quant.AFFINE_GROUP_SIZES),
 )
-fp = st.sampled_from([{"mode": m, "bits": b, "group_size": g} for m, (b, g) in quant.FP_FORMATS.items()])
+fp = st.sampled_from(
+    [{"mode": m, "bits": b, "group_size": g} for m, (b, g) in quant.FP_FORMATS.items()]
+)
 entry = st.one_of(affine, fp, st.booleans())
 module = st.builds(
     lambda prefix, layer, leaf: f"{prefix}model.layers.{layer}.{leaf}",
-    st.sampled_from(["", "language_model."]), st.integers(0, 60),
-    st.sampled_from(["mlp.gate", "mlp.shared_expert_gate", "mlp.switch_mlp.up_proj", "self_attn.q_proj"]),
+    st.sampled_from(["", "language_model."]),
+    st.integers(0, 60),
+    st.sampled_from(
+        ["mlp.gate", "mlp.shared_expert_gate", "mlp.switch_mlp.up_proj", "self_attn.q_proj"]
+    ),
 )
 
 
@@ -33,8 +39,12 @@ def expected_spec(value, default: dict) -> QuantSpec | None:
 
 @settings(max_examples=200, deadline=None)
 @given(
-    default=affine, entries=st.dictionaries(module, entry, max_size=8), probe=module,
-    section_key=st.sampled_from(quant.SECTION_KEYS), nested=st.booleans(), both=st.booleans(),
+    default=affine,
+    entries=st.dictionaries(module, entry, max_size=8),
+    probe=module,
+    section_key=st.sampled_from(quant.SECTION_KEYS),
+    nested=st.booleans(),
+    both=st.booleans(),
 )
 def test_resolve_matches_the_format(default, entries, probe, section_key, nested, both):
     section = {**default, **entries}
@@ -65,7 +75,9 @@ def test_an_unquantized_config_resolves_to_nothing():
 
 
 def test_missing_mode_means_affine_and_missing_values_take_the_mode_defaults():
-    plan = quant.resolve({"quantization": {"bits": 4, "group_size": 64, "a": {"bits": 8}, "b": {"mode": "mxfp4"}}})
+    plan = quant.resolve(
+        {"quantization": {"bits": 4, "group_size": 64, "a": {"bits": 8}, "b": {"mode": "mxfp4"}}}
+    )
     assert plan.spec_for("a") == QuantSpec(8, 64, "affine")
     assert plan.spec_for("b") == QuantSpec(4, 32, "mxfp4")
 
@@ -78,7 +90,10 @@ def test_missing_mode_means_affine_and_missing_values_take_the_mode_defaults():
         ({"bits": 4, "group_size": 64, "mode": "int4"}, "unknown quantization mode 'int4'"),
         ({"bits": 8, "group_size": 32, "mode": "mxfp4"}, "mxfp4 is always 4 bits"),
         ({"bits": 4, "group_size": 128, "quant_method": "gptq"}, "quant_method='gptq'"),
-        ({"bits": 4, "group_size": 64, "m": {"mode": "nvfp4", "global_scale": True}}, "global nvfp4 scale"),
+        (
+            {"bits": 4, "group_size": 64, "m": {"mode": "nvfp4", "global_scale": True}},
+            "global nvfp4 scale",
+        ),
     ],
 )
 def test_unreadable_sections_are_refused_by_name(section, match):
@@ -87,7 +102,10 @@ def test_unreadable_sections_are_refused_by_name(section, match):
 
 
 def test_two_copies_that_disagree_are_refused():
-    config = {"quantization": {"bits": 4, "group_size": 64}, "quantization_config": {"bits": 8, "group_size": 64}}
+    config = {
+        "quantization": {"bits": 4, "group_size": 64},
+        "quantization_config": {"bits": 8, "group_size": 64},
+    }
     with pytest.raises(QuantConfigError, match="disagree"):
         quant.resolve(config)
 
@@ -105,10 +123,15 @@ def infos(out_dim, in_dim, bits, group_size, *, fp_scales=False, biases=True, fi
 
 @settings(max_examples=100, deadline=None)
 @given(
-    stored=affine, claimed=affine, out_dim=st.integers(1, 64), in_groups=st.integers(1, 16),
+    stored=affine,
+    claimed=affine,
+    out_dim=st.integers(1, 64),
+    in_groups=st.integers(1, 16),
     explicit=st.booleans(),
 )
-def test_the_shape_check_accepts_the_truth_and_refuses_explicit_lies(stored, claimed, out_dim, in_groups, explicit):
+def test_the_shape_check_accepts_the_truth_and_refuses_explicit_lies(
+    stored, claimed, out_dim, in_groups, explicit
+):
     in_dim = in_groups * 128
     tensors = infos(out_dim, in_dim, stored["bits"], stored["group_size"])
     section = {**claimed, "m": dict(claimed)} if explicit else dict(claimed)
@@ -125,7 +148,9 @@ def test_the_shape_check_accepts_the_truth_and_refuses_explicit_lies(stored, cla
     if same_shapes:
         assert resolved.spec == claim
     else:  # unmentioned: from shapes, trying the top level's group size first
-        scaled = truth.bits * truth.group_size  # = bits * group_size for any reading of these shapes
+        scaled = (
+            truth.bits * truth.group_size
+        )  # = bits * group_size for any reading of these shapes
         bits = scaled // claim.group_size if scaled % claim.group_size == 0 else None
         assert resolved.source.startswith("shapes")
         assert resolved.spec.bits * resolved.spec.group_size == truth.bits * truth.group_size
@@ -159,5 +184,7 @@ def test_a_quantized_module_with_the_wrong_dtypes_is_refused_naming_the_tensor()
         "m.scales": quant.TensorInfo((8, 2), "BF16", "shard.safetensors"),
         "m.biases": quant.TensorInfo((8, 2), "U32", "shard.safetensors"),  # should be a float
     }
-    with pytest.raises(QuantMismatchError, match=r"shard\.safetensors: 'm\.weight' is F32.*'m\.biases' is U32"):
+    with pytest.raises(
+        QuantMismatchError, match=r"shard\.safetensors: 'm\.weight' is F32.*'m\.biases' is U32"
+    ):
         quant.check_tensors(plan, tensors)

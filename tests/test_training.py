@@ -24,9 +24,20 @@ from training.tokenizer import train_tokenizer
 from training.train import Settings, make_optimizer, make_step, train
 
 TINY = config(
-    hidden_size=64, num_hidden_layers=2, full_attention_interval=2, num_attention_heads=2, num_key_value_heads=1,
-    head_dim=32, linear_num_key_heads=1, linear_key_head_dim=32, linear_num_value_heads=2, linear_value_head_dim=32,
-    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+    hidden_size=64,
+    num_hidden_layers=2,
+    full_attention_interval=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    linear_num_key_heads=1,
+    linear_key_head_dim=32,
+    linear_num_value_heads=2,
+    linear_value_head_dim=32,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
 )
 TINY_SETTINGS = Settings(batch=4, seq=32, total_steps=50, warmup=2, eval_tokens=256, compile=False)
 SOURCE = '''# -*- coding: utf-8 -*-
@@ -45,7 +56,9 @@ def data_dir(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     for name, size in (("train", 20_000), ("heldout", 2_000)):
         rng.integers(0, TINY["vocab_size"], size, dtype=np.uint16).tofile(folder / f"{name}.bin")
-    (folder / "manifest.json").write_text(json.dumps({"train": {"sha256": "synthetic"}, "heldout": {}}))
+    (folder / "manifest.json").write_text(
+        json.dumps({"train": {"sha256": "synthetic"}, "heldout": {}})
+    )
     return folder
 
 
@@ -58,7 +71,9 @@ def test_tokenizer_round_trips_python_source():
     for text in texts:
         ids = tokenizer.encode(text, add_special_tokens=False).ids
         assert tokenizer.decode(ids, skip_special_tokens=False) == text
-    assert len(tokenizer.encode(texts[1]).ids) < len(texts[1]) / 2.5  # it learned Python, not just bytes
+    assert (
+        len(tokenizer.encode(texts[1]).ids) < len(texts[1]) / 2.5
+    )  # it learned Python, not just bytes
     config = json.loads((ASSETS_DIR / "tokenizer_config.json").read_text())
     assert config["eos_token"] == EOS
 
@@ -73,7 +88,9 @@ def test_tokenizer_training_is_deterministic():
 def test_corpus_split_keeps_whole_files_on_one_side(tmp_path):
     root = tmp_path / "lib"
     files = {f"pkg{i // 5}/mod{i}.py": f"x = {i}\nprint('file {i}')\n" for i in range(30)}
-    files.update({"test/test_skip.py": "skip", "pkg0/tests/t.py": "skip", "_sysconfigdata__x.py": "skip"})
+    files.update(
+        {"test/test_skip.py": "skip", "pkg0/tests/t.py": "skip", "_sysconfigdata__x.py": "skip"}
+    )
     for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
@@ -83,7 +100,9 @@ def test_corpus_split_keeps_whole_files_on_one_side(tmp_path):
     assert heldout and train and not set(train) & set(heldout) and sorted(train + heldout) == found
     assert split(found, 0.3) == (train, heldout)  # fixed by the paths alone
 
-    m = build(tmp_path / "data", ASSETS_DIR, root, fraction=0.3, heldout_list=tmp_path / "heldout.txt")
+    m = build(
+        tmp_path / "data", ASSETS_DIR, root, fraction=0.3, heldout_list=tmp_path / "heldout.txt"
+    )
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(ASSETS_DIR / "tokenizer.json"))
@@ -91,7 +110,9 @@ def test_corpus_split_keeps_whole_files_on_one_side(tmp_path):
         ids = np.fromfile(tmp_path / "data" / f"{name}.bin", dtype=np.uint16)
         assert ids.size == m[name]["tokens"] and list(m[name]["files"]) == names
         docs = tokenizer.decode(ids.tolist(), skip_special_tokens=False).split(EOS)
-        assert docs[0] == "" and docs[1:] == [files[f] for f in names]  # each file whole, EOS before each
+        assert docs[0] == "" and docs[1:] == [
+            files[f] for f in names
+        ]  # each file whole, EOS before each
     assert (tmp_path / "heldout.txt").read_text().split() == heldout
 
 
@@ -104,10 +125,14 @@ def test_initial_parameters_build_a_flashmoe_model():
     again = init_params(TINY, seed=0)
     assert all(mx.array_equal(params[k], again[k]) for k in params)
     other = init_params(TINY, seed=1)
-    assert not mx.array_equal(other["model.embed_tokens.weight"], params["model.embed_tokens.weight"])
-    assert set(param_shapes(CONFIG)) >= {"model.layers.0.linear_attn.in_proj_qkvz.weight",
-                                         "model.layers.3.self_attn.q_proj.weight",
-                                         "model.layers.0.mlp.shared_expert_gate.weight"}
+    assert not mx.array_equal(
+        other["model.embed_tokens.weight"], params["model.embed_tokens.weight"]
+    )
+    assert set(param_shapes(CONFIG)) >= {
+        "model.layers.0.linear_attn.in_proj_qkvz.weight",
+        "model.layers.3.self_attn.q_proj.weight",
+        "model.layers.0.mlp.shared_expert_gate.weight",
+    }
 
 
 def test_training_steps_lower_the_loss_on_a_repeated_batch():
@@ -116,7 +141,9 @@ def test_training_steps_lower_the_loss_on_a_repeated_batch():
     step = make_step(args, TINY_SETTINGS, opt)
     params = init_params(TINY, seed=0)
     state = opt.init(params)
-    tokens = mx.array(np.random.default_rng(0).integers(0, TINY["vocab_size"], (4, 33)), dtype=mx.int32)
+    tokens = mx.array(
+        np.random.default_rng(0).integers(0, TINY["vocab_size"], (4, 33)), dtype=mx.int32
+    )
     losses = []
     for _ in range(6):
         params, state, metrics = step(params, state, tokens, mx.array(1e-2))
@@ -127,19 +154,33 @@ def test_training_steps_lower_the_loss_on_a_repeated_batch():
 
 def test_resume_continues_exactly(tmp_path, data_dir):
     common = {"data_dir": data_dir, "minutes": 0, "log_every": 1}
-    train(tmp_path / "straight", settings=TINY_SETTINGS, config=TINY, max_steps=4, evaluate_at_end=False, **common)
+    train(
+        tmp_path / "straight",
+        settings=TINY_SETTINGS,
+        config=TINY,
+        max_steps=4,
+        evaluate_at_end=False,
+        **common,
+    )
     train(tmp_path / "chunked", settings=TINY_SETTINGS, config=TINY, max_steps=2, **common)
     with pytest.raises(FileExistsError):  # a fresh run never overwrites a checkpoint
         train(tmp_path / "chunked", settings=TINY_SETTINGS, config=TINY, max_steps=1, **common)
     state = train(tmp_path / "chunked", resume=True, max_steps=2, **common)
     assert (state["step"], state["chunks"], state["position"]) == (4, 2, 4)
-    (pa, oa, _), (pb, ob, _) = checkpoint.load(tmp_path / "straight"), checkpoint.load(tmp_path / "chunked")
+    (pa, oa, _), (pb, ob, _) = (
+        checkpoint.load(tmp_path / "straight"),
+        checkpoint.load(tmp_path / "chunked"),
+    )
     assert set(pa) == set(pb)
     for name in pa:
         assert mx.array_equal(pa[name], pb[name]), name
-        assert mx.array_equal(oa["m"][name], ob["m"][name]) and mx.array_equal(oa["v"][name], ob["v"][name]), name
+        assert mx.array_equal(oa["m"][name], ob["m"][name]) and mx.array_equal(
+            oa["v"][name], ob["v"][name]
+        ), name
     assert oa["step"].item() == ob["step"].item() == 4
-    log = [json.loads(line) for line in (tmp_path / "chunked" / "log.jsonl").read_text().splitlines()]
+    log = [
+        json.loads(line) for line in (tmp_path / "chunked" / "log.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in log if r.get("event") == "eval"] == [2, 4]
 
@@ -147,8 +188,15 @@ def test_resume_continues_exactly(tmp_path, data_dir):
 def test_checkpoint_is_a_flashmoe_model(tmp_path, data_dir):
     from flashmoe.loader import load_model
 
-    train(tmp_path / "run", settings=TINY_SETTINGS, config=TINY, data_dir=data_dir, minutes=0, max_steps=1,
-          evaluate_at_end=False)
+    train(
+        tmp_path / "run",
+        settings=TINY_SETTINGS,
+        config=TINY,
+        data_dir=data_dir,
+        minutes=0,
+        max_steps=1,
+        evaluate_at_end=False,
+    )
     params = checkpoint.load(tmp_path / "run")[0]
     tokens = mx.array([[1, 2, 3, 4]])
     expected = build_model(params, ModelArgs.from_config(TINY))(tokens)

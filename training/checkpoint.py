@@ -37,7 +37,9 @@ def load_shards(folder: Path, prefix: str) -> dict[str, mx.array]:
     return tensors
 
 
-def save(out: Path, params: dict, opt_state: dict, state: dict, config: dict, tokenizer_dir: Path) -> None:
+def save(
+    out: Path, params: dict, opt_state: dict, state: dict, config: dict, tokenizer_dir: Path
+) -> None:
     """Write the whole checkpoint to `out` (see the module docstring)."""
     out = Path(out)
     incoming = out / INCOMING
@@ -45,7 +47,9 @@ def save(out: Path, params: dict, opt_state: dict, state: dict, config: dict, to
     (incoming / STATE_DIR).mkdir(parents=True)
     save_shards(params, incoming, "model", MAX_SHARD_BYTES)  # with model.safetensors.index.json
     moments = {f"{kind}.{k}": v for kind in ("m", "v") for k, v in opt_state[kind].items()}
-    save_shards({**moments, "step": opt_state["step"]}, incoming / STATE_DIR, "optimizer", MAX_SHARD_BYTES)
+    save_shards(
+        {**moments, "step": opt_state["step"]}, incoming / STATE_DIR, "optimizer", MAX_SHARD_BYTES
+    )
     (incoming / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(Path(tokenizer_dir) / name, incoming / name)
@@ -56,8 +60,13 @@ def save(out: Path, params: dict, opt_state: dict, state: dict, config: dict, to
 def _move_in(out: Path) -> None:
     """Replace the checkpoint in `out` by the complete one in out/.incoming; state.json goes last."""
     incoming = out / INCOMING
-    (out / STATE_DIR / "state.json").unlink(missing_ok=True)  # from here on the old checkpoint is invalid
-    for old in [*out.glob("model-*.safetensors"), *(out / STATE_DIR).glob("optimizer-*.safetensors")]:
+    (out / STATE_DIR / "state.json").unlink(
+        missing_ok=True
+    )  # from here on the old checkpoint is invalid
+    for old in [
+        *out.glob("model-*.safetensors"),
+        *(out / STATE_DIR).glob("optimizer-*.safetensors"),
+    ]:
         old.unlink()
     (out / STATE_DIR).mkdir(exist_ok=True)
     for path in sorted(incoming.rglob("*")):
@@ -70,7 +79,9 @@ def _move_in(out: Path) -> None:
 def exists(out: Path) -> bool:
     """Whether `out` holds a checkpoint to resume (a complete .incoming one counts)."""
     out = Path(out)
-    return (out / STATE_DIR / "state.json").is_file() or (out / INCOMING / STATE_DIR / "state.json").is_file()
+    return (out / STATE_DIR / "state.json").is_file() or (
+        out / INCOMING / STATE_DIR / "state.json"
+    ).is_file()
 
 
 def read_state(out: Path) -> dict:
@@ -82,7 +93,10 @@ def read_state(out: Path) -> dict:
 def load(out: Path) -> tuple[dict, dict, dict]:
     """(params, optimizer state, state.json) of the checkpoint in `out`."""
     out = Path(out)
-    if not (out / STATE_DIR / "state.json").is_file() and (out / INCOMING / STATE_DIR / "state.json").is_file():
+    if (
+        not (out / STATE_DIR / "state.json").is_file()
+        and (out / INCOMING / STATE_DIR / "state.json").is_file()
+    ):
         _move_in(out)  # a save that was interrupted after it was complete
     if not (out / STATE_DIR / "state.json").is_file():
         raise FileNotFoundError(f"{out / STATE_DIR / 'state.json'}: no checkpoint to resume")

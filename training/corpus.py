@@ -22,7 +22,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 DATA_DIR = HERE / "data"
-ASSETS_DIR = HERE.parent / "flashmoe" / "assets" / "flashmoe-coder-tiny"  # the one copy of tokenizer.json, tokenizer_config.json
+ASSETS_DIR = (
+    HERE.parent / "flashmoe" / "assets" / "flashmoe-coder-tiny"
+)  # the one copy of tokenizer.json, tokenizer_config.json
 HELDOUT_LIST = HERE / "heldout_files.txt"
 EOS = "<|endoftext|>"
 HELDOUT_FRACTION = 0.02
@@ -94,30 +96,43 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def build(out_dir: Path = DATA_DIR, assets: Path = ASSETS_DIR, root: Path | None = None,
-          fraction: float = HELDOUT_FRACTION, heldout_list: Path | None = HELDOUT_LIST) -> dict:
+def build(
+    out_dir: Path = DATA_DIR,
+    assets: Path = ASSETS_DIR,
+    root: Path | None = None,
+    fraction: float = HELDOUT_FRACTION,
+    heldout_list: Path | None = HELDOUT_LIST,
+) -> dict:
     """Write train.bin, heldout.bin and manifest.json to `out_dir` (and `heldout_list`); return the manifest."""
     from tokenizers import Tokenizer
 
     root = Path(root or stdlib_root())
     tokenizer = Tokenizer.from_file(str(assets / "tokenizer.json"))
     if tokenizer.get_vocab_size() > 65536:
-        raise ValueError(f"{assets / 'tokenizer.json'}: {tokenizer.get_vocab_size()} ids do not fit uint16")
+        raise ValueError(
+            f"{assets / 'tokenizer.json'}: {tokenizer.get_vocab_size()} ids do not fit uint16"
+        )
     texts, skipped = read_sources(root, collect_files(root))
     train, heldout = split(list(texts), fraction)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = {
-        "python": platform.python_version(), "stdlib": str(root), "heldout_fraction": fraction,
-        "tokenizer_sha256": sha256_file(assets / "tokenizer.json"), "skipped": skipped,
+        "python": platform.python_version(),
+        "stdlib": str(root),
+        "heldout_fraction": fraction,
+        "tokenizer_sha256": sha256_file(assets / "tokenizer.json"),
+        "skipped": skipped,
     }
     for name, files in (("train", train), ("heldout", heldout)):
         stream, counts = encode_documents(tokenizer, [texts[f] for f in files])
         path = out_dir / f"{name}.bin"
         stream.tofile(path)
         manifest[name] = {
-            "file": path.name, "tokens": int(stream.size), "documents": len(files),
-            "bytes_of_source": sum(len(texts[f].encode()) for f in files), "sha256": sha256_file(path),
+            "file": path.name,
+            "tokens": int(stream.size),
+            "documents": len(files),
+            "bytes_of_source": sum(len(texts[f].encode()) for f in files),
+            "sha256": sha256_file(path),
             "files": dict(zip(files, counts)),
         }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -127,16 +142,26 @@ def build(out_dir: Path = DATA_DIR, assets: Path = ASSETS_DIR, root: Path | None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=DATA_DIR, help="where train.bin / heldout.bin go")
-    parser.add_argument("--assets", type=Path, default=ASSETS_DIR, help="folder holding tokenizer.json")
-    parser.add_argument("--stdlib", type=Path, default=None, help="library folder (default: this interpreter's)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DATA_DIR, help="where train.bin / heldout.bin go"
+    )
+    parser.add_argument(
+        "--assets", type=Path, default=ASSETS_DIR, help="folder holding tokenizer.json"
+    )
+    parser.add_argument(
+        "--stdlib", type=Path, default=None, help="library folder (default: this interpreter's)"
+    )
     args = parser.parse_args(argv)
     m = build(args.out, args.assets, args.stdlib)
     for name in ("train", "heldout"):
         s = m[name]
-        print(f"{name:8s} {s['documents']:4d} files  {s['bytes_of_source']:>10,d} bytes  {s['tokens']:>9,d} tokens "
-              f"({s['bytes_of_source'] / s['tokens']:.2f} bytes/token)  {args.out / s['file']}")
+        print(
+            f"{name:8s} {s['documents']:4d} files  {s['bytes_of_source']:>10,d} bytes  {s['tokens']:>9,d} tokens "
+            f"({s['bytes_of_source'] / s['tokens']:.2f} bytes/token)  {args.out / s['file']}"
+        )
     if m["skipped"]:
         print(f"skipped {len(m['skipped'])} files: {m['skipped']}")
 

@@ -14,14 +14,16 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from flashmoe.models.args import ModelArgs
 from flashmoe.analysis.evaluate import token_nll
+from flashmoe.models.args import ModelArgs
 from flashmoe.models.model import Model
 from flashmoe.models.moe import Routing
 from flashmoe.models.store import TensorStore
 
 
-def build_model(params: dict[str, mx.array], args: ModelArgs, dtype: mx.Dtype = mx.float32) -> Model:
+def build_model(
+    params: dict[str, mx.array], args: ModelArgs, dtype: mx.Dtype = mx.float32
+) -> Model:
     """A flashmoe Model over `params` (a shallow copy: TensorStore takes tensors out of its dict)."""
     return Model(TensorStore(dict(params), dtype=dtype, source="training parameters"), args)
 
@@ -57,7 +59,9 @@ def loss_terms(params: dict, args: ModelArgs, tokens: mx.array, dtype: mx.Dtype 
     return ce, balance, z
 
 
-def evaluate(params: dict, args: ModelArgs, windows: np.ndarray, batch: int, dtype: mx.Dtype = mx.float32) -> float:
+def evaluate(
+    params: dict, args: ModelArgs, windows: np.ndarray, batch: int, dtype: mx.Dtype = mx.float32
+) -> float:
     """Mean held-out cross-entropy (nats per token) over `windows` (N, T + 1)."""
     model = build_model(params, args, dtype)
     total, count = 0.0, 0

@@ -18,15 +18,17 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from flashmoe.analysis.evaluate import token_nll
 from flashmoe.loader import load_model
 
 from .checkpoint import read_state
 from .corpus import DATA_DIR
 from .data import eval_windows, load_tokens
-from flashmoe.analysis.evaluate import token_nll
 
 
-def routing_stats(logits: mx.array, experts: mx.array, num_experts: int) -> tuple[np.ndarray, float]:
+def routing_stats(
+    logits: mx.array, experts: mx.array, num_experts: int
+) -> tuple[np.ndarray, float]:
     """(routed slots per expert (E,), summed router entropy in nats) of one batch's routing."""
     chosen = (experts.reshape(-1)[:, None] == mx.arange(num_experts)).astype(mx.float32)  # (N K, E)
     logits = logits.astype(mx.float32).reshape(-1, num_experts)  # (N, E)
@@ -55,26 +57,48 @@ def analyse(directory: Path, data_dir: Path, seq: int, max_tokens: int, batch: i
     for layer in model.moe_layers:
         share = loads[layer] / loads[layer].sum()
         nonzero = share[share > 0]
-        layers.append({
-            "layer": layer, "mixer": "linear attention" if model.layers[layer].is_linear else "attention",
-            "load": share.round(5).tolist(), "load_entropy": float(-(nonzero * np.log(nonzero)).sum() / math.log(E)),
-            "max_share_x_E": float(share.max() * E), "min_share_x_E": float(share.min() * E),
-            "unused_experts": int((loads[layer] == 0).sum()), "router_entropy": entropies[layer] / count,
-        })
+        layers.append(
+            {
+                "layer": layer,
+                "mixer": "linear attention" if model.layers[layer].is_linear else "attention",
+                "load": share.round(5).tolist(),
+                "load_entropy": float(-(nonzero * np.log(nonzero)).sum() / math.log(E)),
+                "max_share_x_E": float(share.max() * E),
+                "min_share_x_E": float(share.min() * E),
+                "unused_experts": int((loads[layer] == 0).sum()),
+                "router_entropy": entropies[layer] / count,
+            }
+        )
     loss = nll_sum / count
-    return {"checkpoint": str(directory), "heldout_loss": loss, "heldout_ppl": math.exp(loss), "tokens": count,
-            "seq": seq, "num_experts": E, "max_router_entropy": math.log(E), "layers": layers}
+    return {
+        "checkpoint": str(directory),
+        "heldout_loss": loss,
+        "heldout_ppl": math.exp(loss),
+        "tokens": count,
+        "seq": seq,
+        "num_experts": E,
+        "max_router_entropy": math.log(E),
+        "layers": layers,
+    }
 
 
 def table(report: dict) -> str:
     """The report as text: one line per MoE layer."""
-    lines = [(f"{report['checkpoint']}: held-out loss {report['heldout_loss']:.4f} nats/token, "
-              f"perplexity {report['heldout_ppl']:.2f} over {report['tokens']} tokens"),
-             (f"{'layer':>5}  {'mixer':16}  {'load evenness':>13}  {'busiest xE':>10}  {'idlest xE':>9}  "
-              f"{'unused':>6}  {'router entropy':>14}  (max {report['max_router_entropy']:.2f})")]
+    lines = [
+        (
+            f"{report['checkpoint']}: held-out loss {report['heldout_loss']:.4f} nats/token, "
+            f"perplexity {report['heldout_ppl']:.2f} over {report['tokens']} tokens"
+        ),
+        (
+            f"{'layer':>5}  {'mixer':16}  {'load evenness':>13}  {'busiest xE':>10}  {'idlest xE':>9}  "
+            f"{'unused':>6}  {'router entropy':>14}  (max {report['max_router_entropy']:.2f})"
+        ),
+    ]
     for r in report["layers"]:
-        lines.append(f"{r['layer']:5d}  {r['mixer']:16}  {r['load_entropy']:13.3f}  {r['max_share_x_E']:10.2f}  "
-                     f"{r['min_share_x_E']:9.2f}  {r['unused_experts']:6d}  {r['router_entropy']:14.3f}")
+        lines.append(
+            f"{r['layer']:5d}  {r['mixer']:16}  {r['load_entropy']:13.3f}  {r['max_share_x_E']:10.2f}  "
+            f"{r['min_share_x_E']:9.2f}  {r['unused_experts']:6d}  {r['router_entropy']:14.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -91,8 +115,18 @@ def plot_log(log_path: Path, png: Path) -> bool:
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if r.get("event") == "eval"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["tokens"] / 1e6 for r in train], [r["loss"] for r in train], lw=1, label="train (cross-entropy)")
-    ax.plot([r["tokens"] / 1e6 for r in evals], [r["heldout_loss"] for r in evals], "o", label="held-out")
+    ax.plot(
+        [r["tokens"] / 1e6 for r in train],
+        [r["loss"] for r in train],
+        lw=1,
+        label="train (cross-entropy)",
+    )
+    ax.plot(
+        [r["tokens"] / 1e6 for r in evals],
+        [r["heldout_loss"] for r in evals],
+        "o",
+        label="held-out",
+    )
     ax.set(xlabel="tokens seen (millions)", ylabel="nats per token", title=log_path.parent.name)
     ax.legend()
     ax.grid(alpha=0.3)
@@ -103,11 +137,17 @@ def plot_log(log_path: Path, png: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--data", type=Path, default=DATA_DIR)
-    parser.add_argument("--seq", type=int, default=None, help="window length (default: the training run's)")
-    parser.add_argument("--tokens", type=int, default=65536, help="held-out tokens to score (from the start)")
+    parser.add_argument(
+        "--seq", type=int, default=None, help="window length (default: the training run's)"
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=65536, help="held-out tokens to score (from the start)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="default: CHECKPOINT/report.json")
     a = parser.parse_args(argv)
     seq = a.seq or read_state(a.checkpoint).get("settings", {}).get("seq", 256)

@@ -32,7 +32,10 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE) -> Tokenizer
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False,
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOS],
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte, so nothing is unknown
     )
     tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
@@ -47,17 +50,23 @@ def save(tokenizer: Tokenizer, folder: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=ASSETS_DIR, help="folder for tokenizer.json")
     parser.add_argument("--vocab", type=int, default=VOCAB_SIZE)
-    parser.add_argument("--stdlib", type=Path, default=None, help="library folder (default: this interpreter's)")
+    parser.add_argument(
+        "--stdlib", type=Path, default=None, help="library folder (default: this interpreter's)"
+    )
     args = parser.parse_args(argv)
     root = args.stdlib or stdlib_root()
     texts, _ = read_sources(root, collect_files(root))
     train, _ = split(list(texts))
     tokenizer = train_tokenizer([texts[f] for f in train], args.vocab)
     save(tokenizer, args.out)
-    print(f"{args.out / 'tokenizer.json'}: {tokenizer.get_vocab_size()} ids, trained on {len(train)} files")
+    print(
+        f"{args.out / 'tokenizer.json'}: {tokenizer.get_vocab_size()} ids, trained on {len(train)} files"
+    )
 
 
 if __name__ == "__main__":

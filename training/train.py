@@ -30,11 +30,15 @@ from .model_config import CONFIG
 from .objective import check_params, evaluate, loss_terms
 from .optim import AdamW, clip_by_global_norm, learning_rate
 
-START = time.monotonic()  # --minutes counts from here (about when the process started): compilation is part of it
+START = (
+    time.monotonic()
+)  # --minutes counts from here (about when the process started): compilation is part of it
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 SAVE_RESERVE_S = 10.0  # seconds kept for writing the checkpoint (a few seconds for ~200 MB)
-ROUTE_FIX = ("flashmoe.moe.MoE.route lets autodiff reach the expert ids: wrap its argpartition in "
-             "mx.stop_gradient(...) (ids are discrete; the routing weights still get gradients)")
+ROUTE_FIX = (
+    "flashmoe.moe.MoE.route lets autodiff reach the expert ids: wrap its argpartition in "
+    "mx.stop_gradient(...) (ids are discrete; the routing weights still get gradients)"
+)
 
 
 @dataclass
@@ -57,7 +61,9 @@ class Settings:
     dtype: str = "float32"  # compute dtype of the forward pass; master weights stay float32
     state_dtype: str = "float32"  # AdamW moments (bfloat16 halves the checkpoint)
     compile: bool = True  # mx.compile the training step
-    eval_tokens: int = 65536  # held-out tokens scored at the end of each chunk (from the start of heldout.bin)
+    eval_tokens: int = (
+        65536  # held-out tokens scored at the end of each chunk (from the start of heldout.bin)
+    )
 
 
 def make_step(args: ModelArgs, s: Settings, opt: AdamW):
@@ -110,15 +116,21 @@ class Budget:
 
     def __init__(self, minutes: float, eval_batches: int, eval_seconds: float | None):
         self.deadline = START + 60 * minutes if minutes else math.inf
-        self.eval_batches, self.eval_seconds = eval_batches, eval_seconds  # eval_seconds: the last chunk's
+        self.eval_batches, self.eval_seconds = (
+            eval_batches,
+            eval_seconds,
+        )  # eval_seconds: the last chunk's
         self.step_times: list[float] = []
 
     def allows_step(self) -> bool:
         if len(self.step_times) < 2:  # the first step's time is mostly compilation
             return time.monotonic() + SAVE_RESERVE_S < self.deadline
         recent = self.step_times[1:][-20:] or self.step_times  # the first step includes compilation
-        eval_s = self.eval_seconds if self.eval_seconds is not None else (
-            0.5 * sorted(recent)[len(recent) // 2] * self.eval_batches + 5)  # a forward is ~1/3 of a step
+        eval_s = (
+            self.eval_seconds
+            if self.eval_seconds is not None
+            else (0.5 * sorted(recent)[len(recent) // 2] * self.eval_batches + 5)
+        )  # a forward is ~1/3 of a step
         return time.monotonic() + 1.5 * max(recent) + eval_s + SAVE_RESERVE_S < self.deadline
 
 
@@ -127,38 +139,80 @@ def start(out: Path, resume: bool, settings: Settings, config: dict, data: dict)
     if resume:
         params, opt_state, state = checkpoint.load(out)
         if state["data"].get("train_sha256") != data.get("train_sha256"):
-            raise ValueError(f"{out}: trained on train.bin {state['data'].get('train_sha256')}, "
-                             f"this data is {data.get('train_sha256')}; resume needs the same data")
+            raise ValueError(
+                f"{out}: trained on train.bin {state['data'].get('train_sha256')}, "
+                f"this data is {data.get('train_sha256')}; resume needs the same data"
+            )
     elif checkpoint.exists(out):
-        raise FileExistsError(f"{out}: holds a checkpoint; pass --resume to continue it or choose another --out")
+        raise FileExistsError(
+            f"{out}: holds a checkpoint; pass --resume to continue it or choose another --out"
+        )
     else:
         params = init_params(config, settings.seed)
         opt_state = make_optimizer(settings).init(params)
-        state = {"step": 0, "epoch": 0, "position": 0, "tokens": 0, "train_seconds": 0.0, "chunks": 0,
-                 "settings": dataclasses.asdict(settings), "data": data, "config": config}
+        state = {
+            "step": 0,
+            "epoch": 0,
+            "position": 0,
+            "tokens": 0,
+            "train_seconds": 0.0,
+            "chunks": 0,
+            "settings": dataclasses.asdict(settings),
+            "data": data,
+            "config": config,
+        }
     # name order, so fresh and resumed runs trace identical graphs
     opt_state = {**opt_state, "m": _sorted(opt_state["m"]), "v": _sorted(opt_state["v"])}
     return _sorted(params), opt_state, state
 
 
-def train(out: Path, *, data_dir: Path = DATA_DIR, tokenizer_dir: Path = ASSETS_DIR, resume: bool = False,
-          settings: Settings | None = None, config: dict | None = None, minutes: float = 9.0,
-          max_steps: int | None = None, log_every: int = 10, evaluate_at_end: bool = True) -> dict:
+def train(
+    out: Path,
+    *,
+    data_dir: Path = DATA_DIR,
+    tokenizer_dir: Path = ASSETS_DIR,
+    resume: bool = False,
+    settings: Settings | None = None,
+    config: dict | None = None,
+    minutes: float = 9.0,
+    max_steps: int | None = None,
+    log_every: int = 10,
+    evaluate_at_end: bool = True,
+) -> dict:
     """Run one chunk and save its checkpoint in `out`; returns state.json's contents."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     m = manifest(data_dir)
-    data = {"train_sha256": m.get("train", {}).get("sha256"), "heldout_sha256": m.get("heldout", {}).get("sha256")}
+    data = {
+        "train_sha256": m.get("train", {}).get("sha256"),
+        "heldout_sha256": m.get("heldout", {}).get("sha256"),
+    }
     params, opt_state, state = start(out, resume, settings or Settings(), config or CONFIG, data)
     s, config = Settings(**state["settings"]), state["config"]
     args = ModelArgs.from_config(config)
     check_params(params, args)
-    windows = eval_windows(load_tokens(data_dir, "heldout"), s.seq, s.eval_tokens) if evaluate_at_end else None
-    budget = Budget(minutes, 0 if windows is None else -(-len(windows) // s.batch), state.get("eval_seconds"))
+    windows = (
+        eval_windows(load_tokens(data_dir, "heldout"), s.seq, s.eval_tokens)
+        if evaluate_at_end
+        else None
+    )
+    budget = Budget(
+        minutes, 0 if windows is None else -(-len(windows) // s.batch), state.get("eval_seconds")
+    )
     log = Log(out / "log.jsonl")
     chunk_start, steps_before = time.monotonic(), state["step"]
-    params, opt_state = run_steps(params, opt_state, state, args, s, Batches(load_tokens(data_dir, "train"),
-                                  s.batch, s.seq, s.seed), budget, log, max_steps, log_every)
+    params, opt_state = run_steps(
+        params,
+        opt_state,
+        state,
+        args,
+        s,
+        Batches(load_tokens(data_dir, "train"), s.batch, s.seq, s.seed),
+        budget,
+        log,
+        max_steps,
+        log_every,
+    )
     if state["step"] >= s.total_steps:
         print(f"the schedule is complete ({s.total_steps} steps)", flush=True)
     state["train_seconds"] += time.monotonic() - chunk_start
@@ -167,26 +221,53 @@ def train(out: Path, *, data_dir: Path = DATA_DIR, tokenizer_dir: Path = ASSETS_
         t0 = time.monotonic()
         loss = evaluate(params, args, windows, s.batch, DTYPES[s.dtype])
         state["heldout_loss"], state["eval_seconds"] = loss, time.monotonic() - t0
-        record = {"event": "eval", "step": state["step"], "tokens": state["tokens"], "heldout_loss": loss,
-                  "heldout_ppl": math.exp(loss), "eval_tokens": int(windows.shape[0] * s.seq),
-                  "eval_s": state["eval_seconds"]}
-        log.write(record, f"held-out loss {loss:.4f}  perplexity {math.exp(loss):.2f}  "
-                          f"({record['eval_tokens']} tokens, {record['eval_s']:.1f}s)")
+        record = {
+            "event": "eval",
+            "step": state["step"],
+            "tokens": state["tokens"],
+            "heldout_loss": loss,
+            "heldout_ppl": math.exp(loss),
+            "eval_tokens": int(windows.shape[0] * s.seq),
+            "eval_s": state["eval_seconds"],
+        }
+        log.write(
+            record,
+            f"held-out loss {loss:.4f}  perplexity {math.exp(loss):.2f}  "
+            f"({record['eval_tokens']} tokens, {record['eval_s']:.1f}s)",
+        )
     checkpoint.save(out, params, opt_state, state, config, tokenizer_dir)
-    print(f"saved {out} at step {state['step']} ({state['step'] - steps_before} steps this chunk, "
-          f"{time.monotonic() - START:.0f}s after start)", flush=True)
+    print(
+        f"saved {out} at step {state['step']} ({state['step'] - steps_before} steps this chunk, "
+        f"{time.monotonic() - START:.0f}s after start)",
+        flush=True,
+    )
     return state
 
 
-def run_steps(params, opt_state, state: dict, args: ModelArgs, s: Settings, batches: Batches, budget: Budget,
-              log: Log, max_steps: int | None, log_every: int):
+def run_steps(
+    params,
+    opt_state,
+    state: dict,
+    args: ModelArgs,
+    s: Settings,
+    batches: Batches,
+    budget: Budget,
+    log: Log,
+    max_steps: int | None,
+    log_every: int,
+):
     """Take steps until the schedule ends, `max_steps` are done or the budget says stop; updates `state`."""
     step_fn = make_step(args, s, make_optimizer(s))
     first, window = state["step"], []
     interval_start, interval_tokens = time.monotonic(), 0
-    print(f"chunk {state['chunks'] + 1}: step {state['step']} of {s.total_steps}, epoch {state['epoch']} "
-          f"({batches.per_epoch(state['epoch'])} steps/epoch), {time.monotonic() - START:.1f}s after start", flush=True)
-    while state["step"] < s.total_steps and (max_steps is None or state["step"] - first < max_steps):
+    print(
+        f"chunk {state['chunks'] + 1}: step {state['step']} of {s.total_steps}, epoch {state['epoch']} "
+        f"({batches.per_epoch(state['epoch'])} steps/epoch), {time.monotonic() - START:.1f}s after start",
+        flush=True,
+    )
+    while state["step"] < s.total_steps and (
+        max_steps is None or state["step"] - first < max_steps
+    ):
         if not budget.allows_step():
             break
         t0 = time.monotonic()
@@ -202,13 +283,27 @@ def run_steps(params, opt_state, state: dict, args: ModelArgs, s: Settings, batc
         window.append(metrics)
         if state["step"] % log_every == 0 or state["step"] == s.total_steps:
             now = time.monotonic()
-            ce, balance, z, norm = mx.stack(window).mean(axis=0).tolist()  # a sync, once per log line
-            record = {"step": state["step"], "epoch": state["epoch"], "tokens": state["tokens"], "loss": ce,
-                      "balance": balance, "z": z, "grad_norm": norm, "lr": lr,
-                      "tokens_per_s": interval_tokens / (now - interval_start), "elapsed_s": now - START}
-            log.write(record, f"step {state['step']:6d}  loss {ce:.4f}  bal {balance:.3f}  z {z:.2f}  "
-                              f"gnorm {norm:.2f}  lr {lr:.2e}  {record['tokens_per_s']:,.0f} tok/s  "
-                              f"{record['elapsed_s']:.0f}s")
+            ce, balance, z, norm = (
+                mx.stack(window).mean(axis=0).tolist()
+            )  # a sync, once per log line
+            record = {
+                "step": state["step"],
+                "epoch": state["epoch"],
+                "tokens": state["tokens"],
+                "loss": ce,
+                "balance": balance,
+                "z": z,
+                "grad_norm": norm,
+                "lr": lr,
+                "tokens_per_s": interval_tokens / (now - interval_start),
+                "elapsed_s": now - START,
+            }
+            log.write(
+                record,
+                f"step {state['step']:6d}  loss {ce:.4f}  bal {balance:.3f}  z {z:.2f}  "
+                f"gnorm {norm:.2f}  lr {lr:.2e}  {record['tokens_per_s']:,.0f} tok/s  "
+                f"{record['elapsed_s']:.0f}s",
+            )
             window, interval_start, interval_tokens = [], now, 0
     return params, opt_state
 
@@ -219,25 +314,53 @@ def _sorted(tensors: dict) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder (created)")
-    parser.add_argument("--data", type=Path, default=DATA_DIR, help="folder with train.bin, heldout.bin, manifest.json")
-    parser.add_argument("--tokenizer", type=Path, default=ASSETS_DIR, help="folder with tokenizer.json (copied in)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DATA_DIR,
+        help="folder with train.bin, heldout.bin, manifest.json",
+    )
+    parser.add_argument(
+        "--tokenizer", type=Path, default=ASSETS_DIR, help="folder with tokenizer.json (copied in)"
+    )
     parser.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-    parser.add_argument("--config", type=Path, default=None,
-                        help="model config.json for a fresh run (default: training/model_config.py's CONFIG)")
-    parser.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this chunk (0: none)")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop this chunk after this many steps")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="model config.json for a fresh run (default: training/model_config.py's CONFIG)",
+    )
+    parser.add_argument(
+        "--minutes", type=float, default=9.0, help="wall-clock budget of this chunk (0: none)"
+    )
+    parser.add_argument(
+        "--max-steps", type=int, default=None, help="stop this chunk after this many steps"
+    )
     parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--no-eval", action="store_true", help="skip the held-out score at the end of the chunk")
-    for f in dataclasses.fields(Settings):  # settings: only for a fresh run (a resumed one keeps its own)
+    parser.add_argument(
+        "--no-eval", action="store_true", help="skip the held-out score at the end of the chunk"
+    )
+    for f in dataclasses.fields(
+        Settings
+    ):  # settings: only for a fresh run (a resumed one keeps its own)
         if f.type == "bool":
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=_boolean, default=None, metavar="{0,1}")
+            parser.add_argument(
+                f"--{f.name.replace('_', '-')}", type=_boolean, default=None, metavar="{0,1}"
+            )
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
             choices = list(DTYPES) if f.name.endswith("dtype") else None
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, choices=choices,
-                                help=f"default {f.default}")
+            parser.add_argument(
+                f"--{f.name.replace('_', '-')}",
+                type=kind,
+                default=None,
+                choices=choices,
+                help=f"default {f.default}",
+            )
     return parser.parse_args(argv)
 
 
@@ -247,17 +370,33 @@ def _boolean(text: str) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    given = {f.name: getattr(a, f.name) for f in dataclasses.fields(Settings) if getattr(a, f.name) is not None}
+    given = {
+        f.name: getattr(a, f.name)
+        for f in dataclasses.fields(Settings)
+        if getattr(a, f.name) is not None
+    }
     if a.resume and given:
         saved = checkpoint.read_state(a.out).get("settings", {})
         changed = {k: v for k, v in given.items() if saved.get(k) != v}
         if changed:
-            raise SystemExit(f"{a.out}: a resumed run keeps its settings; these differ from the saved ones: {changed}")
+            raise SystemExit(
+                f"{a.out}: a resumed run keeps its settings; these differ from the saved ones: {changed}"
+            )
     if a.resume and a.config:
         raise SystemExit(f"{a.out}: a resumed run keeps its model config; drop --config")
     config = json.loads(a.config.read_text()) if a.config else None
-    train(a.out, data_dir=a.data, tokenizer_dir=a.tokenizer, resume=a.resume, settings=Settings(**given),
-          config=config, minutes=a.minutes, max_steps=a.max_steps, log_every=a.log_every, evaluate_at_end=not a.no_eval)
+    train(
+        a.out,
+        data_dir=a.data,
+        tokenizer_dir=a.tokenizer,
+        resume=a.resume,
+        settings=Settings(**given),
+        config=config,
+        minutes=a.minutes,
+        max_steps=a.max_steps,
+        log_every=a.log_every,
+        evaluate_at_end=not a.no_eval,
+    )
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -22,7 +23,6 @@ from .. import kernels, timing
 from ..generate import decode_one_token, prefill, stream_generate
 from ..sample import make_sampler
 from .parity import greedy_tokens_per_second, rel_err
-
 
 # --------------------------------------------------------------------------- repeats, spread, verdicts
 
@@ -75,10 +75,14 @@ def spread(samples: Sequence[float]) -> Spread:
 
 def error_bars(spreads: Sequence[Spread]) -> tuple[list[float], np.ndarray]:
     """(medians, yerr of shape (2, n)) for plt.bar / plt.errorbar with min-max bars."""
-    return [s.median for s in spreads], np.array([s.yerr for s in spreads]).T.reshape(2, len(spreads))
+    return [s.median for s in spreads], np.array([s.yerr for s in spreads]).T.reshape(
+        2, len(spreads)
+    )
 
 
-def interleaved(measurements: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1) -> dict[str, list]:
+def interleaved(
+    measurements: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1
+) -> dict[str, list]:
     """Each measurement's results over `repeats` rounds, the measurements taken in turns.
 
     Round r runs every measurement once, in the given order on even rounds and reversed on odd ones
@@ -96,8 +100,10 @@ def interleaved(measurements: dict[str, Callable[[], Any]], repeats: int = 5, wa
     return results
 
 
-def compare(a: Sequence[float] | Spread, b: Sequence[float] | Spread, *, higher_is_faster: bool = True) -> str:
-    """"faster", "slower" or "within noise": A against B, from repeated samples of each.
+def compare(
+    a: Sequence[float] | Spread, b: Sequence[float] | Spread, *, higher_is_faster: bool = True
+) -> str:
+    """ "faster", "slower" or "within noise": A against B, from repeated samples of each.
 
     A direction only when the min-max ranges do not overlap (every sample of A beats every sample
     of B, or the reverse); with 5 interleaved samples each, chance alone orders them that cleanly
@@ -115,8 +121,15 @@ def compare(a: Sequence[float] | Spread, b: Sequence[float] | Spread, *, higher_
     return "within noise"
 
 
-def verdict(name_a: str, a: Sequence[float] | Spread, name_b: str, b: Sequence[float] | Spread, *,
-            unit: str = "tokens/s", higher_is_faster: bool = True) -> str:
+def verdict(
+    name_a: str,
+    a: Sequence[float] | Spread,
+    name_b: str,
+    b: Sequence[float] | Spread,
+    *,
+    unit: str = "tokens/s",
+    higher_is_faster: bool = True,
+) -> str:
     """One sentence for a notebook: both medians with their ranges, and what `compare` concludes."""
     a, b = (x if isinstance(x, Spread) else spread(x) for x in (a, b))
     result = compare(a, b, higher_is_faster=higher_is_faster)
@@ -144,6 +157,7 @@ def seconds_per_call(fn: Callable[[], Any], number: int = 1) -> float:
 
 def median_seconds(fn: Callable[[], Any], repeats: int = 10, warmup: int = 2) -> float:
     """Median wall time of `fn()` with its result evaluated (a sync: this is a measurement)."""
+
     def run():
         result = fn()
         if result is not None:  # numpy work returns None
@@ -187,7 +201,9 @@ def weight_bytes_per_token(directory, k: int | None = None) -> dict[str, float]:
     from ..models.args import ModelArgs
     from ..safetensors import tensor_infos
 
-    return bytes_per_token(tensor_infos(directory), ModelArgs.from_config(read_config(directory)), k)
+    return bytes_per_token(
+        tensor_infos(directory), ModelArgs.from_config(read_config(directory)), k
+    )
 
 
 @dataclass
@@ -224,8 +240,15 @@ def random_quantized(out_dim: int, in_dim: int, bits: int, group_size: int, seed
     return dense, (w, scales, biases), x
 
 
-def time_kernels(backends: Sequence[str], bits: int, group_size: int, out_dim: int, in_dim: int,
-                 repeats: int = 5, number: int = 5) -> list[KernelTiming]:
+def time_kernels(
+    backends: Sequence[str],
+    bits: int,
+    group_size: int,
+    out_dim: int,
+    in_dim: int,
+    repeats: int = 5,
+    number: int = 5,
+) -> list[KernelTiming]:
     """flashmoe.kernels.dequant_matvec for one shape on each backend, the backends timed in turns.
 
     Each of the `repeats` samples is the mean of `number` calls (one call of a small matvec is
@@ -235,28 +258,47 @@ def time_kernels(backends: Sequence[str], bits: int, group_size: int, out_dim: i
 
     def sample(backend):
         def call():
-            return kernels.dequant_matvec(x, w, scales, biases, bits=bits, group_size=group_size, backend=backend)
+            return kernels.dequant_matvec(
+                x, w, scales, biases, bits=bits, group_size=group_size, backend=backend
+            )
+
         return lambda: seconds_per_call(call, number)
 
     samples = interleaved({b: sample(b) for b in backends}, repeats)
     moved = w.nbytes + scales.nbytes + biases.nbytes + x.nbytes + out_dim * x.itemsize
-    return [KernelTiming(b, bits, group_size, out_dim, in_dim, statistics.median(samples[b]), moved,
-                         tuple(samples[b])) for b in backends]
+    return [
+        KernelTiming(
+            b,
+            bits,
+            group_size,
+            out_dim,
+            in_dim,
+            statistics.median(samples[b]),
+            moved,
+            tuple(samples[b]),
+        )
+        for b in backends
+    ]
 
 
-def time_kernel(backend: str, bits: int, group_size: int, out_dim: int, in_dim: int,
-                repeats: int = 10) -> KernelTiming:
+def time_kernel(
+    backend: str, bits: int, group_size: int, out_dim: int, in_dim: int, repeats: int = 10
+) -> KernelTiming:
     """Median time of flashmoe.kernels.dequant_matvec for one shape on one backend."""
     return time_kernels([backend], bits, group_size, out_dim, in_dim, repeats, number=1)[0]
 
 
-def kernel_errors(bits: int, group_size: int, out_dim: int = 256, in_dim: int = 512, seed: int = 0) -> dict[str, float]:
+def kernel_errors(
+    bits: int, group_size: int, out_dim: int = 256, in_dim: int = 512, seed: int = 0
+) -> dict[str, float]:
     """Per available backend, max|kernel - mx.dequantize @ x| / max|mx.dequantize @ x| (float32)."""
     _, (w, scales, biases), x = random_quantized(out_dim, in_dim, bits, group_size, seed)
     ref = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits) @ x  # (out,)
     errors = {}
     for backend in kernels.available_backends():
-        y = kernels.dequant_matvec(x, w, scales, biases, bits=bits, group_size=group_size, backend=backend)
+        y = kernels.dequant_matvec(
+            x, w, scales, biases, bits=bits, group_size=group_size, backend=backend
+        )
         errors[backend] = rel_err(y, ref)
     return errors
 
@@ -264,7 +306,9 @@ def kernel_errors(bits: int, group_size: int, out_dim: int = 256, in_dim: int = 
 # --------------------------------------------------------------------------- the two formulas
 
 
-def naive_form(q: mx.array, scales: mx.array, biases: mx.array, x: mx.array, group_size: int) -> mx.array:
+def naive_form(
+    q: mx.array, scales: mx.array, biases: mx.array, x: mx.array, group_size: int
+) -> mx.array:
     """sum over inputs of (q*s + b) * x: dequantize each weight, then multiply. q (out, in) codes -> (out,)."""
     out_dim, in_dim = q.shape
     qg = q.reshape(out_dim, -1, group_size)  # (out, groups, g)
@@ -272,7 +316,9 @@ def naive_form(q: mx.array, scales: mx.array, biases: mx.array, x: mx.array, gro
     return (w * x.reshape(1, -1, group_size)).sum(axis=(-1, -2))
 
 
-def fma_form(q: mx.array, scales: mx.array, biases: mx.array, x: mx.array, group_size: int) -> mx.array:
+def fma_form(
+    q: mx.array, scales: mx.array, biases: mx.array, x: mx.array, group_size: int
+) -> mx.array:
     """sum over inputs of q*(s*x) + b*x, with s*x and b*x formed per input once (the kernels' FMA form)."""
     out_dim, in_dim = q.shape
     xg = x.reshape(1, -1, group_size)  # (1, groups, g)
@@ -298,8 +344,14 @@ class FormulaComparison:
         return self.fma.median
 
 
-def compare_formulas(out_dim: int, in_dim: int, bits: int = 4, group_size: int = 64,
-                     repeats: int = 5, number: int = 3) -> FormulaComparison:
+def compare_formulas(
+    out_dim: int,
+    in_dim: int,
+    bits: int = 4,
+    group_size: int = 64,
+    repeats: int = 5,
+    number: int = 3,
+) -> FormulaComparison:
     """Time (in turns) and check both formulas as plain MLX ops on unpacked float32 codes."""
     _, (w, scales, biases), x = random_quantized(out_dim, in_dim, bits, group_size)
     q = kernels.reference.unpack(w, bits).astype(mx.float32)  # (out, in) codes
@@ -307,9 +359,16 @@ def compare_formulas(out_dim: int, in_dim: int, bits: int = 4, group_size: int =
     ref = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits) @ x
     naive = lambda: naive_form(q, s, b, x, group_size)  # noqa: E731
     fma = lambda: fma_form(q, s, b, x, group_size)  # noqa: E731
-    samples = interleaved({"naive": lambda: seconds_per_call(naive, number),
-                           "fma": lambda: seconds_per_call(fma, number)}, repeats)
-    return FormulaComparison(spread(samples["naive"]), spread(samples["fma"]), rel_err(naive(), ref), rel_err(fma(), ref))
+    samples = interleaved(
+        {
+            "naive": lambda: seconds_per_call(naive, number),
+            "fma": lambda: seconds_per_call(fma, number),
+        },
+        repeats,
+    )
+    return FormulaComparison(
+        spread(samples["naive"]), spread(samples["fma"]), rel_err(naive(), ref), rel_err(fma(), ref)
+    )
 
 
 # --------------------------------------------------------------------------- decoding
@@ -328,7 +387,9 @@ class PhaseBreakdown:
         return sum(self.phases.values())
 
 
-def decode_phase_breakdown(model: Any, tokenizer: Any, prompt: str | list[int], n: int = 8) -> PhaseBreakdown:
+def decode_phase_breakdown(
+    model: Any, tokenizer: Any, prompt: str | list[int], n: int = 8
+) -> PhaseBreakdown:
     """Greedy-decode `n` tokens after `prompt` with per-phase timing on; each step's wall time measured around it."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     cache, sampler = model.make_cache(), make_sampler(0.0)
@@ -348,10 +409,8 @@ def decode_phase_breakdown(model: Any, tokenizer: Any, prompt: str | list[int], 
 
 def tokens_per_second(model: Any, tokenizer: Any, prompt: str | list[int], n: int = 32) -> float:
     """Decode tokens/s of flashmoe.stream_generate (greedy), as the CLI reports it."""
-    last = None
-    for last in stream_generate(model, tokenizer, prompt, max_tokens=n):
-        pass
-    return last.generation_tps if last else 0.0
+    steps = list(stream_generate(model, tokenizer, prompt, max_tokens=n))
+    return steps[-1].generation_tps if steps else 0.0
 
 
 def median_phases(runs: Sequence[PhaseBreakdown]) -> dict[str, float]:
@@ -375,19 +434,33 @@ class KPoint:
         return self.speed.median
 
 
-def k_sweep(directory, ks: list[int], heldout, prompt: list[int], *, decode_tokens: int = 16,
-            max_tokens: int = 1024, seq_len: int = 256, repeats: int = 5) -> list[KPoint]:
+def k_sweep(
+    directory,
+    ks: list[int],
+    heldout,
+    prompt: list[int],
+    *,
+    decode_tokens: int = 16,
+    max_tokens: int = 1024,
+    seq_len: int = 256,
+    repeats: int = 5,
+) -> list[KPoint]:
     """For each K: load with k=K; decode tokens/s over `repeats` rounds (the Ks in turns); perplexity on `heldout`.
 
     The perplexity is flashmoe.analysis.evaluate.perplexity with the same `max_tokens` and `seq_len`
     for every K, so the points compare with each other (and with any other figure of that setting).
     """
-    from .evaluate import measure
     from ..loader import load_model
+    from .evaluate import measure
 
     models = {k: load_model(directory, k=k) for k in ks}
-    speeds = interleaved({k: (lambda m=m: greedy_tokens_per_second(m, m.make_cache, prompt, decode_tokens))
-                          for k, m in models.items()}, repeats)
+    speeds = interleaved(
+        {
+            k: (lambda m=m: greedy_tokens_per_second(m, m.make_cache, prompt, decode_tokens))
+            for k, m in models.items()
+        },
+        repeats,
+    )
     points = []
     for k, model in models.items():
         ppl = measure(model, heldout, seq_len=seq_len, max_tokens=max_tokens)
@@ -395,12 +468,21 @@ def k_sweep(directory, ks: list[int], heldout, prompt: list[int], *, decode_toke
     return points
 
 
-def decode_speeds(engines: dict[str, tuple[Any, Callable[[], list]]], prompt: list[int], tokens: int = 16,
-                  repeats: int = 5) -> dict[str, Spread]:
+def decode_speeds(
+    engines: dict[str, tuple[Any, Callable[[], list]]],
+    prompt: list[int],
+    tokens: int = 16,
+    repeats: int = 5,
+) -> dict[str, Spread]:
     """Greedy decode tokens/s of each (model, make_cache), `repeats` runs each with the engines in turns.
 
     Either engine kind: flashmoe's models or mlx-lm's (parity.mlx_lm_model, parity.mlx_lm_cache).
     """
-    runs = interleaved({name: (lambda m=m, c=c: greedy_tokens_per_second(m, c, prompt, tokens))
-                        for name, (m, c) in engines.items()}, repeats)
+    runs = interleaved(
+        {
+            name: (lambda m=m, c=c: greedy_tokens_per_second(m, c, prompt, tokens))
+            for name, (m, c) in engines.items()
+        },
+        repeats,
+    )
     return {name: spread(samples) for name, samples in runs.items()}

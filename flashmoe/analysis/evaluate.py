@@ -40,7 +40,10 @@ class Perplexity:
 
     def setting(self) -> str:
         """'1,024 held-out tokens, 4 windows of 256, K=4, quant="config"' (the parts known)."""
-        parts = [f"{self.tokens:,} held-out tokens", f"{self.windows} window{'s' * (self.windows != 1)} of {self.seq_len}"]
+        parts = [
+            f"{self.tokens:,} held-out tokens",
+            f"{self.windows} window{'s' * (self.windows != 1)} of {self.seq_len}",
+        ]
         if self.k is not None:
             parts.append(f"K={self.k}")
         if self.quant is not None:
@@ -58,11 +61,14 @@ def windows(tokens, seq_len: int = 256, max_tokens: int | None = None) -> list[n
     Consecutive windows share one id: the last target of one is the first input of the next.
     """
     ids = np.asarray(tokens, dtype=np.int32)[: (max_tokens or len(tokens)) + 1]
-    return [w for w in (ids[i : i + seq_len + 1] for i in range(0, len(ids) - 1, seq_len)) if len(w) > 1]
+    return [
+        w for w in (ids[i : i + seq_len + 1] for i in range(0, len(ids) - 1, seq_len)) if len(w) > 1
+    ]
 
 
-def window_nlls(model: Model, tokens, *, seq_len: int = 256, batch: int = 8,
-                max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def window_nlls(
+    model: Model, tokens, *, seq_len: int = 256, batch: int = 8, max_tokens: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(sum of NLL, predictions) per window, in window order."""
     ws = windows(tokens, seq_len, max_tokens)
     sums, counts = np.zeros(len(ws)), np.array([len(w) - 1 for w in ws])
@@ -74,15 +80,26 @@ def window_nlls(model: Model, tokens, *, seq_len: int = 256, batch: int = 8,
     return sums, counts
 
 
-def measure(model: Model, tokens, *, seq_len: int = 256, batch: int = 8, max_tokens: int | None = None,
-            quant: str | None = None) -> Perplexity:
+def measure(
+    model: Model,
+    tokens,
+    *,
+    seq_len: int = 256,
+    batch: int = 8,
+    max_tokens: int | None = None,
+    quant: str | None = None,
+) -> Perplexity:
     """Perplexity of `model` on `tokens` (1-D ids) with its setting; K read from the model, `quant` as given."""
     sums, counts = window_nlls(model, tokens, seq_len=seq_len, batch=batch, max_tokens=max_tokens)
     k = model.layers[model.moe_layers[0]].mlp.k if getattr(model, "moe_layers", None) else None
-    return Perplexity(math.exp(sums.sum() / counts.sum()), int(counts.sum()), seq_len, sums / counts, k, quant)
+    return Perplexity(
+        math.exp(sums.sum() / counts.sum()), int(counts.sum()), seq_len, sums / counts, k, quant
+    )
 
 
-def perplexity(model: Model, tokens, *, seq_len: int = 256, batch: int = 8, max_tokens: int | None = None) -> float:
+def perplexity(
+    model: Model, tokens, *, seq_len: int = 256, batch: int = 8, max_tokens: int | None = None
+) -> float:
     """exp(mean next-token cross-entropy) over `tokens` (1-D ids), in windows of seq_len + 1."""
     return measure(model, tokens, seq_len=seq_len, batch=batch, max_tokens=max_tokens).value
 
@@ -90,7 +107,10 @@ def perplexity(model: Model, tokens, *, seq_len: int = 256, batch: int = 8, max_
 def token_nll(logits: mx.array, targets: mx.array) -> mx.array:
     """Negative log-likelihood of each target in nats: (B, T, V), (B, T) -> (B, T) float32."""
     logits = logits.astype(mx.float32)
-    return mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return (
+        mx.logsumexp(logits, axis=-1)
+        - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    )
 
 
 def _same_length(indices: list[int], ws: list[np.ndarray]) -> list[list[int]]:

@@ -35,7 +35,10 @@ def side_by_side_html(texts: dict[str, str]) -> str:
     cell = "vertical-align:top; text-align:left; padding:4px 12px"
     pre = "text-align:left; white-space:pre; margin:0; font-family:monospace"
     heads = "".join(f"<th style='{cell}'>{html.escape(name)}</th>" for name in texts)
-    cells = "".join(f"<td style='{cell}'><pre style='{pre}'>{html.escape(text)}</pre></td>" for text in texts.values())
+    cells = "".join(
+        f"<td style='{cell}'><pre style='{pre}'>{html.escape(text)}</pre></td>"
+        for text in texts.values()
+    )
     return f"<table><tr>{heads}</tr><tr>{cells}</tr></table>"
 
 
@@ -58,12 +61,19 @@ def backend_status() -> list[tuple[str, bool, str]]:
                 "reference": "pure-MLX shifts and masks (the ground truth): runs on every device",
             }[backend]
         elif backend == "metal":
-            why = f"no Metal GPU (default device {device})" if not (on_gpu and mx.metal.is_available()) else "unavailable"
+            why = (
+                f"no Metal GPU (default device {device})"
+                if not (on_gpu and mx.metal.is_available())
+                else "unavailable"
+            )
         elif backend == "cuda":
             why = f"no CUDA GPU (default device {device})"
         elif backend == "native":
-            why = ("the default device is a GPU: the native kernels are CPU-only" if on_gpu
-                   else f"native kernels unavailable: {kernels.native.why_unavailable()}")
+            why = (
+                "the default device is a GPU: the native kernels are CPU-only"
+                if on_gpu
+                else f"native kernels unavailable: {kernels.native.why_unavailable()}"
+            )
         else:
             why = "unavailable"
         rows.append((backend, kernels.backend_available(backend), why))

@@ -7,7 +7,8 @@ Every loop here is generate.py's (prefill, decode_one_token, decode_tokens): mlx
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -16,13 +17,16 @@ from ..generate import decode_one_token, decode_tokens, prefill
 from ..sample import make_sampler
 
 
-def greedy_tokens(model: Any, make_cache: Callable[[], list], ids: list[int], steps: int) -> list[int]:
+def greedy_tokens(
+    model: Any, make_cache: Callable[[], list], ids: list[int], steps: int
+) -> list[int]:
     """Greedy ids after `ids` for model(tokens (1, T), cache) -> (1, T, V): flashmoe or mlx-lm alike."""
     return list(_greedy_decode(model, make_cache, ids, steps))
 
 
-def greedy_tokens_per_second(model: Any, make_cache: Callable[[], list], ids: list[int], steps: int = 32,
-                             warmup: int = 2) -> float:
+def greedy_tokens_per_second(
+    model: Any, make_cache: Callable[[], list], ids: list[int], steps: int = 32, warmup: int = 2
+) -> float:
     """Decode rate of the greedy loop (prefill and `warmup` first steps excluded), for either engine."""
     tokens = _greedy_decode(model, make_cache, ids, steps + warmup)
     for _ in range(warmup):  # first calls compile and allocate: not timed
@@ -60,8 +64,12 @@ def mlx_lm_model(directory, dtype: mx.Dtype | None = mx.float32) -> Any:
 
     model, _ = load_model(directory)
     if dtype is not None:
-        model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
-                              model.parameters()))
+        model.update(
+            tree_map(
+                lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
+                model.parameters(),
+            )
+        )
     return model
 
 

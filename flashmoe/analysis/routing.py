@@ -21,10 +21,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..loader import read_config
-from ..safetensors import tensor_infos
-from ..safetensors import read_tensors
 from ..models.model import Model
 from ..quant import claim_bits, implied_bits, resolve
+from ..safetensors import read_tensors, tensor_infos
 
 
 def gate_scores_per_layer(model: Model, tokens: mx.array) -> dict[int, mx.array]:
@@ -59,14 +58,24 @@ class RoutingComparison:
 
     def summary(self) -> list[dict]:
         """One row per layer: mean overlap, RMS both ways, sign agreement."""
-        return [dict(layer=i, overlap=float(c.overlap.mean()), rms_true=c.rms_true, rms_bad=c.rms_bad,
-                     sign_agreement=c.sign_agreement) for i, c in self.layers.items()]
+        return [
+            dict(
+                layer=i,
+                overlap=float(c.overlap.mean()),
+                rms_true=c.rms_true,
+                rms_bad=c.rms_bad,
+                sign_agreement=c.sign_agreement,
+            )
+            for i, c in self.layers.items()
+        ]
 
     def routing_at(self, layer: int, token: int) -> dict:
         """The top-K experts and weights one token got in one layer, correct and misread (for a widget)."""
         c = self.layers[layer]
-        return dict(true=list(zip(c.true_experts[token].tolist(), c.true_weights[token].tolist())),
-                    bad=list(zip(c.bad_experts[token].tolist(), c.bad_weights[token].tolist())))
+        return dict(
+            true=list(zip(c.true_experts[token].tolist(), c.true_weights[token].tolist())),
+            bad=list(zip(c.bad_experts[token].tolist(), c.bad_weights[token].tolist())),
+        )
 
 
 def compare_routing(good: Model, bad: Model, tokens: mx.array) -> RoutingComparison:
@@ -79,13 +88,22 @@ def compare_routing(good: Model, bad: Model, tokens: mx.array) -> RoutingCompari
     for layer in good.moe_layers:
         g, b = good_routing[layer], bad_routing[layer]
         gl, bl = _np(g.logits), _np(b.logits)  # (B, T, E)
-        ge, be = _np(g.experts).reshape(-1, g.experts.shape[-1]), _np(b.experts).reshape(-1, b.experts.shape[-1])
-        overlap = np.array([len(set(x) & set(y)) / len(x) for x, y in zip(ge.tolist(), be.tolist())])
+        ge, be = (
+            _np(g.experts).reshape(-1, g.experts.shape[-1]),
+            _np(b.experts).reshape(-1, b.experts.shape[-1]),
+        )
+        overlap = np.array(
+            [len(set(x) & set(y)) / len(x) for x, y in zip(ge.tolist(), be.tolist())]
+        )
         result.layers[layer] = LayerComparison(
-            overlap=overlap, rms_true=_rms(gl), rms_bad=_rms(bl),
+            overlap=overlap,
+            rms_true=_rms(gl),
+            rms_bad=_rms(bl),
             sign_agreement=float((np.sign(gl) == np.sign(bl)).mean()),
-            true_experts=ge, true_weights=_np(g.weights).reshape(ge.shape),
-            bad_experts=be, bad_weights=_np(b.weights).reshape(be.shape),
+            true_experts=ge,
+            true_weights=_np(g.weights).reshape(ge.shape),
+            bad_experts=be,
+            bad_weights=_np(b.weights).reshape(be.shape),
         )
     return result
 
@@ -100,6 +118,7 @@ def recording_gate_inputs(model: Model):
         def call(x):
             inputs[layer] = x
             return gate(x)
+
         return call
 
     for i, gate in originals.items():
@@ -135,18 +154,28 @@ def reference_routing(model: Model, directory: str | Path, tokens: mx.array) -> 
         w, scales, biases = raw[f"{name}.weight"], raw[f"{name}.scales"], raw[f"{name}.biases"]
         group_size = plan.spec_for(name).group_size
         bits[layer] = int(implied_bits(w.shape, scales.shape, group_size))
-        dense = mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group_size,
-                              bits=bits[layer])  # (E, D)
+        dense = mx.dequantize(
+            w,
+            scales.astype(mx.float32),
+            biases.astype(mx.float32),
+            group_size=group_size,
+            bits=bits[layer],
+        )  # (E, D)
         logits[layer] = inputs[layer].astype(mx.float32) @ dense.T  # (B, T, E)
         k = model.layers[layer].mlp.k
-        top = np.argsort(-_np(logits[layer]), axis=-1)[..., :k]  # softmax is monotonic: top-K of the logits
+        top = np.argsort(-_np(logits[layer]), axis=-1)[
+            ..., :k
+        ]  # softmax is monotonic: top-K of the logits
         experts[layer] = np.sort(top.reshape(-1, k), axis=-1)
     return ReferenceRouting(logits, experts, bits)
 
 
 def chosen_experts(model: Model) -> dict[int, np.ndarray]:
     """The last forward call's experts per MoE layer, (B*T, K) with ids sorted per token."""
-    return {i: np.sort(_np(r.experts).reshape(-1, r.experts.shape[-1]), axis=-1) for i, r in model.routing().items()}
+    return {
+        i: np.sort(_np(r.experts).reshape(-1, r.experts.shape[-1]), axis=-1)
+        for i, r in model.routing().items()
+    }
 
 
 @dataclass
@@ -166,17 +195,32 @@ def gate_tensor_table(directory: str | Path) -> list[GateTensor]:
     """Every router gate (`mlp.gate`, `mlp.shared_expert_gate`) of a checkpoint, from the safetensors headers."""
     plan, infos = resolve(read_config(directory)), tensor_infos(directory)
     rows = []
-    gates = [n[: -len(".scales")] for n in infos if n.endswith(("mlp.gate.scales", "shared_expert_gate.scales"))]
+    gates = [
+        n[: -len(".scales")]
+        for n in infos
+        if n.endswith(("mlp.gate.scales", "shared_expert_gate.scales"))
+    ]
     for name in sorted(gates):
         spec = plan.spec_for(name)
         group_size = spec.group_size if spec else 64
         w, s = infos[f"{name}.weight"].shape, infos[f"{name}.scales"].shape
-        rows.append(GateTensor(name, w, s, group_size, s[-1] * group_size, implied_bits(w, s, group_size),
-                               spec.bits if spec else None))
+        rows.append(
+            GateTensor(
+                name,
+                w,
+                s,
+                group_size,
+                s[-1] * group_size,
+                implied_bits(w, s, group_size),
+                spec.bits if spec else None,
+            )
+        )
     return rows
 
 
-def lying_copy(src: str | Path, dst: str | Path, module: str = "model.layers.0.mlp.gate", bits: int = 4) -> Path:
+def lying_copy(
+    src: str | Path, dst: str | Path, module: str = "model.layers.0.mlp.gate", bits: int = 4
+) -> Path:
     """Copy checkpoint `src` to `dst` with config.json claiming `bits` for `module` (both quantization sections)."""
     dst = Path(dst)
     shutil.copytree(src, dst, dirs_exist_ok=True)

@@ -44,7 +44,9 @@ def resolve_backend(backend: str = "auto") -> str:
     if backend == "auto":
         return available_backends()[0]  # "mlx" always runs
     if backend not in BACKENDS:
-        raise FlashMoeError(f"unknown kernel backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+        raise FlashMoeError(
+            f"unknown kernel backend {backend!r}; expected 'auto' or one of {BACKENDS}"
+        )
     if not backend_available(backend):
         raise BackendUnavailableError(
             f"kernel backend {backend!r} cannot run here (default device {mx.default_device()}, "
@@ -69,7 +71,9 @@ def backend_reason() -> str:
     return f"kernel backend mlx (MLX's quantized_matmul): {why}"
 
 
-def dequant_matvec(x, w, scales, biases, *, bits: int, group_size: int, mode: str = "affine", backend: str = "auto"):
+def dequant_matvec(
+    x, w, scales, biases, *, bits: int, group_size: int, mode: str = "affine", backend: str = "auto"
+):
     """x (..., in) @ dequantize(w).T -> (..., out), for a quantized w (out, in * bits / 32).
 
     The native backend computes in float32: an x of another dtype is cast to float32 and the
@@ -78,7 +82,9 @@ def dequant_matvec(x, w, scales, biases, *, bits: int, group_size: int, mode: st
     _check_shapes(x, w, scales, biases, bits, group_size, mode)
     backend = resolve_backend(backend)
     if not _own_kernel(bits, mode) or backend == "mlx":
-        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
+        return mx.quantized_matmul(
+            x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode
+        )
     if backend == "reference":
         return reference.dequant_matvec(x, w, scales, biases, bits=bits, group_size=group_size)
     if backend == "native":
@@ -88,7 +94,16 @@ def dequant_matvec(x, w, scales, biases, *, bits: int, group_size: int, mode: st
 
 
 def gather_dequant_matvec(
-    x, w, scales, biases, indices, *, bits: int, group_size: int, mode: str = "affine", backend: str = "auto"
+    x,
+    w,
+    scales,
+    biases,
+    indices,
+    *,
+    bits: int,
+    group_size: int,
+    mode: str = "affine",
+    backend: str = "auto",
 ):
     """x against the experts `indices` (..., K) of a stacked w (E, out, in * bits / 32) -> (..., K, out).
 
@@ -102,19 +117,37 @@ def gather_dequant_matvec(
     if not _own_kernel(bits, mode) or backend == "mlx":
         xg = x[..., None, None, :] if shared else x[..., None, :]  # (..., 1 or K, 1, in)
         y = mx.gather_qmm(
-            xg, w, scales, biases, rhs_indices=indices, transpose=True,
-            group_size=group_size, bits=bits, mode=mode,
+            xg,
+            w,
+            scales,
+            biases,
+            rhs_indices=indices,
+            transpose=True,
+            group_size=group_size,
+            bits=bits,
+            mode=mode,
         )  # (..., K, 1, out)
         return y.squeeze(-2)
     if backend == "reference":
-        return reference.gather_dequant_matvec(x, w, scales, biases, indices, bits=bits, group_size=group_size)
+        return reference.gather_dequant_matvec(
+            x, w, scales, biases, indices, bits=bits, group_size=group_size
+        )
     if backend == "native":
-        y = native.gather_dequant_matvec(_f32(x), w, scales, biases, indices, bits=bits, group_size=group_size)
+        y = native.gather_dequant_matvec(
+            _f32(x), w, scales, biases, indices, bits=bits, group_size=group_size
+        )
         return y if x.dtype == mx.float32 else y.astype(x.dtype)
     idx = indices if indices.dtype == mx.uint32 else indices.astype(mx.uint32)
     return gpu.gathered_matvec(
-        backend, x, w, scales, biases, idx,
-        x_div=indices.shape[-1] if shared else 1, bits=bits, group_size=group_size,
+        backend,
+        x,
+        w,
+        scales,
+        biases,
+        idx,
+        x_div=indices.shape[-1] if shared else 1,
+        bits=bits,
+        group_size=group_size,
         out_shape=(*indices.shape, w.shape[-2]),
     )
 
@@ -153,7 +186,9 @@ def _check_shapes(x, w, scales, biases, bits, group_size, mode) -> None:
 def _check_gather(x, w, indices) -> bool:
     """Validate a gathered call; True when x is shared by the K experts."""
     if w.ndim != 3:
-        raise FlashMoeError(f"gather_dequant_matvec: w must be stacked experts (E, out, words), found {w.shape}")
+        raise FlashMoeError(
+            f"gather_dequant_matvec: w must be stacked experts (E, out, words), found {w.shape}"
+        )
     if x.ndim == indices.ndim and x.shape[:-1] == indices.shape[:-1]:
         return True
     if x.ndim == indices.ndim + 1 and x.shape[:-1] == indices.shape:

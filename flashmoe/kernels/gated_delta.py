@@ -18,26 +18,82 @@ import mlx.core as mx
 
 from . import backend_available, gpu
 
-INPUTS = ("qkv", "conv_state", "conv_w", "z", "b", "a", "A_log", "dt_bias", "norm_w", "state", "eps")
+INPUTS = (
+    "qkv",
+    "conv_state",
+    "conv_w",
+    "z",
+    "b",
+    "a",
+    "A_log",
+    "dt_bias",
+    "norm_w",
+    "state",
+    "eps",
+)
 QK_L2_EPS = 1e-6
 SIMDS = 8
 
 
-def gated_delta_step(qkv, conv_state, conv_w, z, b, a, A_log, dt_bias, norm_w, state, *,
-                     n_k: int, n_v: int, d_k: int, d_v: int, rms_eps: float, backend: str = "auto"):
+def gated_delta_step(
+    qkv,
+    conv_state,
+    conv_w,
+    z,
+    b,
+    a,
+    A_log,
+    dt_bias,
+    norm_w,
+    state,
+    *,
+    n_k: int,
+    n_v: int,
+    d_k: int,
+    d_v: int,
+    rms_eps: float,
+    backend: str = "auto",
+):
     if backend == "auto":
         backend = next((x for x in ("metal", "cuda") if backend_available(x)), "reference")
     if backend == "reference":
-        return reference(qkv, conv_state, conv_w, z, b, a, A_log, dt_bias, norm_w, state,
-                         n_k=n_k, n_v=n_v, d_k=d_k, d_v=d_v, rms_eps=rms_eps)
+        return reference(
+            qkv,
+            conv_state,
+            conv_w,
+            z,
+            b,
+            a,
+            A_log,
+            dt_bias,
+            norm_w,
+            state,
+            n_k=n_k,
+            n_v=n_v,
+            d_k=d_k,
+            d_v=d_v,
+            rms_eps=rms_eps,
+        )
     B, C = qkv.shape
     W = conv_w.shape[0]
     eps = mx.array([QK_L2_EPS, rms_eps], dtype=mx.float32)
     out, new_state, new_conv = gpu.kernel(
-        backend, "gated_delta_step.inc", "flashmoe_gated_delta_step", INPUTS, ("out", "state_out", "conv_out")
+        backend,
+        "gated_delta_step.inc",
+        "flashmoe_gated_delta_step",
+        INPUTS,
+        ("out", "state_out", "conv_out"),
     )(
         inputs=[qkv, conv_state, conv_w, z, b, a, A_log, dt_bias, norm_w, state, eps],
-        template=[("T", qkv.dtype), ("DK", d_k), ("DV", d_v), ("W", W), ("HV", n_v), ("HK", n_k), ("SIMDS", SIMDS)],
+        template=[
+            ("T", qkv.dtype),
+            ("DK", d_k),
+            ("DV", d_v),
+            ("W", W),
+            ("HV", n_v),
+            ("HK", n_k),
+            ("SIMDS", SIMDS),
+        ],
         grid=(B * n_v * SIMDS * 32, 1, 1),
         threadgroup=(SIMDS * 32, 1, 1),
         output_shapes=[(B, n_v, d_v), state.shape, conv_state.shape],
@@ -47,26 +103,47 @@ def gated_delta_step(qkv, conv_state, conv_w, z, b, a, A_log, dt_bias, norm_w, s
     return out, new_state, new_conv
 
 
-def reference(qkv, conv_state, conv_w, z, b, a, A_log, dt_bias, norm_w, state, *,
-              n_k: int, n_v: int, d_k: int, d_v: int, rms_eps: float):
+def reference(
+    qkv,
+    conv_state,
+    conv_w,
+    z,
+    b,
+    a,
+    A_log,
+    dt_bias,
+    norm_w,
+    state,
+    *,
+    n_k: int,
+    n_v: int,
+    d_k: int,
+    d_v: int,
+    rms_eps: float,
+):
     """GatedDeltaNet.__call__'s math for T = 1 after the projections, in pure MLX."""
     B, C = qkv.shape
-    W = conv_w.shape[0]
     window = mx.concatenate([conv_state, qkv[:, None, :]], axis=1)  # (B, W, C)
     new_conv = window[:, 1:]
     conv = (window * conv_w).sum(axis=1)  # (B, C)
     conv = conv * mx.sigmoid(conv)
     key_dim = n_k * d_k
     q = conv[:, :key_dim].reshape(B, 1, n_k, d_k)
-    k = conv[:, key_dim:2 * key_dim].reshape(B, 1, n_k, d_k)
-    v = conv[:, 2 * key_dim:].reshape(B, 1, n_v, d_v)
-    inv = d_k ** -0.5
-    eps = QK_L2_EPS * inv ** 2
-    q = (inv ** 2) * mx.fast.rms_norm(q, None, eps)
+    k = conv[:, key_dim : 2 * key_dim].reshape(B, 1, n_k, d_k)
+    v = conv[:, 2 * key_dim :].reshape(B, 1, n_v, d_v)
+    inv = d_k**-0.5
+    eps = QK_L2_EPS * inv**2
+    q = (inv**2) * mx.fast.rms_norm(q, None, eps)
     k = inv * mx.fast.rms_norm(k, None, eps)
-    decay = mx.exp(-mx.exp(A_log.astype(mx.float32)) * mx.logaddexp(a + dt_bias, 0))[:, None]  # (B, 1, H_v)
+    decay = mx.exp(-mx.exp(A_log.astype(mx.float32)) * mx.logaddexp(a + dt_bias, 0))[
+        :, None
+    ]  # (B, 1, H_v)
     beta = mx.sigmoid(b)[:, None]
     out, new_state = mx.fast.gated_delta_update(q, k, v, decay, beta, state)  # (B, 1, H_v, d_v)
     normed = mx.fast.rms_norm(out, norm_w, rms_eps)
-    gated = (z.astype(mx.float32)[:, None] * mx.sigmoid(z.astype(mx.float32)[:, None]) * normed.astype(mx.float32))
+    gated = (
+        z.astype(mx.float32)[:, None]
+        * mx.sigmoid(z.astype(mx.float32)[:, None])
+        * normed.astype(mx.float32)
+    )
     return gated.astype(qkv.dtype)[:, 0], new_state, new_conv

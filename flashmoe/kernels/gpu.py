@@ -62,10 +62,24 @@ class Plan:
         return self.u | (self.lpr.bit_length() - 1) << 4 | (self.vec == 4) << 8
 
     def template(self) -> list:
-        return [("SIMDS", self.simds), ("LPR", self.lpr), ("VEC", self.vec), ("U", self.u), ("TILE", self.tile)]
+        return [
+            ("SIMDS", self.simds),
+            ("LPR", self.lpr),
+            ("VEC", self.vec),
+            ("U", self.u),
+            ("TILE", self.tile),
+        ]
 
 
-def plan(out_dim: int, in_dim: int, bits: int, *, slots: int = 1, x_slots: int = 1, rps: int | None = None) -> Plan:
+def plan(
+    out_dim: int,
+    in_dim: int,
+    bits: int,
+    *,
+    slots: int = 1,
+    x_slots: int = 1,
+    rps: int | None = None,
+) -> Plan:
     """The launch shape for rows of in_dim values: `slots` rows of weights per row group
     (gate + up: 2, K experts: K) reading `x_slots` distinct inputs."""
     words = in_dim * bits // 32
@@ -98,14 +112,16 @@ def compose(backend: str, body_file: str) -> tuple[str, str]:
 def core() -> str:
     """The shared inner loop: the lines of dequant_matvec.inc between its qdot_tile begin/end markers."""
     text = sources.read_source("dequant_matvec.inc")
-    return text[text.index(CORE_BEGIN):text.index(CORE_END) + len(CORE_END)]
+    return text[text.index(CORE_BEGIN) : text.index(CORE_END) + len(CORE_END)]
 
 
 def build(backend: str, body_file: str, name: str, inputs: tuple, outputs: tuple = ("y",)):
     """A new kernel object for `body_file` on `backend`."""
     header, body = compose(backend, body_file)
     make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
-    return make(name=name, input_names=list(inputs), output_names=list(outputs), source=body, header=header)
+    return make(
+        name=name, input_names=list(inputs), output_names=list(outputs), source=body, header=header
+    )
 
 
 @functools.cache
@@ -130,7 +146,9 @@ def _zeros(pairs: int) -> mx.array:
     return mx.zeros((pairs,), dtype=mx.uint32)
 
 
-def gathered_matvec(backend, x, w, scales, biases, idx, *, x_div, bits, group_size, out_shape) -> mx.array:
+def gathered_matvec(
+    backend, x, w, scales, biases, idx, *, x_div, bits, group_size, out_shape
+) -> mx.array:
     """Pairs p = 0..P-1 (P = idx.size): y[p] = dequant(w[idx[p]]) @ x[p // x_div] -> y of out_shape.
 
     x (P / x_div rows of in), w (E, out, words) or (out, words) when idx is all zeros,
@@ -141,8 +159,13 @@ def gathered_matvec(backend, x, w, scales, biases, idx, *, x_div, bits, group_si
     (y,) = _kernel(backend)(
         inputs=[x, w, scales, biases, idx, int_array(out_dim, in_dim, x_div)],
         template=[
-            ("T", x.dtype), ("BITS", bits), ("GROUP_SIZE", group_size), ("SIMDS", p.simds), ("RPS", p.rps),
-            ("UNROLL", p.unroll_code), ("TILE", p.tile),
+            ("T", x.dtype),
+            ("BITS", bits),
+            ("GROUP_SIZE", group_size),
+            ("SIMDS", p.simds),
+            ("RPS", p.rps),
+            ("UNROLL", p.unroll_code),
+            ("TILE", p.tile),
         ],
         grid=(pairs * p.simds * 32, math.ceil(out_dim / p.rows_per_group), 1),
         threadgroup=(p.simds * 32, 1, 1),
@@ -157,6 +180,14 @@ def matvec(backend, x, w, scales, biases, *, bits, group_size) -> mx.array:
     """x (..., in) against one matrix w (out, words) -> (..., out): the gathered kernel with expert 0."""
     pairs = x.size // x.shape[-1]
     return gathered_matvec(
-        backend, x, w, scales, biases, _zeros(pairs),
-        x_div=1, bits=bits, group_size=group_size, out_shape=(*x.shape[:-1], w.shape[-2]),
+        backend,
+        x,
+        w,
+        scales,
+        biases,
+        _zeros(pairs),
+        x_div=1,
+        bits=bits,
+        group_size=group_size,
+        out_shape=(*x.shape[:-1], w.shape[-2]),
     )

@@ -20,8 +20,7 @@ import math
 
 import mlx.core as mx
 
-from . import gpu, reference
-from . import backend_available
+from . import backend_available, gpu, reference
 
 GATE_UP_INPUTS = ("x", "gw", "gs", "gb", "uw", "us", "ub", "ids", "dims")
 DOWN_INPUTS = ("h", "w", "scales", "biases", "ids", "rw", "dims")
@@ -48,7 +47,13 @@ def moe_gate_up(x, gate, up, ids, *, bits: int, group_size: int, backend: str = 
     p = gpu.plan(out_dim, in_dim, bits, slots=2, rps=1)
     (y,) = gpu.kernel(backend, "moe_gate_up.inc", "flashmoe_moe_gate_up", GATE_UP_INPUTS)(
         inputs=[x, gw, gs, gb, uw, us, ub, idx, gpu.int_array(out_dim, in_dim, k)],
-        template=[("T", x.dtype), ("BITS", bits), ("GROUP_SIZE", group_size), ("RPS", p.rps), *p.template()],
+        template=[
+            ("T", x.dtype),
+            ("BITS", bits),
+            ("GROUP_SIZE", group_size),
+            ("RPS", p.rps),
+            *p.template(),
+        ],
         grid=(pairs * p.simds * 32, math.ceil(out_dim / p.rows_per_group), 1),
         threadgroup=(p.simds * 32, 1, 1),
         output_shapes=[(*ids.shape, out_dim)],
@@ -58,7 +63,9 @@ def moe_gate_up(x, gate, up, ids, *, bits: int, group_size: int, backend: str = 
     return y
 
 
-def moe_down(h, down, ids, weights, *, bits: int, group_size: int, backend: str = "auto") -> mx.array:
+def moe_down(
+    h, down, ids, weights, *, bits: int, group_size: int, backend: str = "auto"
+) -> mx.array:
     """h (..., K, I), ids and weights (..., K) -> sum_k weights[k] * down[ids[k]] @ h[k] of shape (..., D)."""
     w, scales, biases = down
     backend = _backend(backend)
@@ -71,7 +78,13 @@ def moe_down(h, down, ids, weights, *, bits: int, group_size: int, backend: str 
     p = gpu.plan(out_dim, in_dim, bits, slots=k, x_slots=k, rps=1)
     (y,) = gpu.kernel(backend, "moe_down.inc", "flashmoe_moe_down", DOWN_INPUTS)(
         inputs=[h, w, scales, biases, idx, weights, gpu.int_array(out_dim, in_dim)],
-        template=[("T", h.dtype), ("BITS", bits), ("GROUP_SIZE", group_size), ("K", k), *p.template()],
+        template=[
+            ("T", h.dtype),
+            ("BITS", bits),
+            ("GROUP_SIZE", group_size),
+            ("K", k),
+            *p.template(),
+        ],
         grid=(tokens * p.simds * 32, math.ceil(out_dim / p.rows_per_group), 1),
         threadgroup=(p.simds * 32, 1, 1),
         output_shapes=[(*ids.shape[:-1], out_dim)],
@@ -94,18 +107,27 @@ def route(logits: mx.array, top_k: int, norm_topk_prob: bool = True) -> tuple[mx
 
 # ---- pure-MLX references (float32 inside)
 
+
 def moe_gate_up_reference(x, gate, up, ids, *, bits: int, group_size: int) -> mx.array:
-    g = reference.gather_dequant_matvec(x.astype(mx.float32), *gate, ids, bits=bits, group_size=group_size)
-    u = reference.gather_dequant_matvec(x.astype(mx.float32), *up, ids, bits=bits, group_size=group_size)
+    g = reference.gather_dequant_matvec(
+        x.astype(mx.float32), *gate, ids, bits=bits, group_size=group_size
+    )
+    u = reference.gather_dequant_matvec(
+        x.astype(mx.float32), *up, ids, bits=bits, group_size=group_size
+    )
     return (g * mx.sigmoid(g) * u).astype(x.dtype)
 
 
 def moe_down_reference(h, down, ids, weights, *, bits: int, group_size: int) -> mx.array:
-    y = reference.gather_dequant_matvec(h.astype(mx.float32), *down, ids, bits=bits, group_size=group_size)
+    y = reference.gather_dequant_matvec(
+        h.astype(mx.float32), *down, ids, bits=bits, group_size=group_size
+    )
     return (y * weights.astype(mx.float32)[..., None]).sum(-2).astype(h.dtype)  # (..., D)
 
 
-def moe_experts(x, gate, up, down, ids, weights, *, bits: int, group_size: int, backend: str = "auto") -> mx.array:
+def moe_experts(
+    x, gate, up, down, ids, weights, *, bits: int, group_size: int, backend: str = "auto"
+) -> mx.array:
     """The routed experts of one MoE layer for x (..., D): two launches on a GPU."""
     h = moe_gate_up(x, gate, up, ids, bits=bits, group_size=group_size, backend=backend)
     return moe_down(h, down, ids, weights, bits=bits, group_size=group_size, backend=backend)

@@ -17,7 +17,10 @@ _reason: str | None = None
 try:
     import _flashmoe_native as _ext  # noqa: F811 (top-level module installed next to mlx)
 except ImportError as e:  # not built, or built against an mlx whose libmlx no longer matches
-    _ext, _reason = None, f"the native extension _flashmoe_native is not importable ({e}); reinstall flashmoe with a C++ compiler and cmake"
+    _ext, _reason = (
+        None,
+        f"the native extension _flashmoe_native is not importable ({e}); reinstall flashmoe with a C++ compiler and cmake",
+    )
 else:
     if _ext.mlx_version != mx.__version__.split(".dev")[0]:
         _reason = (
@@ -28,13 +31,21 @@ else:
     else:
         try:  # a nanobind mismatch with mlx.core shows only when an mx.array is passed
             _probe = _ext.dequant_matvec(
-                mx.ones((1, 32)), mx.zeros((1, 4), dtype=mx.uint32), mx.ones((1, 1)), mx.ones((1, 1)), 4, 32,
+                mx.ones((1, 32)),
+                mx.zeros((1, 4), dtype=mx.uint32),
+                mx.ones((1, 1)),
+                mx.ones((1, 1)),
+                4,
+                32,
                 stream=mx.cpu,
             )
             if abs(_probe.item() - 32.0) > 1e-4:
                 raise RuntimeError(f"probe gave {_probe.item()}, expected 32")
         except Exception as e:
-            _reason, _ext = f"_flashmoe_native does not work with this mlx ({type(e).__name__}: {e})", None
+            _reason, _ext = (
+                f"_flashmoe_native does not work with this mlx ({type(e).__name__}: {e})",
+                None,
+            )
 
 
 def available() -> bool:
@@ -67,4 +78,6 @@ def dequant_matvec(x, w, scales, biases, *, bits: int, group_size: int):
 
 def gather_dequant_matvec(x, w, scales, biases, indices, *, bits: int, group_size: int):
     """x (..., in) or (..., K, in) float32 against experts `indices` (..., K) of w (E, out, words) -> (..., K, out)."""
-    return _require().gather_dequant_matvec(x, w, scales, biases, indices, bits, group_size, stream=mx.cpu)
+    return _require().gather_dequant_matvec(
+        x, w, scales, biases, indices, bits, group_size, stream=mx.cpu
+    )

@@ -20,7 +20,9 @@ def read_source(name: str) -> str:
     """The text of one kernel source file, e.g. `dequant_matvec.inc`."""
     path = source_dir() / name
     if not path.is_file():
-        raise FileNotFoundError(f"kernel source {path} is missing: was flashmoe installed from a full checkout?")
+        raise FileNotFoundError(
+            f"kernel source {path} is missing: was flashmoe installed from a full checkout?"
+        )
     return path.read_text()
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .cache import KVCache
-from .args import ModelArgs
 from ..errors import FlashMoeError
+from .args import ModelArgs
+from .cache import KVCache
 from .layers import Linear
 from .store import TensorStore
 
@@ -45,7 +45,11 @@ class Attention:
         self.head_dim = args.head_dim  # (ModelArgs applies arch.head_dim_from_hidden)
         self.scale = self.head_dim**-0.5
         self.eps = args.rms_norm_eps
-        self.rope_dims = int(self.head_dim * args.partial_rotary_factor) if arch.partial_rotary else self.head_dim
+        self.rope_dims = (
+            int(self.head_dim * args.partial_rotary_factor)
+            if arch.partial_rotary
+            else self.head_dim
+        )
         self.rope_traditional = args.rope_traditional and arch.config_rope_traditional
         self.rope_base, self.rope_scale = args.rope_theta, rope_scale(args.rope_scaling)
 
@@ -80,7 +84,9 @@ class Attention:
         # "causal" aligns the last query with the last key, so a chunk after a cached prefix
         # sees the whole prefix (as mlx-lm's KVCache.make_mask); one new token sees everything
         mask = "causal" if T > 1 else None
-        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
+        out = mx.fast.scaled_dot_product_attention(
+            queries, keys, values, scale=self.scale, mask=mask
+        )
         out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # (B, T, H * hd)
         if gate is not None:
             out = out * mx.sigmoid(gate)
@@ -97,8 +103,12 @@ class Attention:
 
     def _rope(self, x: mx.array, offset: int) -> mx.array:
         return mx.fast.rope(
-            x, self.rope_dims, traditional=self.rope_traditional, base=self.rope_base,
-            scale=self.rope_scale, offset=offset,
+            x,
+            self.rope_dims,
+            traditional=self.rope_traditional,
+            base=self.rope_base,
+            scale=self.rope_scale,
+            offset=offset,
         )
 
 

@@ -1,7 +1,7 @@
 """Per-layer state carried between forward calls: keys/values, or conv + recurrent state.
 
-    KVCache                 keys, values (B, H_kv, T_seen, head_dim)
-    LinearAttentionCache    conv (B, conv_kernel - 1, conv_dim), state (B, H_v, D_v, D_k) float32
+KVCache                 keys, values (B, H_kv, T_seen, head_dim)
+LinearAttentionCache    conv (B, conv_kernel - 1, conv_dim), state (B, H_v, D_v, D_k) float32
 """
 
 from __future__ import annotations

@@ -17,11 +17,10 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .. import kernels
-from ..kernels.gated_delta import gated_delta_step
-
-from .cache import LinearAttentionCache
-from .args import ModelArgs
 from ..errors import FlashMoeError
+from ..kernels.gated_delta import gated_delta_step
+from .args import ModelArgs
+from .cache import LinearAttentionCache
 from .layers import silu
 from .store import TensorStore
 
@@ -74,7 +73,9 @@ class GatedDeltaNet:
         v = v.reshape(B, T, self.n_v, self.d_v)  # (B, T, H_v, d_v)
         q, k = self._normalize_qk(q, k)
 
-        decay = mx.exp(-mx.exp(self.A_log.astype(mx.float32)) * _softplus(a + self.dt_bias))  # (B, T, H_v)
+        decay = mx.exp(
+            -mx.exp(self.A_log.astype(mx.float32)) * _softplus(a + self.dt_bias)
+        )  # (B, T, H_v)
         beta = mx.sigmoid(b)  # (B, T, H_v)
         state = None if cache is None else cache.state_  # (B, H_v, d_v, d_k) float32
         out, state = mx.fast.gated_delta_update(q, k, v, decay, beta, state)  # out (B, T, H_v, d_v)
@@ -91,13 +92,31 @@ class GatedDeltaNet:
         The same math as the lines of __call__ (its reference is that path); returns (B, H_v, d_v).
         """
         B, _, C = qkv.shape
-        past = cache.conv if cache.conv is not None else mx.zeros((B, self.width - 1, C), dtype=qkv.dtype)
+        past = (
+            cache.conv
+            if cache.conv is not None
+            else mx.zeros((B, self.width - 1, C), dtype=qkv.dtype)
+        )
         state = cache.state_
         if state is None:
             state = mx.zeros((B, self.n_v, self.d_v, self.d_k), dtype=mx.float32)
         out, cache.state_, cache.conv = gated_delta_step(
-            qkv[:, 0], past, self.conv_weight, z[:, 0], b[:, 0], a[:, 0], self.A_log, self.dt_bias, self.norm, state,
-            n_k=self.n_k, n_v=self.n_v, d_k=self.d_k, d_v=self.d_v, rms_eps=self.eps, backend=self.backend,
+            qkv[:, 0],
+            past,
+            self.conv_weight,
+            z[:, 0],
+            b[:, 0],
+            a[:, 0],
+            self.A_log,
+            self.dt_bias,
+            self.norm,
+            state,
+            n_k=self.n_k,
+            n_v=self.n_v,
+            d_k=self.d_k,
+            d_v=self.d_v,
+            rms_eps=self.eps,
+            backend=self.backend,
         )
         cache.offset += 1
         return out  # (B, H_v, d_v)
@@ -127,7 +146,7 @@ class GatedDeltaNet:
             past = mx.zeros((B, keep, C), dtype=qkv.dtype)
         window = mx.concatenate([past, qkv], axis=1)  # (B, W - 1 + T, C)
         if cache is not None:
-            cache.conv = mx.contiguous(window[:, window.shape[1] - keep:])  # (B, W - 1, C)
+            cache.conv = mx.contiguous(window[:, window.shape[1] - keep :])  # (B, W - 1, C)
         out = window[:, :T] * self.conv_weight[0]
         for j in range(1, self.width):
             out = out + window[:, j : j + T] * self.conv_weight[j]

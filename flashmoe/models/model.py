@@ -11,12 +11,12 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .. import kernels
+from ..timing import timer
+from .args import ModelArgs
 from .attention import Attention
 from .cache import KVCache, LinearAttentionCache
-from .args import ModelArgs
 from .gated_delta import GatedDeltaNet
-from .moe import MLP, MoE, ResidentExperts, ResidentSource, Routing
-from ..timing import timer
+from .moe import MLP, RESIDENT, MoE, ResidentExperts, Routing
 from .store import TensorStore
 
 
@@ -29,16 +29,28 @@ class DecoderLayer:
     experts read from disk mid-layer, so their feed-forward is never compiled.
     """
 
-    def __init__(self, store: TensorStore, prefix: str, index: int, args: ModelArgs, k: int | None, experts):
+    def __init__(
+        self, store: TensorStore, prefix: str, index: int, args: ModelArgs, k: int | None, experts
+    ):
         self.eps = args.rms_norm_eps
         self.input_layernorm = store.take(f"{prefix}.input_layernorm.weight")
         self.post_attention_layernorm = store.take(f"{prefix}.post_attention_layernorm.weight")
         self.is_linear = args.is_linear_attention(index)
         if self.is_linear:
-            self.mixer, self.mixer_phase = GatedDeltaNet(store, f"{prefix}.linear_attn", args), "linear attention"
+            self.mixer, self.mixer_phase = (
+                GatedDeltaNet(store, f"{prefix}.linear_attn", args),
+                "linear attention",
+            )
         else:
-            self.mixer, self.mixer_phase = Attention(store, f"{prefix}.self_attn", args), "attention"
-        self.mlp = MoE(store, f"{prefix}.mlp", args, k, experts) if args.is_moe(index) else MLP(store, f"{prefix}.mlp")
+            self.mixer, self.mixer_phase = (
+                Attention(store, f"{prefix}.self_attn", args),
+                "attention",
+            )
+        self.mlp = (
+            MoE(store, f"{prefix}.mlp", args, k, experts)
+            if args.is_moe(index)
+            else MLP(store, f"{prefix}.mlp")
+        )
         resident = not isinstance(self.mlp, MoE) or isinstance(self.mlp.experts, ResidentExperts)
         self.compiled = store.backend in kernels.GPU_BACKENDS and resident
         self._linear_step = mx.compile(self._pure_linear_step)
@@ -91,13 +103,14 @@ class DecoderLayer:
 class Model:
     """A loaded model: `model(tokens, cache) -> logits`; `make_cache()` for incremental decoding."""
 
-    def __init__(self, store: TensorStore, args: ModelArgs, k: int | None = None, experts=ResidentSource()):
+    def __init__(self, store: TensorStore, args: ModelArgs, k: int | None = None, experts=RESIDENT):
         """`experts` builds each MoE layer's experts object (ResidentSource, or streaming.ExpertStreamer)."""
         self.args = args
         root = args.arch.weight_prefix
         self.embed_tokens = store.embedding(f"{root}model.embed_tokens")
         self.layers = [
-            DecoderLayer(store, f"{root}model.layers.{i}", i, args, k, experts) for i in range(args.num_hidden_layers)
+            DecoderLayer(store, f"{root}model.layers.{i}", i, args, k, experts)
+            for i in range(args.num_hidden_layers)
         ]
         self.norm = store.take(f"{root}model.norm.weight")
         # mlx-lm keeps lm_head whenever the checkpoint has one (qwen2_moe even when tied).

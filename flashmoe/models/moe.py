@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .. import kernels
-from ..kernels.moe import moe_experts
-from .args import ModelArgs
 from ..errors import FlashMoeError
-from .layers import silu
+from ..kernels.moe import moe_experts
 from ..timing import timer
+from .args import ModelArgs
+from .layers import silu
 from .store import TensorStore
 
 
@@ -57,7 +57,9 @@ def switch_mlp(gate_proj, up_proj, down_proj, x: mx.array, experts: mx.array) ->
 FUSED_MAX_SLOTS = 64  # token x expert pairs up to which the fused decode kernels run
 
 
-def mixed_experts(gate_proj, up_proj, down_proj, x: mx.array, experts: mx.array, weights: mx.array) -> mx.array:
+def mixed_experts(
+    gate_proj, up_proj, down_proj, x: mx.array, experts: mx.array, weights: mx.array
+) -> mx.array:
     """sum_k weights_k * expert_k(x) for x (B, T, D), experts and weights (B, T, K) -> (B, T, D).
 
     A few tokens on a GPU backend take the fused kernels (kernels.moe: gate+up+SwiGLU in one
@@ -66,8 +68,15 @@ def mixed_experts(gate_proj, up_proj, down_proj, x: mx.array, experts: mx.array,
     spec = gate_proj.spec
     if experts.size <= FUSED_MAX_SLOTS and _fusable(gate_proj, up_proj, down_proj):
         return moe_experts(
-            x, gate_proj.packed, up_proj.packed, down_proj.packed, experts, weights,
-            bits=spec.bits, group_size=spec.group_size, backend=gate_proj.backend,
+            x,
+            gate_proj.packed,
+            up_proj.packed,
+            down_proj.packed,
+            experts,
+            weights,
+            bits=spec.bits,
+            group_size=spec.group_size,
+            backend=gate_proj.backend,
         )
     return weighted_sum(switch_mlp(gate_proj, up_proj, down_proj, x, experts), weights)
 
@@ -75,8 +84,13 @@ def mixed_experts(gate_proj, up_proj, down_proj, x: mx.array, experts: mx.array,
 def _fusable(*projections) -> bool:
     """One affine spec the GPU kernels cover, on a GPU backend, for all three projections."""
     first = projections[0]
-    return (first.backend in kernels.GPU_BACKENDS and first.spec is not None and first.spec.mode == "affine"
-            and first.spec.bits in kernels.KERNEL_BITS and all(p.spec == first.spec for p in projections))
+    return (
+        first.backend in kernels.GPU_BACKENDS
+        and first.spec is not None
+        and first.spec.mode == "affine"
+        and first.spec.bits in kernels.KERNEL_BITS
+        and all(p.spec == first.spec for p in projections)
+    )
 
 
 class ResidentExperts:
@@ -114,6 +128,9 @@ class ResidentSource:
         pass  # the store checks that every tensor was taken
 
 
+RESIDENT = ResidentSource()  # the default expert source: stateless, so one serves every model
+
+
 def weighted_sum(y: mx.array, weights: mx.array) -> mx.array:
     """The experts' outputs y (B, T, K, D) mixed by weights (B, T, K) -> (B, T, D)."""
     return (y * weights[..., None]).sum(axis=-2)
@@ -131,17 +148,29 @@ class Routing:
 class MoE:
     """Router, K routed experts through the gathered kernel, optional gated shared expert."""
 
-    def __init__(self, store: TensorStore, prefix: str, args: ModelArgs, k: int | None = None,
-                 experts=ResidentSource()):
+    def __init__(
+        self,
+        store: TensorStore,
+        prefix: str,
+        args: ModelArgs,
+        k: int | None = None,
+        experts=RESIDENT,
+    ):
         self.k = k or args.num_experts_per_tok
         if not 1 <= self.k <= args.num_experts:
-            raise FlashMoeError(f"experts per token must be in 1..{args.num_experts}, found k={self.k}")
+            raise FlashMoeError(
+                f"experts per token must be in 1..{args.num_experts}, found k={self.k}"
+            )
         self.norm_topk_prob = args.norm_topk_prob
         self.gate = store.linear(f"{prefix}.gate")  # the router: (E, D)
-        self.experts = experts(store, prefix)  # (x, ids, weights) -> (B, T, D): resident or streamed, one call
+        self.experts = experts(
+            store, prefix
+        )  # (x, ids, weights) -> (B, T, D): resident or streamed, one call
         has_shared = store.has(f"{prefix}.shared_expert.gate_proj.weight")
         self.shared_expert = MLP(store, f"{prefix}.shared_expert") if has_shared else None
-        self.shared_expert_gate = store.linear(f"{prefix}.shared_expert_gate") if has_shared else None
+        self.shared_expert_gate = (
+            store.linear(f"{prefix}.shared_expert_gate") if has_shared else None
+        )
         self.last_routing: Routing | None = None
 
     def route(self, x: mx.array) -> Routing:
@@ -149,7 +178,9 @@ class MoE:
         logits = self.gate(x)  # (B, T, E)
         probs = mx.softmax(logits.astype(mx.float32), axis=-1, precise=True)
         # Expert ids carry no gradient (training differentiates through the weights only).
-        experts = mx.stop_gradient(mx.argpartition(probs, kth=-self.k, axis=-1)[..., -self.k:])  # (B, T, K)
+        experts = mx.stop_gradient(
+            mx.argpartition(probs, kth=-self.k, axis=-1)[..., -self.k :]
+        )  # (B, T, K)
         weights = mx.take_along_axis(probs, experts, axis=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(axis=-1, keepdims=True)
@@ -161,7 +192,9 @@ class MoE:
         y = self.experts(x, routing.experts, routing.weights)  # (B, T, D)
         timer.mark("experts", y)
         combine = getattr(self.experts, "combine", None)
-        if combine is not None:  # expert parallel (flashmoe.distributed): the ranks' partial sums meet here
+        if (
+            combine is not None
+        ):  # expert parallel (flashmoe.distributed): the ranks' partial sums meet here
             y = combine(x, y, self.shared if self.shared_expert is not None else None)
             timer.mark("all_sum", y)
             return y

@@ -15,17 +15,26 @@ import re
 
 import mlx.core as mx
 
-from .args import ModelArgs
 from ..errors import FlashMoeError
 from ..quant import Resolved
+from .args import ModelArgs
 
 DROPPED_PREFIXES = ("mtp.", "vision_tower", "model.visual")
-ZERO_CENTRED_NORMS = (".input_layernorm.weight", ".post_attention_layernorm.weight", "model.norm.weight",
-                      ".q_norm.weight", ".k_norm.weight")
-EXPERT_KEY = re.compile(r"^(?P<mlp>.*\.mlp)\.experts\.(?P<e>\d+)\.(?P<proj>\w+_proj)\.(?P<kind>weight|scales|biases)$")
+ZERO_CENTRED_NORMS = (
+    ".input_layernorm.weight",
+    ".post_attention_layernorm.weight",
+    "model.norm.weight",
+    ".q_norm.weight",
+    ".k_norm.weight",
+)
+EXPERT_KEY = re.compile(
+    r"^(?P<mlp>.*\.mlp)\.experts\.(?P<e>\d+)\.(?P<proj>\w+_proj)\.(?P<kind>weight|scales|biases)$"
+)
 
 
-def sanitize(tensors: dict, specs: dict[str, Resolved], args: ModelArgs) -> tuple[dict, dict, list[str]]:
+def sanitize(
+    tensors: dict, specs: dict[str, Resolved], args: ModelArgs
+) -> tuple[dict, dict, list[str]]:
     """(tensors, specs, dropped names) in mlx-lm's layout."""
     dropped = [k for k in tensors if k.startswith(DROPPED_PREFIXES)]
     tensors = {k: v for k, v in tensors.items() if k not in set(dropped)}
@@ -47,7 +56,9 @@ def sanitize(tensors: dict, specs: dict[str, Resolved], args: ModelArgs) -> tupl
 
 def canonical_name(key: str, args: ModelArgs) -> str:
     """A stored name as sanitize renames it (streamed experts are renamed without being loaded)."""
-    root = args.arch.weight_prefix  # "language_model.": Hugging Face nests it as model.language_model.*
+    root = (
+        args.arch.weight_prefix
+    )  # "language_model.": Hugging Face nests it as model.language_model.*
     if not root:
         return key
     hf_nested = "model." + root.rstrip(".")
@@ -63,7 +74,9 @@ def _split_fused_gate_up(tensors: dict) -> None:
         middle = gate_up.shape[-2] // 2
         tensors[f"{prefix}.switch_mlp.gate_proj.weight"] = gate_up[..., :middle, :]
         tensors[f"{prefix}.switch_mlp.up_proj.weight"] = gate_up[..., middle:, :]
-        tensors[f"{prefix}.switch_mlp.down_proj.weight"] = tensors.pop(f"{prefix}.experts.down_proj")
+        tensors[f"{prefix}.switch_mlp.down_proj.weight"] = tensors.pop(
+            f"{prefix}.experts.down_proj"
+        )
 
 
 def _stack_experts(tensors: dict, specs: dict, args: ModelArgs) -> tuple[dict, dict]:
@@ -72,19 +85,29 @@ def _stack_experts(tensors: dict, specs: dict, args: ModelArgs) -> tuple[dict, d
     for key in tensors:
         match = EXPERT_KEY.match(key)
         if match:
-            groups.setdefault((match["mlp"], match["proj"], match["kind"]), {})[int(match["e"])] = key
+            groups.setdefault((match["mlp"], match["proj"], match["kind"]), {})[int(match["e"])] = (
+                key
+            )
     for (mlp, proj, kind), members in groups.items():
         if sorted(members) != list(range(args.num_experts)):
-            raise FlashMoeError(f"{mlp}.experts.*.{proj}.{kind}: expected experts 0..{args.num_experts - 1}, "
-                                f"found {len(members)} of them")
-        tensors[f"{mlp}.switch_mlp.{proj}.{kind}"] = mx.stack([tensors.pop(members[e]) for e in sorted(members)])
+            raise FlashMoeError(
+                f"{mlp}.experts.*.{proj}.{kind}: expected experts 0..{args.num_experts - 1}, "
+                f"found {len(members)} of them"
+            )
+        tensors[f"{mlp}.switch_mlp.{proj}.{kind}"] = mx.stack(
+            [tensors.pop(members[e]) for e in sorted(members)]
+        )
         if kind == "scales":
-            specs = _stacked_spec(specs, f"{mlp}.switch_mlp.{proj}", [f"{mlp}.experts.{e}.{proj}" for e in members])
+            specs = _stacked_spec(
+                specs, f"{mlp}.switch_mlp.{proj}", [f"{mlp}.experts.{e}.{proj}" for e in members]
+            )
     return tensors, specs
 
 
 def _stacked_spec(specs: dict, stacked: str, modules: list[str]) -> dict:
     found = {specs[m].spec for m in modules}
     if len(found) != 1:
-        raise FlashMoeError(f"{stacked}: its experts are quantized differently ({sorted(map(str, found))})")
+        raise FlashMoeError(
+            f"{stacked}: its experts are quantized differently ({sorted(map(str, found))})"
+        )
     return {**specs, stacked: Resolved(stacked, found.pop(), specs[modules[0]].source)}

@@ -11,9 +11,9 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..errors import FlashMoeError
-from .layers import Embedding, ExpertLinear, Linear
 from ..misread import misread_as
 from ..quant import QuantSpec, Resolved
+from .layers import Embedding, ExpertLinear, Linear
 
 QUANT_MODES = ("config", "global")
 
@@ -26,7 +26,8 @@ class TensorStore:
         tensors: dict[str, mx.array],
         *,
         specs: dict[str, Resolved] | None = None,  # module -> resolved spec (quant.check_tensors)
-        default_spec: QuantSpec | None = None,  # the config's top level (what quant="global" reads everything as)
+        default_spec: QuantSpec
+        | None = None,  # the config's top level (what quant="global" reads everything as)
         quant: str = "config",
         backend: str = "mlx",
         dtype: mx.Dtype = mx.float32,  # compute dtype for float tensors
@@ -46,7 +47,9 @@ class TensorStore:
         if name not in self.tensors:
             raise FlashMoeError(f"{self.source}: tensor '{name}' is missing (the model needs it)")
         value = self.tensors.pop(name)
-        return value.astype(self.dtype) if cast and mx.issubdtype(value.dtype, mx.floating) else value
+        return (
+            value.astype(self.dtype) if cast and mx.issubdtype(value.dtype, mx.floating) else value
+        )
 
     def linear(self, prefix: str, *, bias: bool = False) -> Linear:
         """The linear layer stored under `prefix` (`prefix.weight`, and `.scales`/`.biases` if quantized)."""
@@ -65,7 +68,9 @@ class TensorStore:
         unused = sorted(set(self.tensors) - set(ignored))
         if unused:
             more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
-            raise FlashMoeError(f"{self.source}: tensors the model does not use: {unused[:5]}{more}")
+            raise FlashMoeError(
+                f"{self.source}: tensors the model does not use: {unused[:5]}{more}"
+            )
         self.tensors.clear()
         return ignored
 
@@ -92,9 +97,16 @@ class TensorStore:
     def _as_read(self, module: str, spec: QuantSpec, weight, scales):
         """quant="global": every tensor read at the top-level bits, as the 4-bit-only engine did."""
         read = self.default_spec
-        if self.quant == "config" or read is None or spec.bits == read.bits or spec.mode != "affine":
+        if (
+            self.quant == "config"
+            or read is None
+            or spec.bits == read.bits
+            or spec.mode != "affine"
+        ):
             return spec, weight
         in_dim = scales.shape[-1] * spec.group_size
-        words = misread_as(weight, stored_bits=spec.bits, read_bits=read.bits, in_dim=in_dim, name=module)
+        words = misread_as(
+            weight, stored_bits=spec.bits, read_bits=read.bits, in_dim=in_dim, name=module
+        )
         self.misread_modules.append(module)
         return QuantSpec(read.bits, spec.group_size, spec.mode), words

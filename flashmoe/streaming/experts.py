@@ -21,16 +21,16 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..models.args import ModelArgs
 from ..errors import FlashMoeError
-from .layout import ExpertLayout, LayerExperts, is_expert_tensor, open_layout
-from .reader import NUMPY_DTYPES, ExpertReader
+from ..models.args import ModelArgs
 from ..models.layers import ExpertLinear
 from ..models.moe import mixed_experts, switch_mlp, weighted_sum
-from ..timing import timer
-from ..quant import QuantSpec, TensorInfo
-from .stats import StreamStats
 from ..models.store import TensorStore
+from ..quant import QuantSpec, TensorInfo
+from ..timing import timer
+from .layout import ExpertLayout, LayerExperts, is_expert_tensor, open_layout
+from .reader import NUMPY_DTYPES, ExpertReader
+from .stats import StreamStats
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -39,13 +39,19 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 class StreamOptions:
     """How experts are streamed (the defaults are what measured fastest here: benchmarks/STREAMING.md)."""
 
-    expert_cache_mb: float = 0.0  # LRU of recently used experts; 0 relies on the OS page cache alone
+    expert_cache_mb: float = (
+        0.0  # LRU of recently used experts; 0 relies on the OS page cache alone
+    )
     io_threads: int = 16  # reads in flight (one expert each)
-    buffer_mb: float = 256.0  # most expert bytes read at once (prefill reads its union in groups this large)
+    buffer_mb: float = (
+        256.0  # most expert bytes read at once (prefill reads its union in groups this large)
+    )
     probe_page_cache: bool = True  # count page-cache hits with RWF_NOWAIT (flashmoe.expert_io)
 
 
-def stream_options(stream_experts: bool | StreamOptions, expert_cache_mb: float | None) -> StreamOptions | None:
+def stream_options(
+    stream_experts: bool | StreamOptions, expert_cache_mb: float | None
+) -> StreamOptions | None:
     """load()'s arguments as options, or None when the experts are to be resident."""
     if not stream_experts:
         return None
@@ -53,7 +59,9 @@ def stream_options(stream_experts: bool | StreamOptions, expert_cache_mb: float 
     if expert_cache_mb is not None:
         if expert_cache_mb < 0:
             raise FlashMoeError(f"expert_cache_mb must be >= 0, found {expert_cache_mb}")
-        options = StreamOptions(expert_cache_mb, options.io_threads, options.buffer_mb, options.probe_page_cache)
+        options = StreamOptions(
+            expert_cache_mb, options.io_threads, options.buffer_mb, options.probe_page_cache
+        )
     return options
 
 
@@ -65,9 +73,15 @@ class ExpertStreamer:
     def __init__(self, directory: Path, args: ModelArgs, options: StreamOptions):
         self.layout: ExpertLayout = open_layout(directory, args)
         self.options = options
-        self.reader = ExpertReader(self.layout.files, threads=options.io_threads,
-                                   cache_bytes=int(options.expert_cache_mb * 2**20), probe=options.probe_page_cache)
-        self.stats = StreamStats(self.layout.kind, options.io_threads, options.expert_cache_mb, self.reader.probe)
+        self.reader = ExpertReader(
+            self.layout.files,
+            threads=options.io_threads,
+            cache_bytes=int(options.expert_cache_mb * 2**20),
+            probe=options.probe_page_cache,
+        )
+        self.stats = StreamStats(
+            self.layout.kind, options.io_threads, options.expert_cache_mb, self.reader.probe
+        )
         self._taken: set[str] = set()
 
     def tensor_infos(self) -> dict[str, TensorInfo]:
@@ -79,43 +93,67 @@ class ExpertStreamer:
         """The lazily loaded tensors minus the experts (mx.load reads nothing until evaluated)."""
         return {name: value for name, value in tensors.items() if not is_expert_tensor(name)}
 
-    def __call__(self, store: TensorStore, prefix: str) -> "StreamedExperts":
+    def __call__(self, store: TensorStore, prefix: str) -> StreamedExperts:
         if prefix not in self.layout.layers:
-            raise FlashMoeError(f"{store.source}: tensor '{prefix}.switch_mlp.gate_proj.weight' is missing "
-                                f"(the model needs it; streamed layers: {len(self.layout.layers)})")
+            raise FlashMoeError(
+                f"{store.source}: tensor '{prefix}.switch_mlp.gate_proj.weight' is missing "
+                f"(the model needs it; streamed layers: {len(self.layout.layers)})"
+            )
         layer = self.layout.layers[prefix]
         specs = [self._streamed_spec(store, f"{prefix}.switch_mlp.{p}", layer) for p in PROJECTIONS]
         budget = int(self.options.buffer_mb * 2**20) // layer.expert_bytes
         self._taken.add(prefix)
-        return StreamedExperts(layer, self.reader, self.stats, specs, store.backend, store.dtype, budget)
+        return StreamedExperts(
+            layer, self.reader, self.stats, specs, store.backend, store.dtype, budget
+        )
 
     def finish(self) -> None:
         """Every streamed layer must have been taken by the model."""
         unused = sorted(set(self.layout.layers) - self._taken)
         if unused:
-            raise FlashMoeError(f"{self.layout.files[0].parent}: expert tensors the model does not use: "
-                                f"'{unused[0]}.switch_mlp.*' ({len(unused)} layers)")
+            raise FlashMoeError(
+                f"{self.layout.files[0].parent}: expert tensors the model does not use: "
+                f"'{unused[0]}.switch_mlp.*' ({len(unused)} layers)"
+            )
 
-    def _streamed_spec(self, store: TensorStore, module: str, layer: LayerExperts) -> QuantSpec | None:
+    def _streamed_spec(
+        self, store: TensorStore, module: str, layer: LayerExperts
+    ) -> QuantSpec | None:
         """The projection's quantization (None: plain weights), refusing what streaming cannot replay."""
         for piece in layer.pieces:
             if piece.dtype not in NUMPY_DTYPES:
-                raise FlashMoeError(f"{store.source}: tensor '{piece.name}' has dtype {piece.dtype}, "
-                                    f"which expert streaming cannot read (expected one of {sorted(NUMPY_DTYPES)})")
+                raise FlashMoeError(
+                    f"{store.source}: tensor '{piece.name}' has dtype {piece.dtype}, "
+                    f"which expert streaming cannot read (expected one of {sorted(NUMPY_DTYPES)})"
+                )
         if not any(p.part.endswith("scales") for p in layer.pieces):
             return None
         spec = store.spec(module)
-        if store.quant == "global" and store.default_spec is not None and spec != store.default_spec:
-            raise FlashMoeError(f"{store.source}: quant='global' would misread '{module}' ({spec}); "
-                                "that replay is not supported with stream_experts")
+        if (
+            store.quant == "global"
+            and store.default_spec is not None
+            and spec != store.default_spec
+        ):
+            raise FlashMoeError(
+                f"{store.source}: quant='global' would misread '{module}' ({spec}); "
+                "that replay is not supported with stream_experts"
+            )
         return spec
 
 
 class StreamedExperts:
     """One MoE layer's routed experts, read from disk on every call: (x, experts) -> (B, T, K, D)."""
 
-    def __init__(self, layer: LayerExperts, reader: ExpertReader, stats: StreamStats, specs: list,
-                 backend: str, dtype: mx.Dtype, group_experts: int):
+    def __init__(
+        self,
+        layer: LayerExperts,
+        reader: ExpertReader,
+        stats: StreamStats,
+        specs: list,
+        backend: str,
+        dtype: mx.Dtype,
+        group_experts: int,
+    ):
         self.layer, self.reader, self.stats = layer, reader, stats
         self.specs, self.backend, self.dtype = specs, backend, dtype
         self.group_experts = max(1, group_experts)  # most experts read at once
@@ -125,10 +163,16 @@ class StreamedExperts:
         # Routing decides what to read, so the ids must be on the host: one sync per MoE layer,
         # inherent to streaming (the forward pass cannot be one lazy graph across layers).
         ids = np.array(experts)  # (B, T, K)
-        unique, local = np.unique(ids.reshape(-1), return_inverse=True)  # U ids; each slot's index into them
-        if len(unique) <= self.group_experts:  # decode always (K <= the group): one read, one kernel call
+        unique, local = np.unique(
+            ids.reshape(-1), return_inverse=True
+        )  # U ids; each slot's index into them
+        if (
+            len(unique) <= self.group_experts
+        ):  # decode always (K <= the group): one read, one kernel call
             projections = self._load(unique, ids, first=True)
-            local_ids = mx.array(local.reshape(ids.shape).astype(np.uint32))  # into the U experts read
+            local_ids = mx.array(
+                local.reshape(ids.shape).astype(np.uint32)
+            )  # into the U experts read
             return mixed_experts(*projections, x, local_ids, weights)
         return weighted_sum(self._grouped(x, ids, unique), weights)
 
@@ -141,13 +185,20 @@ class StreamedExperts:
         rows = x.reshape(-1, x.shape[-1])  # (B * T, D)
         outputs = []
         for start in range(0, len(unique), self.group_experts):
-            group = unique[start:start + self.group_experts]
-            lo, hi = np.searchsorted(by_expert, group[0], "left"), np.searchsorted(by_expert, group[-1], "right")
+            group = unique[start : start + self.group_experts]
+            lo, hi = (
+                np.searchsorted(by_expert, group[0], "left"),
+                np.searchsorted(by_expert, group[-1], "right"),
+            )
             slots = order[lo:hi]  # the slots this group serves
-            local = np.searchsorted(group, flat[slots]).astype(np.uint32)[:, None]  # (n, 1) into the group
+            local = np.searchsorted(group, flat[slots]).astype(np.uint32)[
+                :, None
+            ]  # (n, 1) into the group
             projections = self._load(group, ids, first=start == 0)
             y = switch_mlp(*projections, rows[mx.array(slots // k)], mx.array(local))  # (n, 1, D)
-            mx.eval(y)  # bound memory: free this group's experts before reading the next (a sync, prefill only)
+            mx.eval(
+                y
+            )  # bound memory: free this group's experts before reading the next (a sync, prefill only)
             timer.mark("experts")
             outputs.append(y[:, 0])
         y = mx.concatenate(outputs)[mx.array(np.argsort(order))]  # (N, D) back in slot order
@@ -157,14 +208,30 @@ class StreamedExperts:
         """Read `experts` and wrap them as three stacked (U, out, words) projections."""
         arrays, report = self.reader.read(self.layer, experts)
         tokens = ids.size // ids.shape[-1]
-        self.stats.record(self.layer.layer, decode=tokens == 1, tokens=tokens if first else 0,
-                          slots=ids.size if first else 0, expert_bytes=self.layer.expert_bytes, report=report)
+        self.stats.record(
+            self.layer.layer,
+            decode=tokens == 1,
+            tokens=tokens if first else 0,
+            slots=ids.size if first else 0,
+            expert_bytes=self.layer.expert_bytes,
+            report=report,
+        )
         timer.mark("expert i/o")
         linears = []
         for proj, spec in zip(PROJECTIONS, self.specs):
             weight = arrays[f"{proj}.weight"]
             if spec is None and mx.issubdtype(weight.dtype, mx.floating):
-                weight = weight.astype(self.dtype)  # plain experts in the compute dtype, as TensorStore.take does
-            linears.append(ExpertLinear(weight, arrays.get(f"{proj}.scales"), arrays.get(f"{proj}.biases"),
-                                        None, spec, self.backend))
+                weight = weight.astype(
+                    self.dtype
+                )  # plain experts in the compute dtype, as TensorStore.take does
+            linears.append(
+                ExpertLinear(
+                    weight,
+                    arrays.get(f"{proj}.scales"),
+                    arrays.get(f"{proj}.biases"),
+                    None,
+                    spec,
+                    self.backend,
+                )
+            )
         return linears

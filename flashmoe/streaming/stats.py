@@ -41,7 +41,9 @@ class Counters:
         """Tokens that went through (every streamed layer sees each token once)."""
         return max(self.layer_tokens.values(), default=0)
 
-    def add(self, layer: int, tokens: int, slots: int, expert_bytes: int, report: FetchReport) -> None:
+    def add(
+        self, layer: int, tokens: int, slots: int, expert_bytes: int, report: FetchReport
+    ) -> None:
         """Book one read; `tokens` and `slots` are given with a call's first read only (0 for later groups)."""
         self.calls += tokens > 0
         self.slots += slots
@@ -64,7 +66,10 @@ class Counters:
         tokens = self.tokens
         if not tokens:
             return {}
-        per_layer = {layer: 1e3 * s / self.layer_calls[layer] for layer, s in sorted(self.layer_seconds.items())}
+        per_layer = {
+            layer: 1e3 * s / self.layer_calls[layer]
+            for layer, s in sorted(self.layer_seconds.items())
+        }
         return dict(
             tokens=tokens,
             bytes_per_token=self.bytes / tokens,
@@ -76,7 +81,9 @@ class Counters:
             upload_ms_per_token=1e3 * self.upload_seconds / tokens,
             io_ms_per_layer_call=statistics.fmean(per_layer.values()),
             read_gb_per_s=self.bytes / self.seconds / 1e9 if self.seconds else 0.0,
-            page_cache_hit_rate=self.page_cache_bytes / self.probed_bytes if self.probed_bytes else None,
+            page_cache_hit_rate=self.page_cache_bytes / self.probed_bytes
+            if self.probed_bytes
+            else None,
             lru_hit_rate=self.cached / self.experts if self.experts else 0.0,
             io_ms_per_layer=per_layer,
         )
@@ -92,15 +99,27 @@ class StreamStats:
     def reset(self) -> None:
         self.decode, self.prefill = Counters(), Counters()
 
-    def record(self, layer: int, *, decode: bool, tokens: int, slots: int, expert_bytes: int,
-               report: FetchReport) -> None:
+    def record(
+        self,
+        layer: int,
+        *,
+        decode: bool,
+        tokens: int,
+        slots: int,
+        expert_bytes: int,
+        report: FetchReport,
+    ) -> None:
         """Book one read of layer `layer`: `tokens` = B * T, `slots` = B * T * K (once per call)."""
         (self.decode if decode else self.prefill).add(layer, tokens, slots, expert_bytes, report)
 
     def summary(self) -> dict:
         """{"decode": {...}, "prefill": {...}, "settings": {...}}; see Counters.summary for the fields."""
-        settings = dict(layout=self.layout, io_threads=self.threads, expert_cache_mb=self.cache_mb,
-                        page_cache_probe="RWF_NOWAIT" if self.probe else "off")
+        settings = dict(
+            layout=self.layout,
+            io_threads=self.threads,
+            expert_cache_mb=self.cache_mb,
+            page_cache_probe="RWF_NOWAIT" if self.probe else "off",
+        )
         return dict(decode=self.decode.summary(), prefill=self.prefill.summary(), settings=settings)
 
 
@@ -109,26 +128,36 @@ def format_stream_stats(stats: StreamStats) -> str:
     summary = stats.summary()
     settings = summary["settings"]
     lru = f"LRU {settings['expert_cache_mb']:g} MB" if settings["expert_cache_mb"] else "no LRU"
-    probe = "page-cache hits measured with RWF_NOWAIT" if stats.probe else "page-cache hits not measured"
-    lines = [f"expert streaming: {settings['layout']} layout, {settings['io_threads']} I/O threads, {lru}, {probe}",
-             "  MB read/token: expert bytes read from disk per token; expected MB/token: K experts x expert bytes x "
-             "MoE layers (no reuse); LRU hits: experts served from memory",
-             f"{'phase':<8}{'tokens':>7}{'MB read/token':>14}{'expected MB/token':>18}{'reads/token':>12}"
-             f"{'I/O ms/token':>13}{'GB/s':>7}{'page cache hits':>16}{'LRU hits':>9}"]
+    probe = (
+        "page-cache hits measured with RWF_NOWAIT"
+        if stats.probe
+        else "page-cache hits not measured"
+    )
+    lines = [
+        f"expert streaming: {settings['layout']} layout, {settings['io_threads']} I/O threads, {lru}, {probe}",
+        "  MB read/token: expert bytes read from disk per token; expected MB/token: K experts x expert bytes x "
+        "MoE layers (no reuse); LRU hits: experts served from memory",
+        f"{'phase':<8}{'tokens':>7}{'MB read/token':>14}{'expected MB/token':>18}{'reads/token':>12}"
+        f"{'I/O ms/token':>13}{'GB/s':>7}{'page cache hits':>16}{'LRU hits':>9}",
+    ]
     for phase in ("prefill", "decode"):
         s = summary[phase]
         if not s:
             continue
         hit = "?" if s["page_cache_hit_rate"] is None else f"{s['page_cache_hit_rate']:.0%}"
-        lines.append(f"{phase:<8}{s['tokens']:>7}{s['bytes_per_token'] / 1e6:>14.1f}"
-                     f"{s['theory_bytes_per_token'] / 1e6:>18.1f}{s['reads_per_token']:>12.1f}"
-                     f"{s['io_ms_per_token']:>13.2f}{s['read_gb_per_s']:>7.2f}{hit:>16}{s['lru_hit_rate']:>9.0%}")
+        lines.append(
+            f"{phase:<8}{s['tokens']:>7}{s['bytes_per_token'] / 1e6:>14.1f}"
+            f"{s['theory_bytes_per_token'] / 1e6:>18.1f}{s['reads_per_token']:>12.1f}"
+            f"{s['io_ms_per_token']:>13.2f}{s['read_gb_per_s']:>7.2f}{hit:>16}{s['lru_hit_rate']:>9.0%}"
+        )
     decode = summary["decode"] or summary["prefill"]
     if decode:
         per_layer = decode["io_ms_per_layer"]
         slowest = max(per_layer, key=per_layer.get)
-        lines.append(f"I/O ms per layer call: mean {decode['io_ms_per_layer_call']:.2f}, "
-                     f"median {statistics.median(per_layer.values()):.2f}, "
-                     f"max {per_layer[slowest]:.2f} (layer {slowest}); upload to MLX "
-                     f"{decode['upload_ms_per_token']:.2f} ms/token")
+        lines.append(
+            f"I/O ms per layer call: mean {decode['io_ms_per_layer_call']:.2f}, "
+            f"median {statistics.median(per_layer.values()):.2f}, "
+            f"max {per_layer[slowest]:.2f} (layer {slowest}); upload to MLX "
+            f"{decode['upload_ms_per_token']:.2f} ms/token"
+        )
     return "\n".join(lines)

@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from ..errors import FlashMoeError
 
 # what an earlier output of these tools holds: --force deletes a non-empty directory only when it has one
-CHECKPOINT_MARKERS = ("config.json", "*.safetensors", "flashmoe_experts.json", "flashmoe_experts.partial.json")
+CHECKPOINT_MARKERS = (
+    "config.json",
+    "*.safetensors",
+    "flashmoe_experts.json",
+    "flashmoe_experts.partial.json",
+)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -38,21 +43,35 @@ def check_output(dst: str | Path, force: bool, sources: tuple[str | Path, ...] =
     if dst.exists() and not dst.is_dir():
         raise FlashMoeError(f"{dst}: exists and is not a directory")
     for src in map(Path, sources):
-        if src.exists() and dst.exists() and (src.resolve() == dst.resolve() or src.resolve().is_relative_to(dst.resolve())):
-            raise FlashMoeError(f"{dst}: the output directory must not be (or hold) the source {src}")
+        if (
+            src.exists()
+            and dst.exists()
+            and (src.resolve() == dst.resolve() or src.resolve().is_relative_to(dst.resolve()))
+        ):
+            raise FlashMoeError(
+                f"{dst}: the output directory must not be (or hold) the source {src}"
+            )
     if not dst.exists() or not any(dst.iterdir()):
         return
     if not force:
-        raise FlashMoeError(f"{dst}: exists and is not empty; choose a new directory, or pass --force to replace "
-                            "its contents")
+        raise FlashMoeError(
+            f"{dst}: exists and is not empty; choose a new directory, or pass --force to replace "
+            "its contents"
+        )
     if not any(any(dst.glob(marker)) for marker in CHECKPOINT_MARKERS):
-        raise FlashMoeError(f"{dst}: --force replaces an earlier checkpoint (config.json, *.safetensors), and this "
-                            "directory holds none; refusing to delete it: choose a new directory")
+        raise FlashMoeError(
+            f"{dst}: --force replaces an earlier checkpoint (config.json, *.safetensors), and this "
+            "directory holds none; refusing to delete it: choose a new directory"
+        )
 
 
 @contextmanager
-def output_directory(dst: str | Path, force: bool = False, sources: tuple[str | Path, ...] = (),
-                     keep: Callable[[], bool] = lambda: False) -> Iterator[Path]:
+def output_directory(
+    dst: str | Path,
+    force: bool = False,
+    sources: tuple[str | Path, ...] = (),
+    keep: Callable[[], bool] = lambda: False,
+) -> Iterator[Path]:
     """DST ready to write into (check_output; with `force` its old contents deleted first); on any error
     or interrupt inside the block what was written is removed, and DST itself if this made it, unless
     `keep()` says it is worth keeping (a state an interrupted run can resume from)."""

@@ -27,20 +27,33 @@ import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
-from contextlib import nullcontext
-
-from . import HelpFormatter, output_directory
-from ..loader import read_config
-from ..progress import progress_bar, shown
-from ..safetensors import read_header_info, safetensors_files, tensor_infos
-from ..models.args import ModelArgs
 from ..errors import FlashMoeError
-from ..streaming.layout import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, PARTS, ExpertLayout, LayerExperts, is_expert_tensor, open_layout
-from ..safetensors import SafetensorsWriter, nbytes
+from ..loader import read_config
+from ..models.args import ModelArgs
+from ..progress import progress_bar, shown
+from ..safetensors import (
+    SafetensorsWriter,
+    nbytes,
+    read_header_info,
+    safetensors_files,
+    tensor_infos,
+)
+from ..streaming.layout import (
+    MANIFEST,
+    MANIFEST_FORMAT,
+    MANIFEST_VERSION,
+    PARTS,
+    ExpertLayout,
+    LayerExperts,
+    is_expert_tensor,
+    open_layout,
+)
+from . import HelpFormatter, output_directory
 
 SLICE_ALIGN, BLOCK_ALIGN = 64, 4096
 COPY_CHUNK = 64 << 20  # bytes per read when copying non-expert tensors
@@ -48,8 +61,17 @@ PROGRESS = "flashmoe_experts.partial.json"  # the manifest so far, to --resume a
 SKIPPED = ("model.safetensors.index.json", MANIFEST, PROGRESS)
 
 
-def repack(src: str | Path, dst: str | Path, *, delete_source: bool = False, resume: bool = False,
-           chunk_experts: int = 64, log=print, force: bool = False, progress: bool | None = False) -> Path:
+def repack(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    delete_source: bool = False,
+    resume: bool = False,
+    chunk_experts: int = 64,
+    log=print,
+    force: bool = False,
+    progress: bool | None = False,
+) -> Path:
     """Write the repacked copy of checkpoint `src` to `dst` (a new or empty directory); returns `dst`.
 
     `resume` continues an interrupted run from PROGRESS (the manifest so far) in `dst`; `force` replaces
@@ -64,21 +86,38 @@ def repack(src: str | Path, dst: str | Path, *, delete_source: bool = False, res
     _check_paths(src, dst, resume, force)
     _check_links(src)
     state = _read_progress(dst) if resume else dict(source=str(src), non_experts=False, layers={})
-    target = nullcontext() if resume else output_directory(dst, force, (src,), keep=lambda: (dst / PROGRESS).is_file())
+    target = (
+        nullcontext()
+        if resume
+        else output_directory(dst, force, (src,), keep=lambda: (dst / PROGRESS).is_file())
+    )
     with target:
         _repack(src, dst, args, state, delete_source, chunk_experts, log, progress)
     return dst
 
 
-def _repack(src: Path, dst: Path, args: ModelArgs, progress: dict, delete_source: bool, chunk_experts: int, log,
-            show: bool | None) -> None:
+def _repack(
+    src: Path,
+    dst: Path,
+    args: ModelArgs,
+    progress: dict,
+    delete_source: bool,
+    chunk_experts: int,
+    log,
+    show: bool | None,
+) -> None:
     layout = open_layout(src, args)
     for layer in layout.layers.values():
         if not 0 <= layer.layer < args.num_hidden_layers:
-            raise FlashMoeError(f"{layout.files[layer.pieces[0].file]}: tensor '{layer.pieces[0].name}' is in layer "
-                                f"{layer.layer}; config.json has num_hidden_layers={args.num_hidden_layers}")
-    todo = [(prefix, layer) for prefix, layer in sorted(layout.layers.items(), key=lambda item: item[1].layer)
-            if layout.stored_prefixes[prefix] not in progress["layers"]]
+            raise FlashMoeError(
+                f"{layout.files[layer.pieces[0].file]}: tensor '{layer.pieces[0].name}' is in layer "
+                f"{layer.layer}; config.json has num_hidden_layers={args.num_hidden_layers}"
+            )
+    todo = [
+        (prefix, layer)
+        for prefix, layer in sorted(layout.layers.items(), key=lambda item: item[1].layer)
+        if layout.stored_prefixes[prefix] not in progress["layers"]
+    ]
     _check_space(src, dst, [layer for _, layer in todo], progress["non_experts"], delete_source)
     (dst / "experts").mkdir(parents=True, exist_ok=True)
     shards = safetensors_files(src)
@@ -91,16 +130,22 @@ def _repack(src: Path, dst: Path, args: ModelArgs, progress: dict, delete_source
             _save_progress(dst, {**progress, "non_experts": True})
             progress["non_experts"] = True
             bar.update(rest)
-        pending = {i: {p for p, layer in layout.layers.items() if any(x.file == i for x in layer.pieces)}
-                   for i in range(len(layout.files))}
+        pending = {
+            i: {p for p, layer in layout.layers.items() if any(x.file == i for x in layer.pieces)}
+            for i in range(len(layout.files))
+        }
         for prefix, layer in todo:
             tic = time.perf_counter()
             name = f"experts/layer-{layer.layer:03d}.bin"
-            progress["layers"][layout.stored_prefixes[prefix]] = _write_layer(layout, layer, dst / name, chunk_experts)
+            progress["layers"][layout.stored_prefixes[prefix]] = _write_layer(
+                layout, layer, dst / name, chunk_experts
+            )
             _save_progress(dst, progress)
             bar.update(layer.num_experts * layer.expert_bytes)
-            say(f"layer {layer.layer}: {layer.num_experts * layer.expert_bytes / 1e6:.0f} MB in "
-                f"{time.perf_counter() - tic:.1f} s -> {name}")
+            say(
+                f"layer {layer.layer}: {layer.num_experts * layer.expert_bytes / 1e6:.0f} MB in "
+                f"{time.perf_counter() - tic:.1f} s -> {name}"
+            )
             if delete_source:
                 _delete_done(layout, pending, prefix, say)
     for shard in shards if delete_source else []:
@@ -110,7 +155,9 @@ def _repack(src: Path, dst: Path, args: ModelArgs, progress: dict, delete_source
 
 
 def _non_expert_bytes(src: Path) -> int:
-    return sum(nbytes(i.dtype, i.shape) for n, i in tensor_infos(src).items() if not is_expert_tensor(n))
+    return sum(
+        nbytes(i.dtype, i.shape) for n, i in tensor_infos(src).items() if not is_expert_tensor(n)
+    )
 
 
 def _check_paths(src: Path, dst: Path, resume: bool, force: bool = False) -> None:
@@ -121,10 +168,18 @@ def _check_paths(src: Path, dst: Path, resume: bool, force: bool = False) -> Non
     if resume and not (dst / PROGRESS).is_file():
         raise FlashMoeError(f"{dst / PROGRESS}: not found; nothing to resume")
     if resume and force:
-        raise FlashMoeError("--resume continues the run in DST, --force deletes it: pass one of them")
+        raise FlashMoeError(
+            "--resume continues the run in DST, --force deletes it: pass one of them"
+        )
     if not resume and not force and dst.exists() and dst.is_dir() and any(dst.iterdir()):
-        hint = "an interrupted repack: add --resume, or" if (dst / PROGRESS).is_file() else "choose a new directory or"
-        raise FlashMoeError(f"{dst}: must be a new or empty directory ({hint} pass --force to replace its contents)")
+        hint = (
+            "an interrupted repack: add --resume, or"
+            if (dst / PROGRESS).is_file()
+            else "choose a new directory or"
+        )
+        raise FlashMoeError(
+            f"{dst}: must be a new or empty directory ({hint} pass --force to replace its contents)"
+        )
 
 
 def _check_links(src: Path) -> None:
@@ -136,27 +191,42 @@ def _check_links(src: Path) -> None:
         except (OSError, RuntimeError) as err:
             raise FlashMoeError(f"{path}: cannot be resolved ({err})") from None
         if not target.is_relative_to(root):
-            raise FlashMoeError(f"{path}: a symbolic link to {target}, outside the source directory {root}; "
-                                "repack refuses to follow it (copy the file in instead)")
+            raise FlashMoeError(
+                f"{path}: a symbolic link to {target}, outside the source directory {root}; "
+                "repack refuses to follow it (copy the file in instead)"
+            )
 
 
-def _check_space(src: Path, dst: Path, layers: list[LayerExperts], non_experts_done: bool, delete_source: bool):
+def _check_space(
+    src: Path, dst: Path, layers: list[LayerExperts], non_experts_done: bool, delete_source: bool
+):
     """Refuse to start what the disk cannot finish (with --delete-source one layer at a time must fit)."""
     sizes = [layer.num_experts * block_layout(layer)[2] for layer in layers]
-    rest = 0 if non_experts_done else sum(nbytes(i.dtype, i.shape) for n, i in tensor_infos(src).items()
-                                          if not is_expert_tensor(n))
+    rest = (
+        0
+        if non_experts_done
+        else sum(
+            nbytes(i.dtype, i.shape)
+            for n, i in tensor_infos(src).items()
+            if not is_expert_tensor(n)
+        )
+    )
     need = rest + (max(sizes, default=0) if delete_source else sum(sizes))
     free = shutil.disk_usage(dst if dst.exists() else dst.parent).free
     if need > free:
         hint = "" if delete_source else "; --delete-source needs room for one layer at a time"
-        raise FlashMoeError(f"{dst}: repacking needs {need / 1e9:.1f} GB free, the disk has {free / 1e9:.1f} GB{hint}")
+        raise FlashMoeError(
+            f"{dst}: repacking needs {need / 1e9:.1f} GB free, the disk has {free / 1e9:.1f} GB{hint}"
+        )
 
 
 def _read_progress(dst: Path) -> dict:
     try:
         return json.loads((dst / PROGRESS).read_text())
     except json.JSONDecodeError as err:
-        raise FlashMoeError(f"{dst / PROGRESS}: not valid JSON ({err}); repack again into a new directory") from None
+        raise FlashMoeError(
+            f"{dst / PROGRESS}: not valid JSON ({err}); repack again into a new directory"
+        ) from None
 
 
 def _save_progress(dst: Path, progress: dict) -> None:
@@ -169,11 +239,17 @@ def _finish(src: Path, dst: Path, args: ModelArgs, progress: dict) -> None:
     """Copy config and tokenizer files, then write the manifest (last: its presence means complete)."""
     moe_layers = sum(args.is_moe(i) for i in range(args.num_hidden_layers))
     if len(progress["layers"]) != moe_layers:
-        raise FlashMoeError(f"{src}: {len(progress['layers'])} MoE layers were repacked, the config has {moe_layers} "
-                            "(source shards missing?)")
+        raise FlashMoeError(
+            f"{src}: {len(progress['layers'])} MoE layers were repacked, the config has {moe_layers} "
+            "(source shards missing?)"
+        )
     _copy_other_files(src, dst)
-    manifest = dict(format=MANIFEST_FORMAT, version=MANIFEST_VERSION, source=progress["source"],
-                    layers=progress["layers"])
+    manifest = dict(
+        format=MANIFEST_FORMAT,
+        version=MANIFEST_VERSION,
+        source=progress["source"],
+        layers=progress["layers"],
+    )
     (dst / MANIFEST).write_text(json.dumps(manifest, separators=(",", ":")))
     (dst / PROGRESS).unlink()
 
@@ -198,16 +274,33 @@ def _write_layer(layout: ExpertLayout, layer: LayerExperts, path: Path, chunk: i
                 blocks = np.zeros((count, stride), dtype=np.uint8)
                 for piece in layer.pieces:
                     start = int(piece.offsets[first])
-                    raw = _pread_exact(fds[piece.file], count * piece.nbytes, start, layout.files[piece.file], piece.name)
-                    blocks[:, offsets[piece.part]:offsets[piece.part] + piece.nbytes] = raw.reshape(count, -1)
+                    raw = _pread_exact(
+                        fds[piece.file],
+                        count * piece.nbytes,
+                        start,
+                        layout.files[piece.file],
+                        piece.name,
+                    )
+                    blocks[:, offsets[piece.part] : offsets[piece.part] + piece.nbytes] = (
+                        raw.reshape(count, -1)
+                    )
                 out.write(blocks)
     finally:
         for fd in fds.values():
             os.close(fd)
-    tensors = {p.part: dict(offset=offsets[p.part], shape=list(p.shape), dtype=p.dtype) for p in layer.pieces}
+    tensors = {
+        p.part: dict(offset=offsets[p.part], shape=list(p.shape), dtype=p.dtype)
+        for p in layer.pieces
+    }
     experts = [[e * stride, block] for e in range(layer.num_experts)]
-    return dict(file=f"experts/{path.name}", layer=layer.layer, num_experts=layer.num_experts, block_bytes=block,
-                experts=experts, tensors=tensors)
+    return dict(
+        file=f"experts/{path.name}",
+        layer=layer.layer,
+        num_experts=layer.num_experts,
+        block_bytes=block,
+        experts=experts,
+        tensors=tensors,
+    )
 
 
 def _copy_non_experts(shards: list[Path], path: Path, log) -> None:
@@ -215,13 +308,20 @@ def _copy_non_experts(shards: list[Path], path: Path, log) -> None:
     entries = []
     for shard in shards:
         header, start = read_header_info(shard)
-        entries += [(shard, start, name, e) for name, e in header.items() if not is_expert_tensor(name)]
+        entries += [
+            (shard, start, name, e) for name, e in header.items() if not is_expert_tensor(name)
+        ]
     with SafetensorsWriter(path, [(n, e["dtype"], e["shape"]) for _, _, n, e in entries]) as writer:
         for shard, start, name, entry in entries:
             begin, end = entry["data_offsets"]
             with open(shard, "rb") as f:
                 for at in range(begin, end, COPY_CHUNK):
-                    writer.write(name, _pread_exact(f.fileno(), min(COPY_CHUNK, end - at), start + at, shard, name))
+                    writer.write(
+                        name,
+                        _pread_exact(
+                            f.fileno(), min(COPY_CHUNK, end - at), start + at, shard, name
+                        ),
+                    )
     log(f"non-expert tensors: {len(entries)} -> {path.name} ({path.stat().st_size / 1e6:.0f} MB)")
 
 
@@ -244,8 +344,10 @@ def _copy_other_files(src: Path, dst: Path) -> None:
 def _pread_exact(fd: int, size: int, offset: int, path: Path, name: str) -> np.ndarray:
     data = os.pread(fd, size, offset)
     if len(data) != size:
-        raise FlashMoeError(f"{path}: tensor '{name}' needs {size} bytes at offset {offset}, "
-                            f"found {len(data)} (truncated file?)")
+        raise FlashMoeError(
+            f"{path}: tensor '{name}' needs {size} bytes at offset {offset}, "
+            f"found {len(data)} (truncated file?)"
+        )
     return np.frombuffer(data, dtype=np.uint8)
 
 
@@ -265,32 +367,60 @@ def _positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: python -m flashmoe.tools.repack SRC DST [--delete-source]."""
-    parser = argparse.ArgumentParser(prog="python -m flashmoe.tools.repack", description=__doc__.split("\n")[0],
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m flashmoe.tools.repack",
+        description=__doc__.split("\n")[0],
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("src", help="an MLX checkpoint directory (mlx-lm's switch_mlp layout)")
     parser.add_argument("dst", help="a new (or empty) directory for the repacked copy")
-    parser.add_argument("--delete-source", action="store_true",
-                        help="delete each source shard once its tensors are in DST (for disks too small for two copies)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run into the same DST")
-    parser.add_argument("--force", action="store_true",
-                        help="replace an earlier checkpoint in a non-empty DST (its files are deleted first)")
-    parser.add_argument("--chunk-experts", type=_positive_int, default=64,
-                        help="experts rewritten per step (bounds the memory used)")
-    parser.add_argument("--quiet", action="store_true",
-                        help="print nothing but errors (the progress bar is drawn only on a terminal anyway)")
+    parser.add_argument(
+        "--delete-source",
+        action="store_true",
+        help="delete each source shard once its tensors are in DST (for disks too small for two copies)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run into the same DST"
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier checkpoint in a non-empty DST (its files are deleted first)",
+    )
+    parser.add_argument(
+        "--chunk-experts",
+        type=_positive_int,
+        default=64,
+        help="experts rewritten per step (bounds the memory used)",
+    )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print nothing but errors (the progress bar is drawn only on a terminal anyway)",
+    )
     options = parser.parse_args(argv)
     try:
         tic = time.perf_counter()
-        repack(options.src, options.dst, delete_source=options.delete_source, resume=options.resume,
-               chunk_experts=options.chunk_experts, force=options.force, log=None if options.quiet else print,
-               progress=False if options.quiet else None)
+        repack(
+            options.src,
+            options.dst,
+            delete_source=options.delete_source,
+            resume=options.resume,
+            chunk_experts=options.chunk_experts,
+            force=options.force,
+            log=None if options.quiet else print,
+            progress=False if options.quiet else None,
+        )
         if not options.quiet:
             print(f"repacked {options.src} -> {options.dst} in {time.perf_counter() - tic:.0f} s")
         return 0
     except (FlashMoeError, OSError) as err:
         kept = Path(options.dst, PROGRESS).is_file() and not options.resume
-        print(f"flashmoe.tools.repack: error: {err}" + (" (the work so far is kept: --resume continues it)"
-                                                        if kept else ""), file=sys.stderr)
+        print(
+            f"flashmoe.tools.repack: error: {err}"
+            + (" (the work so far is kept: --resume continues it)" if kept else ""),
+            file=sys.stderr,
+        )
         return 1
 
 

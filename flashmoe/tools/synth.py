@@ -28,35 +28,80 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from . import HelpFormatter, output_directory
 from ..errors import FlashMoeError
 from ..models.args import ModelArgs, param_shapes
 from ..progress import progress_bar, shown
 from ..quant import QuantSpec, quantization_section, with_section
 from ..safetensors import SafetensorsWriter
+from . import HelpFormatter, output_directory
 
 PRESETS = {
     "qwen3-coder-next": dict(  # Qwen3-Coder-Next / Qwen3-Next-80B-A3B
-        architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next", hidden_size=2048, num_hidden_layers=48,
-        num_attention_heads=16, num_key_value_heads=2, head_dim=256, partial_rotary_factor=0.25,
-        full_attention_interval=4, linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
-        linear_value_head_dim=128, linear_conv_kernel_dim=4, num_experts=512, num_experts_per_tok=10,
-        moe_intermediate_size=512, shared_expert_intermediate_size=512, intermediate_size=5120,
-        decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, vocab_size=151936, rms_norm_eps=1e-6,
-        rope_theta=5000000.0, max_position_embeddings=262144, tie_word_embeddings=False, attention_bias=False,
+        architectures=["Qwen3NextForCausalLM"],
+        model_type="qwen3_next",
+        hidden_size=2048,
+        num_hidden_layers=48,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        head_dim=256,
+        partial_rotary_factor=0.25,
+        full_attention_interval=4,
+        linear_num_key_heads=16,
+        linear_num_value_heads=32,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        linear_conv_kernel_dim=4,
+        num_experts=512,
+        num_experts_per_tok=10,
+        moe_intermediate_size=512,
+        shared_expert_intermediate_size=512,
+        intermediate_size=5120,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        norm_topk_prob=True,
+        vocab_size=151936,
+        rms_norm_eps=1e-6,
+        rope_theta=5000000.0,
+        max_position_embeddings=262144,
+        tie_word_embeddings=False,
+        attention_bias=False,
     ),
     "qwen3-30b-a3b": dict(
-        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48,
-        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-        moe_intermediate_size=768, intermediate_size=6144, decoder_sparse_step=1, mlp_only_layers=[],
-        norm_topk_prob=True, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1000000.0,
-        max_position_embeddings=40960, tie_word_embeddings=False, attention_bias=False,
+        architectures=["Qwen3MoeForCausalLM"],
+        model_type="qwen3_moe",
+        hidden_size=2048,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=768,
+        intermediate_size=6144,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        norm_topk_prob=True,
+        vocab_size=151936,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=40960,
+        tie_word_embeddings=False,
+        attention_bias=False,
     ),
 }
 # A small qwen3_moe for CPU benchmarks: hidden 1024, 64 experts top-8 (the CPU issue's checkpoint shape).
-PRESETS["qwen3-moe-small"] = dict(PRESETS["qwen3-30b-a3b"], hidden_size=1024, num_hidden_layers=8,
-                                  num_attention_heads=16, num_key_value_heads=4, head_dim=64, num_experts=64,
-                                  moe_intermediate_size=512, intermediate_size=2816, vocab_size=32000)
+PRESETS["qwen3-moe-small"] = dict(
+    PRESETS["qwen3-30b-a3b"],
+    hidden_size=1024,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=64,
+    num_experts=64,
+    moe_intermediate_size=512,
+    intermediate_size=2816,
+    vocab_size=32000,
+)
 BITS, GROUP_SIZE, ROUTER_BITS = 4, 64, 8
 STD = 0.02  # weight init, as Hugging Face's initializer_range
 HOT_SCALE, HOT_DECAY = 2.0, 8.0  # router row scaling: a few hot experts per layer
@@ -68,8 +113,10 @@ TOKENIZER_LINES = [
     "Streaming experts from an SSD lets a laptop run a model larger than its memory.",
 ]
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -89,26 +136,37 @@ class Planned:
         if self.kind in ("ones", "a_log", "normal"):
             return [(self.name, "BF16", self.shape)]
         *lead, out, inp = self.shape
-        return [(f"{self.name}.weight", "U32", (*lead, out, inp * self.bits // 32)),
-                (f"{self.name}.scales", "BF16", (*lead, out, inp // GROUP_SIZE)),
-                (f"{self.name}.biases", "BF16", (*lead, out, inp // GROUP_SIZE))]
+        return [
+            (f"{self.name}.weight", "U32", (*lead, out, inp * self.bits // 32)),
+            (f"{self.name}.scales", "BF16", (*lead, out, inp // GROUP_SIZE)),
+            (f"{self.name}.biases", "BF16", (*lead, out, inp // GROUP_SIZE)),
+        ]
 
 
 def global_plan(c: dict) -> list[Planned]:
     """Embeddings, final norm and output head."""
-    return [_planned(name, shape) for name, shape in param_shapes(ModelArgs.from_config(c)).items()
-            if ".layers." not in name]
+    return [
+        _planned(name, shape)
+        for name, shape in param_shapes(ModelArgs.from_config(c)).items()
+        if ".layers." not in name
+    ]
 
 
 def layer_plan(c: dict, i: int) -> list[Planned]:
     """Layer i's tensors, named and shaped as mlx-lm's model (models.args.param_shapes)."""
     prefix = f"model.layers.{i}."
-    return [_planned(name, shape) for name, shape in param_shapes(ModelArgs.from_config(c)).items()
-            if name.startswith(prefix)]
+    return [
+        _planned(name, shape)
+        for name, shape in param_shapes(ModelArgs.from_config(c)).items()
+        if name.startswith(prefix)
+    ]
 
 
 def _all_planned(c: dict) -> list[tuple[str, Planned]]:
-    return [(name, _planned(name, shape)) for name, shape in param_shapes(ModelArgs.from_config(c)).items()]
+    return [
+        (name, _planned(name, shape))
+        for name, shape in param_shapes(ModelArgs.from_config(c)).items()
+    ]
 
 
 def _planned(name: str, shape: tuple[int, ...]) -> Planned:
@@ -153,8 +211,14 @@ def _quantized(item: Planned, rng: np.random.Generator, rows: int = 8192):
         scale = 1 + HOT_SCALE * np.exp(-rng.permutation(out) / HOT_DECAY)
     parts = []
     for start in range(0, out, rows):
-        w = rng.standard_normal((min(rows, out - start), inp), np.float32) * STD * scale[start:start + rows, None]
-        parts.append(mx.quantize(mx.array(w).astype(mx.bfloat16), group_size=GROUP_SIZE, bits=item.bits))
+        w = (
+            rng.standard_normal((min(rows, out - start), inp), np.float32)
+            * STD
+            * scale[start : start + rows, None]
+        )
+        parts.append(
+            mx.quantize(mx.array(w).astype(mx.bfloat16), group_size=GROUP_SIZE, bits=item.bits)
+        )
         mx.eval(parts[-1])  # keep one chunk of float weights alive at a time
     for index, suffix in enumerate(("weight", "scales", "biases")):
         yield f"{item.name}.{suffix}", mx.concatenate([p[index] for p in parts])
@@ -182,13 +246,24 @@ def synth_config(preset: str, layers: int | None = None, overrides: dict | None 
     config = {**PRESETS[preset], **(overrides or {})}
     config["num_hidden_layers"] = layers or config["num_hidden_layers"]
     default, router = QuantSpec(BITS, GROUP_SIZE), QuantSpec(ROUTER_BITS, GROUP_SIZE)
-    routers = [name.removesuffix(".weight") for name, plan in _all_planned(config) if plan.kind == "router"]
-    return with_section(config, quantization_section({module: router for module in routers}, default))
+    routers = [
+        name.removesuffix(".weight") for name, plan in _all_planned(config) if plan.kind == "router"
+    ]
+    return with_section(
+        config, quantization_section({module: router for module in routers}, default)
+    )
 
 
-def write_synthetic(preset: str, out: str | Path, layers: int | None = None, seed: int = 0,
-                    overrides: dict | None = None, log=print, force: bool = False,
-                    progress: bool | None = False) -> Path:
+def write_synthetic(
+    preset: str,
+    out: str | Path,
+    layers: int | None = None,
+    seed: int = 0,
+    overrides: dict | None = None,
+    log=print,
+    force: bool = False,
+    progress: bool | None = False,
+) -> Path:
     """Write the synthetic checkpoint to `out`: one shard for the globals, then one per layer.
 
     `out` must be new or empty (`force`: an earlier checkpoint there is replaced); on an error or an
@@ -201,8 +276,12 @@ def write_synthetic(preset: str, out: str | Path, layers: int | None = None, see
     shards = [global_plan(config)] + [layer_plan(config, i) for i in range(count)]
     sizes = [sum(nbytes_of(entry) for item in plan for entry in item.entries()) for plan in shards]
     weight_map, total, drawn = {}, 0, shown(progress)
-    with output_directory(out, force), progress_bar(total=sum(sizes), desc=f"writing {out.name}", unit="B",
-                                                    enabled=progress) as bar:
+    with (
+        output_directory(out, force),
+        progress_bar(
+            total=sum(sizes), desc=f"writing {out.name}", unit="B", enabled=progress
+        ) as bar,
+    ):
         for index, plan in enumerate(shards):
             tic = time.perf_counter()
             name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -217,7 +296,9 @@ def write_synthetic(preset: str, out: str | Path, layers: int | None = None, see
             total += size
             bar.update(sizes[index])
             if log is not None:  # above the bar while one is drawn
-                (bar.write if drawn else log)(f"{name}: {size / 1e6:.0f} MB in {time.perf_counter() - tic:.1f} s")
+                (bar.write if drawn else log)(
+                    f"{name}: {size / 1e6:.0f} MB in {time.perf_counter() - tic:.1f} s"
+                )
         eos = _write_tokenizer(out)
         (out / "config.json").write_text(json.dumps({**config, "eos_token_id": eos}, indent=2))
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -239,30 +320,57 @@ def _write_tokenizer(out: Path) -> int:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(TOKENIZER_LINES, trainer)
     tokenizer.save(str(out / "tokenizer.json"))
-    config = dict(tokenizer_class="PreTrainedTokenizerFast", eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                  bos_token=None, chat_template=CHAT_TEMPLATE, model_max_length=262144)
+    config = dict(
+        tokenizer_class="PreTrainedTokenizerFast",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=262144,
+    )
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return tokenizer.token_to_id("<|im_end|>")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: python -m flashmoe.tools.synth --preset NAME [--layers N] --out DIR [--seed S]."""
-    parser = argparse.ArgumentParser(prog="python -m flashmoe.tools.synth", description=__doc__.split("\n")[0],
-                                     formatter_class=HelpFormatter)
-    parser.add_argument("--preset", required=True, choices=sorted(PRESETS),
-                        help="the model whose config, tensor names and shapes are reproduced")
-    parser.add_argument("--layers", type=int, default=None,
-                        help="number of layers (default: the model's; fewer give a smaller checkpoint at full width)")
+    parser = argparse.ArgumentParser(
+        prog="python -m flashmoe.tools.synth",
+        description=__doc__.split("\n")[0],
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "--preset",
+        required=True,
+        choices=sorted(PRESETS),
+        help="the model whose config, tensor names and shapes are reproduced",
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="number of layers (default: the model's; fewer give a smaller checkpoint at full width)",
+    )
     parser.add_argument("--out", required=True, help="a new (or empty) output directory")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the weights")
-    parser.add_argument("--force", action="store_true",
-                        help="replace an earlier checkpoint in a non-empty --out (its files are deleted first)")
-    parser.add_argument("--quiet", action="store_true",
-                        help="print nothing but errors (the progress bar is drawn only on a terminal anyway)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier checkpoint in a non-empty --out (its files are deleted first)",
+    )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print nothing but errors (the progress bar is drawn only on a terminal anyway)",
+    )
     options = parser.parse_args(argv)
     if options.layers is not None and not 1 <= options.layers <= 4096:
         parser.error(f"--layers must be in [1, 4096], got {options.layers}")
@@ -272,8 +380,15 @@ def main(argv: list[str] | None = None) -> int:
     show = False if options.quiet else None
     log = None if options.quiet else print
     try:
-        path = write_synthetic(options.preset, options.out, options.layers, options.seed, log=log, force=options.force,
-                               progress=show)
+        path = write_synthetic(
+            options.preset,
+            options.out,
+            options.layers,
+            options.seed,
+            log=log,
+            force=options.force,
+            progress=show,
+        )
     except (FlashMoeError, OSError) as err:
         print(f"flashmoe.tools.synth: error: {err}", file=sys.stderr)
         return 1

@@ -22,19 +22,29 @@ def test_spread_gives_median_range_quartiles_and_error_bars():
 
 def test_interleaved_takes_turns_and_reverses_every_other_round():
     calls = []
-    result = bench.interleaved({"a": lambda: calls.append("a") or 1, "b": lambda: calls.append("b") or 2},
-                               repeats=4, warmup=1)
+    result = bench.interleaved(
+        {"a": lambda: calls.append("a") or 1, "b": lambda: calls.append("b") or 2},
+        repeats=4,
+        warmup=1,
+    )
     assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
     assert result == {"a": [1] * 4, "b": [2] * 4}
 
 
-@pytest.mark.parametrize("a, b, expected", [
-    ([10, 11, 12, 11, 10], [8, 9, 9.5, 8.5, 9], "faster"),     # separated: every A above every B
-    ([8, 9, 9.5, 8.5, 9], [10, 11, 12, 11, 10], "slower"),
-    ([10, 11, 12, 11, 10], [9, 9.5, 10.5, 9, 9], "within noise"),  # one overlapping sample is enough
-    ([10, 10, 10], [10, 10, 10], "within noise"),
-    ([20, 21], [10, 11], "within noise"),                       # too few runs to claim anything
-])
+@pytest.mark.parametrize(
+    "a, b, expected",
+    [
+        ([10, 11, 12, 11, 10], [8, 9, 9.5, 8.5, 9], "faster"),  # separated: every A above every B
+        ([8, 9, 9.5, 8.5, 9], [10, 11, 12, 11, 10], "slower"),
+        (
+            [10, 11, 12, 11, 10],
+            [9, 9.5, 10.5, 9, 9],
+            "within noise",
+        ),  # one overlapping sample is enough
+        ([10, 10, 10], [10, 10, 10], "within noise"),
+        ([20, 21], [10, 11], "within noise"),  # too few runs to claim anything
+    ],
+)
 def test_compare_claims_a_direction_only_when_the_ranges_do_not_overlap(a, b, expected):
     assert bench.compare(a, b) == expected
 
@@ -63,7 +73,9 @@ def test_verdict_words_follow_compare():
     assert "within noise" in text and "faster" not in text and "slower" not in text
     text = bench.verdict("flashmoe", [30, 31, 32], "mlx-lm", [20, 21, 22])
     assert "flashmoe is faster than mlx-lm" in text and "1.48x" in text
-    text = bench.verdict("fma", [1.0, 1.1, 1.2], "naive", [2.0, 2.2, 2.4], unit="ms", higher_is_faster=False)
+    text = bench.verdict(
+        "fma", [1.0, 1.1, 1.2], "naive", [2.0, 2.2, 2.4], unit="ms", higher_is_faster=False
+    )
     assert "fma is faster than naive" in text and "2.00x" in text
 
 
@@ -79,6 +91,12 @@ def test_decode_speeds_gives_a_spread_per_engine():
     import flashmoe
 
     model, tokenizer = flashmoe.load(None)
-    speeds = bench.decode_speeds({"a": (model, model.make_cache), "b": (model, model.make_cache)},
-                                 tokenizer.encode("def f(x):\n"), tokens=2, repeats=3)
-    assert set(speeds) == {"a", "b"} and all(len(s.samples) == 3 and s.lo > 0 for s in speeds.values())
+    speeds = bench.decode_speeds(
+        {"a": (model, model.make_cache), "b": (model, model.make_cache)},
+        tokenizer.encode("def f(x):\n"),
+        tokens=2,
+        repeats=3,
+    )
+    assert set(speeds) == {"a", "b"} and all(
+        len(s.samples) == 3 and s.lo > 0 for s in speeds.values()
+    )

@@ -18,7 +18,9 @@ def test_side_by_side_html_is_left_aligned_pre_and_escaped():
     page = notebook.side_by_side_html({"correct": code, "corrupted <bad>": "x\n  y"})
     assert page.count("<pre") == 2 and "text-align:right" not in page
     assert page.count("text-align:left") >= 4  # every cell and every <pre>
-    assert "    if x &lt; 1:\n        return &#x27;a&#x27;" in page  # indentation kept, HTML escaped
+    assert (
+        "    if x &lt; 1:\n        return &#x27;a&#x27;" in page
+    )  # indentation kept, HTML escaped
     assert "corrupted &lt;bad&gt;" in page and page.count(code[:9]) == 1
 
 
@@ -33,12 +35,20 @@ def test_backend_status_covers_every_backend_and_says_why():
 def test_notebooks_are_stored_as_jupyterlab_writes_them_without_outputs(path):
     nb = json.loads(path.read_text())
     assert (nb["nbformat"], nb["nbformat_minor"]) == (4, 5)
-    assert nb["metadata"]["kernelspec"] == {"display_name": "Python 3 (ipykernel)", "language": "python",
-                                            "name": "python3"}
+    assert nb["metadata"]["kernelspec"] == {
+        "display_name": "Python 3 (ipykernel)",
+        "language": "python",
+        "name": "python3",
+    }
     assert nb["metadata"]["language_info"] == {
-        "codemirror_mode": {"name": "ipython", "version": 3}, "file_extension": ".py",
-        "mimetype": "text/x-python", "name": "python", "nbconvert_exporter": "python",
-        "pygments_lexer": "ipython3", "version": "3.11.7"}
+        "codemirror_mode": {"name": "ipython", "version": 3},
+        "file_extension": ".py",
+        "mimetype": "text/x-python",
+        "name": "python",
+        "nbconvert_exporter": "python",
+        "pygments_lexer": "ipython3",
+        "version": "3.11.7",
+    }
     ids = [c.get("id") for c in nb["cells"]]
     assert all(ids) and len(set(ids)) == len(ids)
     for cell in nb["cells"]:

@@ -8,8 +8,8 @@ import pytest
 
 import flashmoe
 from flashmoe.analysis import routing
-from flashmoe.loader import default_model_dir
 from flashmoe.errors import QuantMismatchError
+from flashmoe.loader import default_model_dir
 
 PROMPT = "def parse(line):\n    parts = line.split(',')\n    return parts[0]\n"
 
@@ -38,7 +38,9 @@ def test_the_corrupted_router_disagrees_with_the_true_one_in_every_moe_layer(mod
 
 def test_the_misread_gate_scores_have_another_rms_and_random_signs(comparison):
     for layer, c in comparison.layers.items():
-        assert abs(c.rms_bad - c.rms_true) > 0.1 * c.rms_true, f"layer {layer}: {c.rms_bad:.2f} vs {c.rms_true:.2f}"
+        assert abs(c.rms_bad - c.rms_true) > 0.1 * c.rms_true, (
+            f"layer {layer}: {c.rms_bad:.2f} vs {c.rms_true:.2f}"
+        )
         assert 0.3 < c.sign_agreement < 0.7, f"layer {layer}: sign agreement {c.sign_agreement:.2f}"
 
 
@@ -64,7 +66,9 @@ def test_the_fixed_router_agrees_exactly_with_an_independent_dequantize_referenc
     chosen, decisions = routing.chosen_experts(good), good.routing()
     for layer in good.moe_layers:
         assert ref.bits[layer] == 8
-        np.testing.assert_allclose(np.array(decisions[layer].logits), np.array(ref.logits[layer]), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            np.array(decisions[layer].logits), np.array(ref.logits[layer]), rtol=1e-4, atol=1e-4
+        )
         assert (chosen[layer] == ref.experts[layer]).all(), f"layer {layer}"
     bad(tokens)
     misread = routing.chosen_experts(bad)
@@ -76,7 +80,9 @@ def test_recording_gate_inputs_restores_the_gates(models):
     gates = [good.layers[i].mlp.gate for i in good.moe_layers]
     with routing.recording_gate_inputs(good) as inputs:
         good(tokens)
-    assert sorted(inputs) == good.moe_layers and inputs[good.moe_layers[0]].shape[:2] == tokens.shape
+    assert (
+        sorted(inputs) == good.moe_layers and inputs[good.moe_layers[0]].shape[:2] == tokens.shape
+    )
     assert [good.layers[i].mlp.gate for i in good.moe_layers] == gates
 
 
@@ -88,7 +94,11 @@ def test_gate_shapes_imply_8_bits_as_the_config_says():
 
 
 def test_a_config_that_claims_4_bits_for_an_8_bit_gate_is_refused(tmp_path):
-    directory = routing.lying_copy(default_model_dir(), tmp_path / "liar", "model.layers.3.mlp.gate", bits=4)
-    with pytest.raises(QuantMismatchError, match=r"model\.layers\.3\.mlp\.gate.*configured 4 bits.*imply 8 bits"):
+    directory = routing.lying_copy(
+        default_model_dir(), tmp_path / "liar", "model.layers.3.mlp.gate", bits=4
+    )
+    with pytest.raises(
+        QuantMismatchError, match=r"model\.layers\.3\.mlp\.gate.*configured 4 bits.*imply 8 bits"
+    ):
         flashmoe.load(directory)
     flashmoe.load(default_model_dir())  # the original is untouched

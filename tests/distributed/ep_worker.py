@@ -16,7 +16,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-PROMPT = [(7 * i + 3) % 300 for i in range(40)]  # 40 tokens x K=2: 80 slots, the engine's grouped prefill path
+PROMPT = [
+    (7 * i + 3) % 300 for i in range(40)
+]  # 40 tokens x K=2: 80 slots, the engine's grouped prefill path
 NEW_TOKENS = 32
 
 
@@ -36,7 +38,9 @@ def run_job(path: str, stream: bool, group) -> dict:
         step = model(token[None], cache)[:, -1]
     stats = model.report.stream_stats
     return {
-        "logits": np.array(logits), "last": np.array(step), "tokens": np.array(tokens),
+        "logits": np.array(logits),
+        "last": np.array(step),
+        "tokens": np.array(tokens),
         "expert_bytes": np.array(expert_nbytes(model)),
         "stream_bytes": np.array(stats.decode.bytes if stats is not None else 0),
     }

@@ -39,9 +39,21 @@ def _launcher() -> str | None:
 
 
 def _launch(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    return subprocess.run([_launcher(), "-n", str(RANKS), "--backend", "ring", "--", sys.executable, *args],
-                          check=False, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep
+        ),
+    )
+    return subprocess.run(
+        [_launcher(), "-n", str(RANKS), "--backend", "ring", "--", sys.executable, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def _skip_unless_ring_works(failed: subprocess.CompletedProcess | None = None) -> None:
@@ -49,13 +61,27 @@ def _skip_unless_ring_works(failed: subprocess.CompletedProcess | None = None) -
     if _launcher() is None:
         pytest.skip("mlx.launch is not installed (it comes with the mlx package)")
     if not mx.distributed.is_available():
-        pytest.skip("this MLX build has no distributed backend (mx.distributed.is_available() is False)")
-    probe = _launch(["-c", ("import mlx.core as mx; g = mx.distributed.init(backend='ring'); assert g.size() == 2; "
-                            "print(mx.distributed.all_sum(mx.array([1.0]), group=g).item())")], timeout=60)
+        pytest.skip(
+            "this MLX build has no distributed backend (mx.distributed.is_available() is False)"
+        )
+    probe = _launch(
+        [
+            "-c",
+            (
+                "import mlx.core as mx; g = mx.distributed.init(backend='ring'); assert g.size() == 2; "
+                "print(mx.distributed.all_sum(mx.array([1.0]), group=g).item())"
+            ),
+        ],
+        timeout=60,
+    )
     if probe.returncode != 0 or probe.stdout.split() != ["2.0", "2.0"]:
-        pytest.skip(f"the ring backend does not run 2 local ranks here: {(probe.stderr or probe.stdout)[-400:]}")
+        pytest.skip(
+            f"the ring backend does not run 2 local ranks here: {(probe.stderr or probe.stdout)[-400:]}"
+        )
     if failed is not None:
-        pytest.fail(f"mlx.launch exited {failed.returncode}:\n{failed.stdout[-2000:]}\n{failed.stderr[-4000:]}")
+        pytest.fail(
+            f"mlx.launch exited {failed.returncode}:\n{failed.stdout[-2000:]}\n{failed.stderr[-4000:]}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +94,25 @@ def launched(tmp_path_factory):
     for arch in CONFIGS:
         write_checkpoint(base / arch, arch)
         write_tiny_tokenizer(base / arch)  # for the CLI test
-        jobs += [{"name": f"{arch}-{'stream' if s else 'resident'}", "path": str(base / arch), "stream": s}
-                 for s in (False, True)]
+        jobs += [
+            {
+                "name": f"{arch}-{'stream' if s else 'resident'}",
+                "path": str(base / arch),
+                "stream": s,
+            }
+            for s in (False, True)
+        ]
     (base / "jobs.json").write_text(json.dumps(jobs))
     (base / "out").mkdir()
     done = _launch([str(WORKER), str(base / "jobs.json"), str(base / "out")])
     if done.returncode != 0:
         _skip_unless_ring_works(done)
-    ranks = {job["name"]: [dict(np.load(base / "out" / f"{job['name']}.rank{r}.npz")) for r in range(RANKS)]
-             for job in jobs}
+    ranks = {
+        job["name"]: [
+            dict(np.load(base / "out" / f"{job['name']}.rank{r}.npz")) for r in range(RANKS)
+        ]
+        for job in jobs
+    }
     references = {job["name"]: run_job(job["path"], job["stream"], None) for job in jobs}
     return SimpleNamespace(ranks=ranks, references=references, base=base)
 
@@ -85,13 +121,17 @@ def _rel(y: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
-@pytest.mark.parametrize("arch,stream", JOBS, ids=[f"{a}-{'stream' if s else 'resident'}" for a, s in JOBS])
+@pytest.mark.parametrize(
+    "arch,stream", JOBS, ids=[f"{a}-{'stream' if s else 'resident'}" for a, s in JOBS]
+)
 def test_logits_and_greedy_tokens_match_one_process(launched, arch, stream):
     name = f"{arch}-{'stream' if stream else 'resident'}"
     ref = launched.references[name]
     for rank, got in enumerate(launched.ranks[name]):
         assert _rel(got["logits"], ref["logits"]) < TOLERANCE, f"rank {rank}: prefill logits"
-        assert _rel(got["last"], ref["last"]) < TOLERANCE, f"rank {rank}: logits after 32 decode steps"
+        assert _rel(got["last"], ref["last"]) < TOLERANCE, (
+            f"rank {rank}: logits after 32 decode steps"
+        )
         assert got["tokens"].tolist() == ref["tokens"].tolist(), f"rank {rank}: greedy tokens"
 
 
@@ -115,11 +155,39 @@ def test_streamed_ranks_read_only_their_experts(launched, arch):
 
 def test_cli_distributed_prints_on_rank_zero_only(launched):
     model = launched.base / "qwen3_moe"
-    single = subprocess.run([sys.executable, "-m", "flashmoe", "--model", str(model), "--prompt", "x",
-                             "--max-tokens", "8"], check=False, capture_output=True, text=True, timeout=120, cwd=ROOT,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flashmoe",
+            "--model",
+            str(model),
+            "--prompt",
+            "x",
+            "--max-tokens",
+            "8",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert single.returncode == 0, single.stderr
-    done = _launch(["-m", "flashmoe", "--model", str(model), "--prompt", "x", "--max-tokens", "8", "--distributed"])
+    done = _launch(
+        [
+            "-m",
+            "flashmoe",
+            "--model",
+            str(model),
+            "--prompt",
+            "x",
+            "--max-tokens",
+            "8",
+            "--distributed",
+        ]
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout == single.stdout  # one rank's text, the same text
     assert done.stderr.count("Generation:") == 1

@@ -41,9 +41,13 @@ def test_generation_stops_naming_the_step(tokenizer, value, temperature):
     model = NanAfter(50, at=5, value=value)  # prompt of 3 ids: positions 2, 3, 4 are fine, 5 is not
     steps = []
     with pytest.raises(FlashMoeError, match="generation step 3: the model's logits are not finite"):
-        for step in stream_generate(model, tokenizer, [3, 4, 5], max_tokens=10, temperature=temperature):
+        for step in stream_generate(
+            model, tokenizer, [3, 4, 5], max_tokens=10, temperature=temperature
+        ):
             steps.append(step.token)
-    assert len(steps) == 3 and (temperature or steps == [6, 7, 8])  # the finite steps were delivered
+    assert len(steps) == 3 and (
+        temperature or steps == [6, 7, 8]
+    )  # the finite steps were delivered
 
 
 def test_non_finite_logits_at_the_first_step(tokenizer):
@@ -56,32 +60,48 @@ def test_a_checkpoint_with_nan_weights(tmp_path):
     shutil.copytree(default_model_dir(), folder)
     shard = next(folder.glob("*.safetensors"))
     tensors = read_tensors(folder)
-    tensors["model.norm.weight"] = mx.full(tensors["model.norm.weight"].shape, float("nan"),
-                                           tensors["model.norm.weight"].dtype)
+    tensors["model.norm.weight"] = mx.full(
+        tensors["model.norm.weight"].shape, float("nan"), tensors["model.norm.weight"].dtype
+    )
     mx.save_safetensors(str(shard), tensors, metadata={"format": "mlx"})
     model, tok = flashmoe.load(folder)
     with pytest.raises(FlashMoeError, match="generation step 0"):
         generate(model, tok, "def f(x):", max_tokens=4)
 
 
-@pytest.mark.parametrize("kwargs,words", [
-    (dict(temperature=float("nan")), "temperature=nan"), (dict(temperature=float("inf")), "temperature=inf"),
-    (dict(temperature=-1), "temperature=-1"), (dict(top_p=0), "top_p=0"), (dict(top_p=1.5), "top_p=1.5"),
-    (dict(top_p=float("nan")), "top_p=nan"), (dict(top_k=-1), "top_k=-1"), (dict(top_k=2.5), "top_k=2.5"),
-    (dict(top_k="3"), "top_k=3"), (dict(temperature=True), "temperature=True"),
-])
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        (dict(temperature=float("nan")), "temperature=nan"),
+        (dict(temperature=float("inf")), "temperature=inf"),
+        (dict(temperature=-1), "temperature=-1"),
+        (dict(top_p=0), "top_p=0"),
+        (dict(top_p=1.5), "top_p=1.5"),
+        (dict(top_p=float("nan")), "top_p=nan"),
+        (dict(top_k=-1), "top_k=-1"),
+        (dict(top_k=2.5), "top_k=2.5"),
+        (dict(top_k="3"), "top_k=3"),
+        (dict(temperature=True), "temperature=True"),
+    ],
+)
 def test_make_sampler_refuses(kwargs, words):
     with pytest.raises(FlashMoeError, match="sampling needs") as info:
         make_sampler(**kwargs)
     assert words in str(info.value)
 
 
-@pytest.mark.parametrize("kwargs,words", [
-    (dict(seed=-1), "seed must be an integer >= 0; got -1"), (dict(seed=1.5), "seed must be"),
-    (dict(seed=2**64), "seed must be below 2**64"), (dict(max_tokens=-1), "max_tokens must be"),
-    (dict(max_tokens=2.0), "max_tokens must be"), (dict(prefill_chunk=0), "prefill_chunk must be"),
-    (dict(temperature=float("nan")), "temperature=nan"),
-])
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        (dict(seed=-1), "seed must be an integer >= 0; got -1"),
+        (dict(seed=1.5), "seed must be"),
+        (dict(seed=2**64), "seed must be below 2**64"),
+        (dict(max_tokens=-1), "max_tokens must be"),
+        (dict(max_tokens=2.0), "max_tokens must be"),
+        (dict(prefill_chunk=0), "prefill_chunk must be"),
+        (dict(temperature=float("nan")), "temperature=nan"),
+    ],
+)
 def test_stream_generate_refuses(tokenizer, kwargs, words):
     with pytest.raises(FlashMoeError) as info:
         generate(MockModel(50), tokenizer, [3, 4], **kwargs)

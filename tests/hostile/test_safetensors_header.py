@@ -25,9 +25,14 @@ def write_raw(path: Path, header, data: bytes = b"", length: int | None = None) 
 
 
 def good_header() -> tuple[dict, bytes]:
-    return ({"__metadata__": {"format": "mlx"},
-             "a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
-             "b": {"dtype": "U8", "shape": [3], "data_offsets": [16, 19]}}, bytes(19))
+    return (
+        {
+            "__metadata__": {"format": "mlx"},
+            "a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+            "b": {"dtype": "U8", "shape": [3], "data_offsets": [16, 19]},
+        },
+        bytes(19),
+    )
 
 
 def refused(path: Path, *words: str) -> str:
@@ -58,37 +63,51 @@ def test_short_and_truncated_files(tmp_path):
     refused(write_raw(tmp_path / "long.safetensors", header, data + b"x"), "after the last tensor")
 
 
-@pytest.mark.parametrize("raw,words", [
-    (b"\xff\xfe{}", ["UTF-8"]), (b"[1, 2]", ["not an object"]), (b"{", ["unreadable"]),
-    (b'{"__metadata__": 3}', ["__metadata__"]), (b"[" * 100000 + b"]" * 100000, ["header"]),
-    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
-     b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}', ["'a'", "twice"]),
-])
+@pytest.mark.parametrize(
+    "raw,words",
+    [
+        (b"\xff\xfe{}", ["UTF-8"]),
+        (b"[1, 2]", ["not an object"]),
+        (b"{", ["unreadable"]),
+        (b'{"__metadata__": 3}', ["__metadata__"]),
+        (b"[" * 100000 + b"]" * 100000, ["header"]),
+        (
+            b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+            b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}',
+            ["'a'", "twice"],
+        ),
+    ],
+)
 def test_unreadable_json(tmp_path, raw, words):
     refused(write_raw(tmp_path / "m.safetensors", raw, bytes(8)), *words)
 
 
-@pytest.mark.parametrize("entry,words", [
-    ([1], ["'t'", "not an object"]),
-    ({"dtype": "F128", "shape": [1], "data_offsets": [0, 4]}, ["'t'", "dtype"]),
-    ({"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}, ["'t'", "shape"]),
-    ({"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}, ["'t'", "shape"]),
-    ({"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}, ["'t'", "shape"]),
-    ({"dtype": "F32", "shape": "1", "data_offsets": [0, 4]}, ["'t'", "shape"]),
-    ({"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}, ["'t'", "data_offsets"]),
-    ({"dtype": "F32", "shape": [1], "data_offsets": [0]}, ["'t'", "data_offsets"]),
-    ({"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}, ["'t'", "data_offsets"]),
-    ({"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}, ["'t'", "takes 8 bytes"]),
-    ({"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 4]}, ["'t'", "too large"]),
-    ({"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}, ["'t'", "gap"]),
-])
+@pytest.mark.parametrize(
+    "entry,words",
+    [
+        ([1], ["'t'", "not an object"]),
+        ({"dtype": "F128", "shape": [1], "data_offsets": [0, 4]}, ["'t'", "dtype"]),
+        ({"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}, ["'t'", "shape"]),
+        ({"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}, ["'t'", "shape"]),
+        ({"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}, ["'t'", "shape"]),
+        ({"dtype": "F32", "shape": "1", "data_offsets": [0, 4]}, ["'t'", "shape"]),
+        ({"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}, ["'t'", "data_offsets"]),
+        ({"dtype": "F32", "shape": [1], "data_offsets": [0]}, ["'t'", "data_offsets"]),
+        ({"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}, ["'t'", "data_offsets"]),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}, ["'t'", "takes 8 bytes"]),
+        ({"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 4]}, ["'t'", "too large"]),
+        ({"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}, ["'t'", "gap"]),
+    ],
+)
 def test_bad_entries_name_the_tensor(tmp_path, entry, words):
     refused(write_raw(tmp_path / "m.safetensors", {"t": entry}, bytes(8)), *words)
 
 
 def test_overlap_is_refused(tmp_path):
-    header = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-              "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}
+    header = {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+    }
     refused(write_raw(tmp_path / "m.safetensors", header, bytes(8)), "overlaps")
 
 
@@ -112,17 +131,22 @@ def test_the_bundled_model_with_a_corrupt_header_is_refused_by_every_path(tmp_pa
         with pytest.raises(FlashMoeError, match=shard.name):
             read(tmp_path / "m")
     from flashmoe.loader import load
+
     with pytest.raises(FlashMoeError, match=shard.name):
         load(tmp_path / "m", stream_experts=True)
 
 
 # --- property: what is accepted is in bounds and disjoint; what is refused is a FlashMoeError -----------------
 
-_entry = st.fixed_dictionaries({
-    "dtype": st.sampled_from([*DTYPE_SIZES, "F128", 3]),
-    "shape": st.one_of(st.lists(st.integers(-2, 6), max_size=3), st.just("x")),
-    "data_offsets": st.one_of(st.lists(st.integers(-4, 80), min_size=2, max_size=2), st.just([0])),
-})
+_entry = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from([*DTYPE_SIZES, "F128", 3]),
+        "shape": st.one_of(st.lists(st.integers(-2, 6), max_size=3), st.just("x")),
+        "data_offsets": st.one_of(
+            st.lists(st.integers(-4, 80), min_size=2, max_size=2), st.just([0])
+        ),
+    }
+)
 
 
 @st.composite
@@ -131,8 +155,14 @@ def headers(draw):
     header, offset = {}, 0
     for name in names:
         entry = draw(_entry)
-        if draw(st.booleans()) and entry["dtype"] in DTYPE_SIZES and isinstance(entry["shape"], list):
-            size = DTYPE_SIZES[entry["dtype"]]  # often a consistent entry, to reach the later checks
+        if (
+            draw(st.booleans())
+            and entry["dtype"] in DTYPE_SIZES
+            and isinstance(entry["shape"], list)
+        ):
+            size = DTYPE_SIZES[
+                entry["dtype"]
+            ]  # often a consistent entry, to reach the later checks
             for d in entry["shape"]:
                 size *= max(d, 0)
             entry["shape"] = [max(d, 0) for d in entry["shape"]]
@@ -154,7 +184,7 @@ def _check(raw: bytes) -> None:
             return
         size = os.path.getsize(path)
         spans = sorted(tuple(e["data_offsets"]) for e in header.values())
-        for (begin, end), name in zip(spans, header):
+        for begin, end in spans:
             assert 0 <= begin <= end and start + end <= size
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # disjoint
         for e in header.values():

@@ -19,12 +19,18 @@ def loaded():
     return flashmoe.load()
 
 
-@pytest.mark.parametrize("ids,words", [
-    ([1, 2048], "prompt token 2048 at position 1 is outside the model's vocabulary [0, 2048)"),
-    ([-1], "prompt token -1 at position 0"), ([10**12], "prompt token 1000000000000"),
-    ([1, "a"], "'a' is not an integer id"), ([1.5], "1.5 is not an integer id"), ([None], "None is not"),
-    ([], "the prompt is empty"),
-])
+@pytest.mark.parametrize(
+    "ids,words",
+    [
+        ([1, 2048], "prompt token 2048 at position 1 is outside the model's vocabulary [0, 2048)"),
+        ([-1], "prompt token -1 at position 0"),
+        ([10**12], "prompt token 1000000000000"),
+        ([1, "a"], "'a' is not an integer id"),
+        ([1.5], "1.5 is not an integer id"),
+        ([None], "None is not"),
+        ([], "the prompt is empty"),
+    ],
+)
 def test_prompt_ids_outside_the_vocabulary(loaded, ids, words):
     model, tokenizer = loaded
     with pytest.raises(FlashMoeError) as info:
@@ -42,10 +48,21 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused_naming_both_files(tmp_
     folder = tmp_path / "m"
     shutil.copytree(default_model_dir(), folder)
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
-    tokenizer["added_tokens"].append({"id": 5000, "content": "<|far|>", "single_word": False, "lstrip": False,
-                                      "rstrip": False, "normalized": False, "special": True})
+    tokenizer["added_tokens"].append(
+        {
+            "id": 5000,
+            "content": "<|far|>",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+    )
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
-    with pytest.raises(FlashMoeError, match="tokenizer.json: the tokenizer has 2049 ids .*2048 rows .*config.json"):
+    with pytest.raises(
+        FlashMoeError, match="tokenizer.json: the tokenizer has 2049 ids .*2048 rows .*config.json"
+    ):
         flashmoe.load(folder)
 
 

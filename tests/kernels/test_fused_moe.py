@@ -6,7 +6,6 @@ import mlx.core as mx
 import pytest
 
 from flashmoe.kernels import moe
-
 from tests.helpers import needs_cuda, rel_err
 
 BACKEND = "cuda"
@@ -18,7 +17,10 @@ def stack(experts, out_dim, in_dim, bits, group_size, dtype=mx.float32):
 
 
 def layer(bits, group_size, dtype, experts=8, d=256, inter=128):
-    gate, up = stack(experts, inter, d, bits, group_size, dtype), stack(experts, inter, d, bits, group_size, dtype)
+    gate, up = (
+        stack(experts, inter, d, bits, group_size, dtype),
+        stack(experts, inter, d, bits, group_size, dtype),
+    )
     down = stack(experts, d - 56, inter, bits, group_size, dtype)  # 200 rows: blocks overhang
     return gate, up, down
 
@@ -54,7 +56,9 @@ def test_streamed_experts_packed_in_a_buffer(seed):
     packed = [tuple(t[ids] for t in m) for m in (gate, up, down)]
     local = mx.arange(4, dtype=mx.uint32)
     y = moe.moe_experts(x, *packed, local, weights, bits=4, group_size=64, backend=BACKEND)
-    ref = moe.moe_experts(x, gate, up, down, ids, weights, bits=4, group_size=64, backend="reference")
+    ref = moe.moe_experts(
+        x, gate, up, down, ids, weights, bits=4, group_size=64, backend="reference"
+    )
     assert rel_err(y, ref) < 1e-4, f"seed {seed}"
 
 
@@ -68,8 +72,17 @@ def test_bfloat16_coder_next_width(bits, seed):
     x = mx.random.normal((2048,)).astype(mx.bfloat16)
     ids, weights = moe.route(mx.random.normal((64,)), 10)
     y = moe.moe_experts(x, gate, up, down, ids, weights, bits=bits, group_size=64, backend=BACKEND)
-    ref = moe.moe_experts(x.astype(mx.float32), gate, up, down, ids, weights, bits=bits, group_size=64,
-                          backend="reference")
+    ref = moe.moe_experts(
+        x.astype(mx.float32),
+        gate,
+        up,
+        down,
+        ids,
+        weights,
+        bits=bits,
+        group_size=64,
+        backend="reference",
+    )
     assert y.dtype == mx.bfloat16 and rel_err(y, ref) < 2e-2, f"seed {seed}"
 
 
@@ -85,6 +98,15 @@ def test_route_renormalises_top_k(seed):
 def test_reference_backend_runs_anywhere(seed):
     gate, up, down = layer(4, 64, mx.float32)
     ids = mx.array([0, 7], dtype=mx.uint32)
-    y = moe.moe_experts(mx.random.normal((256,)), gate, up, down, ids, mx.array([0.5, 0.5]),
-                        bits=4, group_size=64, backend="reference")
+    y = moe.moe_experts(
+        mx.random.normal((256,)),
+        gate,
+        up,
+        down,
+        ids,
+        mx.array([0.5, 0.5]),
+        bits=4,
+        group_size=64,
+        backend="reference",
+    )
     assert y.shape == (200,) and not mx.any(mx.isnan(y)).item()

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-
 import mlx.core as mx
 import pytest
 
 from flashmoe import kernels
-from flashmoe.errors import FlashMoeError
 from flashmoe.analysis import accuracy
 from flashmoe.analysis.accuracy import BITS, GROUP_SIZES, SHAPES, exact_matmul, quantized
+from flashmoe.errors import FlashMoeError
 from flashmoe.kernels import BackendUnavailableError, gpu
-
 from tests.helpers import rel_err, require_backend
 
 TOLERANCE = 1e-4  # float32
@@ -33,7 +31,9 @@ def test_dequant_matvec_matches_mlx_dequantize(backend, bits, group_size, out_di
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 @pytest.mark.parametrize("shared_input", [True, False], ids=["x-shared", "x-per-expert"])
-def test_gather_dequant_matvec_matches_mlx_dequantize(backend, bits, group_size, shared_input, seed):
+def test_gather_dequant_matvec_matches_mlx_dequantize(
+    backend, bits, group_size, shared_input, seed
+):
     require_backend(backend)
     err = accuracy.gathered_error(backend, bits, group_size, shared_input)
     assert err < TOLERANCE, f"rel err {err:.3g} (seed {seed})"
@@ -62,7 +62,9 @@ def test_odd_bits_go_through_mlx_quantized_matmul(backend, bits, seed):
     assert rel_err(y, exact_matmul(x, dense.T)) < TOLERANCE
 
 
-@pytest.mark.parametrize("mode,bits,group_size", [("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)])
+@pytest.mark.parametrize(
+    "mode,bits,group_size", [("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)]
+)
 def test_fp_modes_run_through_mlx(mode, bits, group_size, seed):
     w = mx.random.normal((24, 256))
     q, scales = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)
@@ -117,6 +119,8 @@ def test_fp_modes_gathered_run_through_gather_qmm(mode, bits, group_size, seed):
     dense = mx.dequantize(q, scales, group_size=group_size, bits=bits, mode=mode)
     indices = mx.array([[0, 3], [2, 2]], dtype=mx.uint32)
     x = mx.random.normal((2, 256))
-    y = kernels.gather_dequant_matvec(x, q, scales, None, indices, bits=bits, group_size=group_size, mode=mode)
+    y = kernels.gather_dequant_matvec(
+        x, q, scales, None, indices, bits=bits, group_size=group_size, mode=mode
+    )
     ref = exact_matmul(dense[indices], x[:, None, :, None]).squeeze(-1)
     assert y.shape == (2, 2, 24) and rel_err(y, ref) < TOLERANCE

@@ -37,6 +37,9 @@ def test_metal_kernel_source_parses(bits, tmp_path):
         "const float*, const uint32_t*, const float*, const float*, const uint32_t*, const int32_t*,"
         " float*, uint, uint, uint, uint3);\n"
     )
-    run = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-Werror", str(unit)],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        ["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-Werror", str(unit)],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr

@@ -33,7 +33,9 @@ def quantized(shape, bits, group_size, scale_dtype):
 
 def dense64(q, scales, biases, bits, group_size):
     """mx.dequantize with the exact float32 values of the scales, as float64."""
-    w = mx.dequantize(q, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group_size, bits=bits)
+    w = mx.dequantize(
+        q, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group_size, bits=bits
+    )
     return np.array(w, dtype=np.float64)
 
 
@@ -63,7 +65,9 @@ def test_dequant_matvec(bits, group_size, out_dim, in_dim, scale_dtype, seed):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 @pytest.mark.parametrize("shared", [True, False], ids=["x-shared", "x-per-expert"])
-@pytest.mark.parametrize("experts,out_dim,in_dim,lead", [(8, 17, 256, (2,)), (6, 33, 128, (2, 3)), (64, 512, 2048, (1,))])
+@pytest.mark.parametrize(
+    "experts,out_dim,in_dim,lead", [(8, 17, 256, (2,)), (6, 33, 128, (2, 3)), (64, 512, 2048, (1,))]
+)
 def test_gather_dequant_matvec(bits, group_size, shared, experts, out_dim, in_dim, lead, seed):
     K = 3
     q, s, b = quantized((experts, out_dim, in_dim), bits, group_size, mx.bfloat16)
@@ -82,7 +86,11 @@ def test_gather_dequant_matvec(bits, group_size, shared, experts, out_dim, in_di
 def test_int32_indices_and_out_of_range_expert_is_nan(seed):
     q, s, b = quantized((4, 9, 64), 4, 64, mx.float32)
     x = mx.random.normal((1, 64))
-    y = np.array(native.gather_dequant_matvec(x, q, s, b, mx.array([[1, 7]], dtype=mx.int32), bits=4, group_size=64))
+    y = np.array(
+        native.gather_dequant_matvec(
+            x, q, s, b, mx.array([[1, 7]], dtype=mx.int32), bits=4, group_size=64
+        )
+    )
     assert np.isfinite(y[0, 0]).all() and np.isnan(y[0, 1]).all()
 
 
@@ -112,7 +120,15 @@ def test_bad_shapes_raise_clear_errors():
     with pytest.raises(ValueError, match="float32"):
         native.dequant_matvec(mx.ones((1, 128), dtype=mx.float16), q, s, b, bits=4, group_size=64)
     with pytest.raises(ValueError, match="indices"):
-        native.gather_dequant_matvec(mx.ones((2, 5, 128)), q[None], s[None], b[None], mx.zeros((2, 3), dtype=mx.uint32), bits=4, group_size=64)
+        native.gather_dequant_matvec(
+            mx.ones((2, 5, 128)),
+            q[None],
+            s[None],
+            b[None],
+            mx.zeros((2, 3), dtype=mx.uint32),
+            bits=4,
+            group_size=64,
+        )
 
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])
@@ -131,6 +147,8 @@ def test_other_instruction_sets_agree(isa):
     )
     env = dict(os.environ, FLASHMOE_NATIVE_ISA=isa)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == isa

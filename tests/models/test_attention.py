@@ -8,27 +8,29 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten, tree_map
-from mlx_lm.models import qwen2_moe, qwen3_5, qwen3_moe, qwen3_next
 from mlx_lm.models import cache as lm_cache
+from mlx_lm.models import qwen2_moe, qwen3_5, qwen3_moe, qwen3_next
 from mlx_lm.models.base import create_attention_mask
 
 from flashmoe import kernels
+from flashmoe.errors import FlashMoeError
+from flashmoe.models.args import ModelArgs
 from flashmoe.models.attention import Attention
 from flashmoe.models.cache import KVCache, LinearAttentionCache
-from flashmoe.models.args import ModelArgs
-from flashmoe.errors import FlashMoeError
 from flashmoe.models.gated_delta import GatedDeltaNet
-from flashmoe.quant import QuantSpec, Resolved
 from flashmoe.models.store import TensorStore
-
-from tests.helpers import rel_err
-from tests.helpers import CONFIGS
+from flashmoe.quant import QuantSpec, Resolved
+from tests.helpers import CONFIGS, rel_err
 
 TOLERANCE = 1e-4  # float32
 CHUNKS = (5, 3, 1)  # a prefill, a second prefill chunk after it, one decode step
 VARIANTS = (
-    "qwen3_next-attention", "qwen3_5_moe-attention", "qwen3_moe-attention", "qwen2_moe-attention",
-    "qwen3_next-linear", "qwen3_5_moe-linear",
+    "qwen3_next-attention",
+    "qwen3_5_moe-attention",
+    "qwen3_moe-attention",
+    "qwen2_moe-attention",
+    "qwen3_next-linear",
+    "qwen3_5_moe-linear",
 )
 
 
@@ -73,7 +75,9 @@ def randomize(module: nn.Module) -> nn.Module:
     before = dict(tree_flatten(module.parameters()))
     module.update(tree_map(fresh, module.parameters()))
     after = dict(tree_flatten(module.parameters()))
-    assert before.keys() == after.keys() and all(not mx.array_equal(before[k], after[k]) for k in before)
+    assert before.keys() == after.keys() and all(
+        not mx.array_equal(before[k], after[k]) for k in before
+    )
     return module
 
 
@@ -109,7 +113,9 @@ def run_reference(ref: nn.Module, variant: str, x: mx.array, cache=None) -> mx.a
 
 def assert_close(y: mx.array, ref: mx.array, what: str) -> float:
     assert y.shape == ref.shape, f"{what}: shape {y.shape} vs {ref.shape}"
-    assert mx.max(mx.abs(ref)).item() > 1e-3, f"{what}: reference output is ~0, the comparison means nothing"
+    assert mx.max(mx.abs(ref)).item() > 1e-3, (
+        f"{what}: reference output is ~0, the comparison means nothing"
+    )
     err = rel_err(y, ref)
     assert err < TOLERANCE, f"{what}: rel err {err:.3g}"
     return err
@@ -131,7 +137,11 @@ def test_chunked_prefill_and_decode_match_mlx_lm(variant, seed):
     for i, t in enumerate(CHUNKS):
         x = mx.random.normal((2, t, 128))
         y = ours(x, our_cache)
-        assert_close(y, run_reference(ref, variant, x, ref_cache), f"{variant} chunk {i} (T={t}, seed {seed})")
+        assert_close(
+            y,
+            run_reference(ref, variant, x, ref_cache),
+            f"{variant} chunk {i} (T={t}, seed {seed})",
+        )
     assert our_cache.offset == sum(CHUNKS)
     if variant.endswith("linear"):
         assert our_cache.state_.dtype == mx.float32
@@ -148,7 +158,11 @@ def test_prefill_then_decode_equals_full_forward(variant, seed):
     cache, start = caches(variant)[1], 0
     for t in CHUNKS:
         part = ours(x[:, start : start + t], cache)
-        assert_close(part, full[:, start : start + t], f"{variant} positions {start}..{start + t} (seed {seed})")
+        assert_close(
+            part,
+            full[:, start : start + t],
+            f"{variant} positions {start}..{start + t} (seed {seed})",
+        )
         start += t
 
 
@@ -188,7 +202,9 @@ def test_unsupported_rope_scaling_is_refused():
 
 def test_missing_projection_names_the_tensor():
     ref, prefix = reference_module("qwen3_next-linear", config("qwen3_next"))
-    tensors = {f"{prefix}.{k}": v for k, v in tree_flatten(ref.parameters()) if "in_proj_qkvz" not in k}
+    tensors = {
+        f"{prefix}.{k}": v for k, v in tree_flatten(ref.parameters()) if "in_proj_qkvz" not in k
+    }
     with pytest.raises(FlashMoeError, match="in_proj_qkvz.weight"):
         GatedDeltaNet(TensorStore(tensors), prefix, ModelArgs.from_config(config("qwen3_next")))
 
@@ -197,6 +213,8 @@ def test_conv_weight_in_checkpoint_layout_is_refused():
     """An unsanitized (C, 1, W) conv kernel would convolve the wrong axis: refuse it, naming the tensor."""
     ref, prefix = reference_module("qwen3_5_moe-linear", config("qwen3_5_moe"))
     tensors = {f"{prefix}.{k}": v for k, v in tree_flatten(ref.parameters())}
-    tensors[f"{prefix}.conv1d.weight"] = tensors[f"{prefix}.conv1d.weight"].moveaxis(2, 1)  # (C, 1, W)
+    tensors[f"{prefix}.conv1d.weight"] = tensors[f"{prefix}.conv1d.weight"].moveaxis(
+        2, 1
+    )  # (C, 1, W)
     with pytest.raises(FlashMoeError, match="conv1d.weight"):
         GatedDeltaNet(TensorStore(tensors), prefix, ModelArgs.from_config(config("qwen3_5_moe")))

@@ -5,11 +5,9 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from flashmoe.loader import load_model
 from flashmoe.analysis.parity import greedy_tokens, mlx_lm_cache, mlx_lm_model
-
-from tests.helpers import rel_err
-from tests.helpers import CONFIGS, write_checkpoint
+from flashmoe.loader import load_model
+from tests.helpers import CONFIGS, rel_err, write_checkpoint
 
 TOLERANCE = 1e-3  # float32 (a GPU float32 matmul may round through TF32, ~1e-3)
 
@@ -19,7 +17,11 @@ VARIANTS = {  # name: (model_type, write_checkpoint options, config overrides)
     "qwen3_moe-g32": ("qwen3_moe", {"group_size": 32}, {}),
     "qwen3_next-g128": ("qwen3_next", {"group_size": 128}, {}),
     "qwen3_next-2bit-experts": ("qwen3_next", {"bits": 2}, {}),
-    "qwen3_moe-tied-no-renorm": ("qwen3_moe", {}, {"tie_word_embeddings": True, "norm_topk_prob": False}),
+    "qwen3_moe-tied-no-renorm": (
+        "qwen3_moe",
+        {},
+        {"tie_word_embeddings": True, "norm_topk_prob": False},
+    ),
     "qwen3_next-no-renorm": ("qwen3_next", {}, {"norm_topk_prob": False}),
 }
 
@@ -27,9 +29,15 @@ VARIANTS = {  # name: (model_type, write_checkpoint options, config overrides)
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def pair(request, tmp_path_factory):
     model_type, options, overrides = VARIANTS[request.param]
-    directory = write_checkpoint(tmp_path_factory.mktemp(request.param), model_type, overrides=overrides, **options)
+    directory = write_checkpoint(
+        tmp_path_factory.mktemp(request.param), model_type, overrides=overrides, **options
+    )
     # float32 on both sides, on any device (a GPU's default compute dtype is the checkpoint's bf16)
-    return directory, load_model(directory, backend="mlx", dtype=mx.float32), mlx_lm_model(directory)
+    return (
+        directory,
+        load_model(directory, backend="mlx", dtype=mx.float32),
+        mlx_lm_model(directory),
+    )
 
 
 def test_logits_match_mlx_lm(pair, seed):

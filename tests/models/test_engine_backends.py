@@ -9,9 +9,8 @@ import mlx.core as mx
 import pytest
 
 from flashmoe import kernels
-from flashmoe.loader import load_model
 from flashmoe.analysis.parity import forced_decode_logits
-
+from flashmoe.loader import load_model
 from tests.helpers import rel_err
 
 
@@ -31,7 +30,11 @@ def test_decode_matches_the_reference_backend_in_float32(checkpoint, backend, se
         pytest.skip(f"backend {backend!r} cannot run here")
     prompt = [3, 14, 15, 92, 65]
     tokens = mx.random.randint(0, 200, (16,)).tolist()
-    reference = forced_decode_logits(load_model(checkpoint, backend="reference", dtype=mx.float32), prompt, tokens)
-    logits = forced_decode_logits(load_model(checkpoint, backend=backend, dtype=mx.float32), prompt, tokens)
+    reference = forced_decode_logits(
+        load_model(checkpoint, backend="reference", dtype=mx.float32), prompt, tokens
+    )
+    logits = forced_decode_logits(
+        load_model(checkpoint, backend=backend, dtype=mx.float32), prompt, tokens
+    )
     err = rel_err(logits, reference)
     assert err < 1e-4, f"{backend}: rel err {err:.3g} (seed {seed})"

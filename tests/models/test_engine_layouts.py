@@ -10,9 +10,7 @@ import pytest
 from flashmoe.errors import FlashMoeError
 from flashmoe.loader import load_model
 from flashmoe.models.sanitize import ZERO_CENTRED_NORMS
-
-from tests.helpers import rel_err
-from tests.helpers import CONFIGS, write_checkpoint
+from tests.helpers import CONFIGS, rel_err, write_checkpoint
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -21,7 +19,10 @@ def checkpoint(request, tmp_path_factory):
 
 
 def test_global_quant_misreads_the_8_bit_gates_and_routes_to_other_experts(checkpoint, seed):
-    fixed, buggy = load_model(checkpoint, backend="mlx"), load_model(checkpoint, backend="mlx", quant="global")
+    fixed, buggy = (
+        load_model(checkpoint, backend="mlx"),
+        load_model(checkpoint, backend="mlx", quant="global"),
+    )
     gates = sorted(m for m in buggy.report.misread_modules)
     assert gates and all(m.endswith(("mlp.gate", "mlp.shared_expert_gate")) for m in gates)
     assert fixed.report.misread_modules == []
@@ -38,7 +39,9 @@ def as_hugging_face(name: str, value: mx.array, model_type: str) -> dict[str, mx
     """One mlx-lm tensor in the raw Hugging Face layout: experts unstacked, conv (C, 1, k),
     zero-centred norms (Qwen3-Next family), qwen3_5_moe's model.language_model prefix."""
     if model_type == "qwen3_5_moe":
-        name = name.replace("language_model.model.", "model.language_model.").replace("language_model.lm_head", "lm_head")
+        name = name.replace("language_model.model.", "model.language_model.").replace(
+            "language_model.lm_head", "lm_head"
+        )
     if model_type in ("qwen3_next", "qwen3_5_moe"):
         if name.endswith(ZERO_CENTRED_NORMS):
             value = value - 1.0
@@ -54,18 +57,24 @@ def test_hugging_face_layout_loads_to_the_same_model(checkpoint, tmp_path, seed)
     model_type = json.loads((checkpoint / "config.json").read_text())["model_type"]
     hf = {}
     for name, value in mx.load(str(checkpoint / "model.safetensors")).items():
-        hf.update(as_hugging_face(name, value.astype(mx.float32) if "norm" in name else value, model_type))
+        hf.update(
+            as_hugging_face(name, value.astype(mx.float32) if "norm" in name else value, model_type)
+        )
     mx.save_safetensors(str(tmp_path / "model.safetensors"), hf)
     (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
     tokens = mx.random.randint(0, 200, (1, 6))
-    err = rel_err(load_model(tmp_path, backend="mlx")(tokens), load_model(checkpoint, backend="mlx")(tokens))
+    err = rel_err(
+        load_model(tmp_path, backend="mlx")(tokens), load_model(checkpoint, backend="mlx")(tokens)
+    )
     assert err < 1e-6, f"rel err {err:.3g} (seed {seed})"
 
 
 def copy_with(checkpoint, directory, edit):
     """A copy of `checkpoint` in `directory` whose tensors are `edit(tensors)`."""
     (directory / "config.json").write_text((checkpoint / "config.json").read_text())
-    mx.save_safetensors(str(directory / "model.safetensors"), edit(mx.load(str(checkpoint / "model.safetensors"))))
+    mx.save_safetensors(
+        str(directory / "model.safetensors"), edit(mx.load(str(checkpoint / "model.safetensors")))
+    )
     return directory
 
 
@@ -73,7 +82,9 @@ def test_unused_and_missing_tensors_are_named(checkpoint, tmp_path):
     copy_with(checkpoint, tmp_path, lambda w: {**w, "model.extra.weight": mx.zeros((2, 2))})
     with pytest.raises(FlashMoeError, match="model.extra.weight"):
         load_model(tmp_path)
-    norm = next(k for k in mx.load(str(checkpoint / "model.safetensors")) if k.endswith("model.norm.weight"))
+    norm = next(
+        k for k in mx.load(str(checkpoint / "model.safetensors")) if k.endswith("model.norm.weight")
+    )
     copy_with(checkpoint, tmp_path, lambda w: {k: v for k, v in w.items() if k != norm})
     with pytest.raises(FlashMoeError, match=f"'{norm}' is missing"):
         load_model(tmp_path)
@@ -92,7 +103,10 @@ def test_unknown_model_type_lists_the_supported_ones(tmp_path):
 
 
 def test_fewer_experts_per_token_on_request(checkpoint, seed):
-    default, fewer = load_model(checkpoint, backend="mlx"), load_model(checkpoint, backend="mlx", k=1)
+    default, fewer = (
+        load_model(checkpoint, backend="mlx"),
+        load_model(checkpoint, backend="mlx", k=1),
+    )
     tokens = mx.random.randint(0, default.args.vocab_size, (1, 5))
     assert rel_err(fewer(tokens), default(tokens)) > 1e-3
     for routing in fewer.routing().values():
@@ -101,4 +115,3 @@ def test_fewer_experts_per_token_on_request(checkpoint, seed):
         assert mx.all(routing.weights == 1.0).item() == fewer.args.norm_topk_prob
     with pytest.raises(FlashMoeError, match="experts per token must be in 1..8"):
         load_model(checkpoint, k=9)
-

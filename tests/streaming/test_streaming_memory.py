@@ -14,9 +14,8 @@ import sys
 
 import pytest
 
-from flashmoe.safetensors import tensor_infos
+from flashmoe.safetensors import nbytes, tensor_infos
 from flashmoe.streaming.layout import is_expert_tensor
-from flashmoe.safetensors import nbytes
 from flashmoe.tools.synth import write_synthetic
 
 PRESET, K, PROMPT = "qwen3-30b-a3b", 8, 8
@@ -42,8 +41,12 @@ SLACK = 200e6  # activations, caches, allocator rounding
 def peak_rss(mode: str, directory="") -> float:
     """Peak resident bytes of one run of CHILD in a fresh process."""
     code = CHILD.format(prompt=PROMPT)
-    out = subprocess.run([sys.executable, "-c", WRAPPER, code, mode, str(directory)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", WRAPPER, code, mode, str(directory)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return int(out.stdout.split()[-1]) * 1024
 
 
@@ -75,10 +78,14 @@ def test_streaming_peak_rss_is_bounded_and_independent_of_depth(depths):
     bound = baseline + non_expert + buffers + SLACK
     streamed = {n: peak_rss("stream", d) for n, d in depths.items()}
     resident = peak_rss("resident", depths[6])
-    report = (f"baseline {baseline / 1e6:.0f} MB, non-expert {non_expert / 1e6:.0f} MB, buffers {buffers / 1e6:.0f} MB, "
-              f"bound {bound / 1e6:.0f} MB; streamed 2 layers {streamed[2] / 1e6:.0f} MB, 6 layers "
-              f"{streamed[6] / 1e6:.0f} MB; resident 6 layers {resident / 1e6:.0f} MB")
+    report = (
+        f"baseline {baseline / 1e6:.0f} MB, non-expert {non_expert / 1e6:.0f} MB, buffers {buffers / 1e6:.0f} MB, "
+        f"bound {bound / 1e6:.0f} MB; streamed 2 layers {streamed[2] / 1e6:.0f} MB, 6 layers "
+        f"{streamed[6] / 1e6:.0f} MB; resident 6 layers {resident / 1e6:.0f} MB"
+    )
     print(report)
     assert streamed[6] < bound, report
-    assert streamed[6] - streamed[2] < 100e6, report  # 4 more layers add only their ~45 MB of attention
+    assert streamed[6] - streamed[2] < 100e6, (
+        report
+    )  # 4 more layers add only their ~45 MB of attention
     assert resident > bound, report  # the bound can fail

@@ -9,7 +9,6 @@ import pytest
 
 from flashmoe.errors import FlashMoeError
 from flashmoe.tools import convert, repack, synth
-
 from tests.helpers import write_checkpoint
 
 SYNTH = ["--preset", "qwen3-moe-small", "--layers", "1", "--quiet"]
@@ -25,7 +24,9 @@ def quantized_checkpoint(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("quantized"), "qwen3_moe")
 
 
-@pytest.mark.parametrize("tool", [convert, repack, synth], ids=lambda t: t.__name__.rsplit(".", 1)[-1])
+@pytest.mark.parametrize(
+    "tool", [convert, repack, synth], ids=lambda t: t.__name__.rsplit(".", 1)[-1]
+)
 def test_every_option_has_help(tool, monkeypatch):
     parsers = []
 
@@ -61,13 +62,20 @@ def test_convert_refuses_a_non_empty_output_unless_forced(float_checkpoint, tmp_
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
 
 
-def test_force_does_not_delete_a_directory_that_holds_no_checkpoint(float_checkpoint, tmp_path, capsys):
+def test_force_does_not_delete_a_directory_that_holds_no_checkpoint(
+    float_checkpoint, tmp_path, capsys
+):
     (tmp_path / "notes.txt").write_text("mine")
     assert convert.main([str(float_checkpoint), str(tmp_path), "--force"]) == 1
-    assert "refusing to delete" in capsys.readouterr().err and (tmp_path / "notes.txt").read_text() == "mine"
+    assert (
+        "refusing to delete" in capsys.readouterr().err
+        and (tmp_path / "notes.txt").read_text() == "mine"
+    )
 
 
-def test_convert_leaves_nothing_behind_when_it_fails(float_checkpoint, tmp_path, monkeypatch, capsys):
+def test_convert_leaves_nothing_behind_when_it_fails(
+    float_checkpoint, tmp_path, monkeypatch, capsys
+):
     def broken(directory):
         raise FlashMoeError("checked: broken")
 
@@ -108,8 +116,9 @@ def test_repack_refuses_a_non_empty_dst_unless_forced(quantized_checkpoint, tmp_
     assert (out / "flashmoe_experts.json").is_file()
 
 
-def test_repack_leaves_nothing_behind_when_it_fails_before_saving_progress(quantized_checkpoint, tmp_path,
-                                                                          monkeypatch, capsys):
+def test_repack_leaves_nothing_behind_when_it_fails_before_saving_progress(
+    quantized_checkpoint, tmp_path, monkeypatch, capsys
+):
     def broken(*args):
         raise OSError("disk on fire")
 
