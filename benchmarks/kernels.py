@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import mlx.core as mx
 
 from flashmoe import compute_dtype, kernels
-from flashmoe.analysis.bench import measure_bandwidth
+from flashmoe.analysis.bench import measure_bandwidth, median_seconds
 
 SHAPES = [(4096, 4096), (16384, 4096)]  # (out, in)
 GATHERED = [(512, 2048), (2048, 512)]  # (out, in) of 10 of 512 experts: Coder-Next gate/up and down
@@ -38,14 +36,8 @@ GROUP_SIZE = 64
 
 
 def timed(fn, calls: int, repeats: int) -> float:
-    """Median seconds per call: `calls` calls per evaluation, `repeats` evaluations, one warm-up."""
-    mx.eval(fn())
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mx.eval([fn() for _ in range(calls)])  # one sync for many calls, as in a decode step
-        samples.append((time.perf_counter() - start) / calls)
-    return statistics.median(samples)
+    """Median seconds per call: `calls` calls per evaluation (one sync for many, as in a decode step)."""
+    return median_seconds(lambda: [fn() for _ in range(calls)], repeats=repeats, warmup=1) / calls
 
 
 def bench_shape(out_dim, in_dim, bits, backends, calls, repeats) -> list[dict]:
@@ -135,7 +127,7 @@ def main() -> None:
     bandwidth = measure_bandwidth(repeats=args.repeats)
     print(
         f"device {mx.default_device()}, activations {compute_dtype(mx.bfloat16)}, bf16 scales/biases, "
-        f"g{GROUP_SIZE}; measured memory bandwidth {bandwidth:.1f} GB/s (flashmoe.profiling.measure_bandwidth)"
+        f"g{GROUP_SIZE}; measured memory bandwidth {bandwidth:.1f} GB/s (flashmoe.analysis.bench.measure_bandwidth)"
     )
     print(
         f"{'shape':>14} {'bits':>4} {'backend':>20} {'median us':>10} {'GB/s':>8} {'% of bw':>8} {'vs qmm':>7}"
