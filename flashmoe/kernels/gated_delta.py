@@ -8,7 +8,7 @@ conv; conv_state (B, W-1, C) the last W-1 inputs; conv_w (W, C) the depthwise ke
 (GatedDeltaNet.conv_weight); z (B, n_v, d_v); b, a (B, n_v); A_log, dt_bias (n_v,);
 norm_w (d_v,); state (B, n_v, d_v, d_k) float32. Returns out (B, n_v, d_v) in qkv's dtype,
 rmsnorm(o) * norm_w * silu(z), ready for out_proj; the new state (float32) and conv state.
-The math is flashmoe.linear_attention.GatedDeltaNet's (mlx-lm's qwen3_next); reference()
+The math is flashmoe.models.gated_delta.GatedDeltaNet's (mlx-lm's qwen3_next); reference()
 below is that path in pure MLX.
 """
 

@@ -2,7 +2,7 @@
 
 `flashmoe.load(path, stream_experts=True)` loads every non-expert weight as usual and leaves
 the routed experts on disk. Each MoE layer then routes, reads the selected experts' slices
-(flashmoe.expert_io: parallel positioned reads into reused buffers), and runs them through
+(flashmoe.streaming.reader: parallel positioned reads into reused buffers), and runs them through
 the same gathered kernel as resident experts, with the selected ids remapped onto a small
 stack of just the experts read:
 
@@ -46,7 +46,7 @@ class StreamOptions:
     buffer_mb: float = (
         256.0  # most expert bytes read at once (prefill reads its union in groups this large)
     )
-    probe_page_cache: bool = True  # count page-cache hits with RWF_NOWAIT (flashmoe.expert_io)
+    probe_page_cache: bool = True  # count page-cache hits with RWF_NOWAIT (flashmoe.streaming.reader)
 
 
 def stream_options(

@@ -5,7 +5,7 @@ reads in 9 places. DST holds the same bytes laid out for streaming:
 
     model.safetensors       every non-expert tensor of SRC, names and bytes unchanged
     experts/layer-NNN.bin   per MoE layer, E blocks; block e holds expert e's gate/up/down
-                            weight, scales and biases back to back (expert_files.PARTS order,
+                            weight, scales and biases back to back (streaming.layout.PARTS order,
                             each slice on a 64-byte boundary, each block on a 4096-byte one)
     flashmoe_experts.json   the manifest: per layer its file, per expert its block's offset and
                             size, per tensor its offset, shape and dtype within a block

@@ -1,4 +1,4 @@
-"""The one-launch Gated DeltaNet decode step against the pure-MLX path (flashmoe.linear_attention's math)."""
+"""The one-launch Gated DeltaNet decode step against the pure-MLX path (flashmoe.models.gated_delta's math)."""
 
 from __future__ import annotations
 
