@@ -46,7 +46,7 @@ class StreamOptions:
     buffer_mb: float = (
         256.0  # most expert bytes read at once (prefill reads its union in groups this large)
     )
-    probe_page_cache: bool = True  # count page-cache hits with RWF_NOWAIT (flashmoe.streaming.reader)
+    probe_page_cache: bool = True  # count page-cache hits with RWF_NOWAIT (streaming.reader)
 
 
 def stream_options(
