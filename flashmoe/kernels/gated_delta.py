@@ -31,7 +31,7 @@ INPUTS = (
     "state",
     "eps",
 )
-QK_L2_EPS = 1e-6
+QK_L2_EPS = 1e-6  # mlx-lm's l2norm eps, added to sum(x^2) (models.gated_delta uses it too)
 SIMDS = 8
 
 

@@ -18,13 +18,11 @@ import mlx.core as mx
 
 from .. import kernels
 from ..errors import FlashMoeError
-from ..kernels.gated_delta import gated_delta_step
+from ..kernels.gated_delta import QK_L2_EPS, gated_delta_step
 from .args import ModelArgs
 from .cache import LinearAttentionCache
 from .layers import silu
 from .store import TensorStore
-
-QK_L2_EPS = 1e-6  # the reference l2norm's eps, added to sum(x^2)
 
 
 class GatedDeltaNet:
