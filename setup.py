@@ -64,9 +64,7 @@ class CMakeBuild(build_ext):
         ]
         subprocess.run(configure, check=True)
         jobs = str(os.cpu_count() or 2)
-        subprocess.run(
-            [cmake, "--build", str(build_dir), "--config", "Release", "-j", jobs], check=True
-        )
+        subprocess.run([cmake, "--build", str(build_dir), "--config", "Release", "-j", jobs], check=True)
         built = sorted(build_dir.glob("_flashmoe_native*.so")) + sorted(
             build_dir.glob("Release/_flashmoe_native*.so")
         )

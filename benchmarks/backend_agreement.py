@@ -19,17 +19,11 @@ from flashmoe.loader import load_model
 
 def main(checkpoint: str) -> None:
     prompt, tokens = [3, 14, 15, 92, 65], [(17 * i + 5) % 200 for i in range(32)]
-    print(
-        f"device {mx.default_device()}: max |logits - reference| / max |reference| over 32 decode steps"
-    )
+    print(f"device {mx.default_device()}: max |logits - reference| / max |reference| over 32 decode steps")
     for dtype in (mx.float32, mx.bfloat16):
-        ref = forced_decode_logits(
-            load_model(checkpoint, backend="reference", dtype=dtype), prompt, tokens
-        )
+        ref = forced_decode_logits(load_model(checkpoint, backend="reference", dtype=dtype), prompt, tokens)
         for backend in kernels.available_backends():
-            got = forced_decode_logits(
-                load_model(checkpoint, backend=backend, dtype=dtype), prompt, tokens
-            )
+            got = forced_decode_logits(load_model(checkpoint, backend=backend, dtype=dtype), prompt, tokens)
             err = (mx.max(mx.abs(got - ref)) / mx.max(mx.abs(ref))).item()
             same = mx.mean((mx.argmax(got, -1) == mx.argmax(ref, -1)).astype(mx.float32)).item()
             print(f"{str(dtype):>16} {backend:>10}: rel err {err:.2e}, argmax agrees {same:.0%}")

@@ -29,9 +29,7 @@ from flashmoe.tools.synth import PRESETS, write_synthetic
 
 ON_GPU = mx.default_device() == mx.gpu
 DEFAULT_MODELS = (
-    "bundled,qwen3-coder-next,qwen3-30b-a3b"
-    if ON_GPU
-    else "bundled,qwen3-moe-small,qwen3-coder-next"
+    "bundled,qwen3-coder-next,qwen3-30b-a3b" if ON_GPU else "bundled,qwen3-moe-small,qwen3-coder-next"
 )
 PROMPT = [11, 23, 5, 87, 42, 7, 19, 3]  # ids valid in every vocabulary here
 
@@ -96,15 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--layers", type=int, default=None, help="layers of synthetic checkpoints (GPU 8, CPU 4)"
     )
-    parser.add_argument(
-        "--runs", type=int, default=5, help="interleaved runs per engine (default: 5)"
-    )
-    parser.add_argument(
-        "--tokens", type=int, default=32 if ON_GPU else 8, help="tokens decoded per run"
-    )
-    parser.add_argument(
-        "--backend", default="auto", help="flashmoe's kernel backend (default: auto)"
-    )
+    parser.add_argument("--runs", type=int, default=5, help="interleaved runs per engine (default: 5)")
+    parser.add_argument("--tokens", type=int, default=32 if ON_GPU else 8, help="tokens decoded per run")
+    parser.add_argument("--backend", default="auto", help="flashmoe's kernel backend (default: auto)")
     args = parser.parse_args(argv)
     layers = args.layers or (8 if ON_GPU else 4)
     bandwidth = measure_bandwidth(256)

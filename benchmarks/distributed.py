@@ -45,9 +45,7 @@ def worker(args: argparse.Namespace) -> None:
     step = model(mx.array([PROMPT]), cache)[:, -1]
     token = mx.argmax(step, axis=-1)
     mx.eval(token)
-    load_s = (
-        time.perf_counter() - tic
-    )  # load and prefill: one process loads lazily, on the first forward
+    load_s = time.perf_counter() - tic  # load and prefill: one process loads lazily, on the first forward
     for _ in range(args.warmup):
         token = mx.argmax(model(token[None], cache)[:, -1], axis=-1)
         mx.eval(token)
@@ -70,9 +68,7 @@ def worker(args: argparse.Namespace) -> None:
         "load_s": load_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
         "expert_mb": distributed.expert_nbytes(model) / 2**20,
-        "read_mb_per_token": (stats.decode.bytes / args.tokens / 2**20)
-        if stats is not None
-        else 0.0,
+        "read_mb_per_token": (stats.decode.bytes / args.tokens / 2**20) if stats is not None else 0.0,
     }
     with open(args.out, "a") as f:
         f.write(json.dumps(result) + "\n")
@@ -127,9 +123,7 @@ def run(model: str, ranks: int, stream: bool, fold: bool, tokens: int, warmup: i
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint directory")
     p.add_argument(
         "--synth",
@@ -184,11 +178,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|---|---|")
         for ranks, stream, fold in configs:
             for r in run(model, ranks, stream, fold, args.tokens, args.warmup):
-                shared = (
-                    "-"
-                    if ranks == 1
-                    else ("rank 0, in the all_sum" if fold else "every rank, after")
-                )
+                shared = "-" if ranks == 1 else ("rank 0, in the all_sum" if fold else "every rank, after")
                 print(
                     f"| {ranks} | {'streamed' if stream else 'resident'} | {shared} | {r['rank']} | "
                     f"{r['tok_s']:.2f} | {r['cpu_ms_per_token']:.0f} | {r['peak_rss_mb']:.0f} | {r['expert_mb']:.0f} | "

@@ -73,15 +73,11 @@ def mutate_header(header: dict, rng: random.Random) -> tuple[dict | bytes, str]:
         shape = list(entry["shape"])
         if shape:
             i = rng.randrange(len(shape))
-            shape[i] = rng.choice(
-                [0, -1, shape[i] + 1, shape[i] - 1, shape[i] * 2, 2**62, "8", 1.5]
-            )
+            shape[i] = rng.choice([0, -1, shape[i] + 1, shape[i] - 1, shape[i] * 2, 2**62, "8", 1.5])
         else:
             shape = [rng.randint(0, 4)]
         if rng.random() < 0.3:
-            shape = shape[
-                ::-1
-            ]  # a transposed shape of the same size: undetectable from the header alone
+            shape = shape[::-1]  # a transposed shape of the same size: undetectable from the header alone
         entry["shape"] = shape
     elif kind == "offsets":
         begin, end = entry["data_offsets"]
@@ -125,8 +121,7 @@ def mutate(source: Path, target: Path, rng: random.Random) -> str:
     header = json.loads(data[8 : 8 + length])
     body = data[8 + length :]
     kind = rng.choice(
-        ["header"] * 5
-        + ["length", "truncate", "append", "flip_data", "flip_any", "zero_data", "nan_data"]
+        ["header"] * 5 + ["length", "truncate", "append", "flip_data", "flip_any", "zero_data", "nan_data"]
     )
     if kind == "header":
         new, sub = mutate_header(header, rng)
@@ -139,9 +134,7 @@ def mutate(source: Path, target: Path, rng: random.Random) -> str:
         target.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
         return f"header.{sub}"
     if kind == "length":
-        value = rng.choice(
-            [0, 1, length - 1, length + 1, length + 8, 10**12, 2**63, 2**64 - 1, len(data)]
-        )
+        value = rng.choice([0, 1, length - 1, length + 1, length + 8, 10**12, 2**63, 2**64 - 1, len(data)])
         data[:8] = struct.pack("<Q", value)
     elif kind == "truncate":
         data = data[: rng.randrange(len(data))]

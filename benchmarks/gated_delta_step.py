@@ -54,8 +54,7 @@ def main():
     a, b = list(res.values())
     err = max(
         (
-            mx.abs(x.astype(mx.float32) - y.astype(mx.float32)).max()
-            / mx.abs(x.astype(mx.float32)).max()
+            mx.abs(x.astype(mx.float32) - y.astype(mx.float32)).max() / mx.abs(x.astype(mx.float32)).max()
         ).item()
         for x, y in zip(a, b)
     )

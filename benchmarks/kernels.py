@@ -72,9 +72,7 @@ def bench_gathered(out_dim, in_dim, bits, backends, calls, repeats) -> list[dict
     w = mx.random.normal((EXPERTS, out_dim, in_dim)).astype(mx.bfloat16)
     q, scales, biases = mx.quantize(w, group_size=GROUP_SIZE, bits=bits)
     ids = mx.random.permutation(EXPERTS)[:TOP_K].astype(mx.uint32)[None]  # (1, K)
-    x = mx.random.normal((1, in_dim) if out_dim < in_dim else (1, TOP_K, in_dim)).astype(
-        mx.bfloat16
-    )
+    x = mx.random.normal((1, in_dim) if out_dim < in_dim else (1, TOP_K, in_dim)).astype(mx.bfloat16)
     per = (q.nbytes + scales.nbytes + biases.nbytes) / EXPERTS * TOP_K
     rows = []
     for backend in backends:
@@ -106,15 +104,11 @@ def main() -> None:
         action="store_true",
         help="the whole sweep (every shape, 50 calls x 7 repeats) instead of the quick look",
     )
-    parser.add_argument(
-        "--backends", default=",".join(kernels.available_backends()), help="comma-separated"
-    )
+    parser.add_argument("--backends", default=",".join(kernels.available_backends()), help="comma-separated")
     parser.add_argument(
         "--calls", type=int, default=None, help="matvecs per evaluation (default: 5, --full 50)"
     )
-    parser.add_argument(
-        "--repeats", type=int, default=None, help="timed evaluations (default: 3, --full 7)"
-    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed evaluations (default: 3, --full 7)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     plan = FULL if args.full else QUICK
@@ -133,9 +127,7 @@ def main() -> None:
         f"{'shape':>14} {'bits':>4} {'backend':>20} {'median us':>10} {'GB/s':>8} {'% of bw':>8} {'vs qmm':>7}"
     )
     rows = []
-    cases = [(bench_shape, s) for s in plan["shapes"]] + [
-        (bench_gathered, s) for s in plan["gathered"]
-    ]
+    cases = [(bench_shape, s) for s in plan["shapes"]] + [(bench_gathered, s) for s in plan["gathered"]]
     for bench, (out_dim, in_dim) in cases:
         for bits in plan["bits"]:
             group = bench(out_dim, in_dim, bits, backends, args.calls, args.repeats)

@@ -48,9 +48,7 @@ def make_layer():
         s_down=q(n(D, I), 4),
     )
     # fused layout, made once at load: router + shared gate rows in one matrix; shared expert as expert E
-    layer["router_plus"] = tuple(
-        mx.concatenate([a, b]) for a, b in zip(layer["router"], layer["sgate"])
-    )
+    layer["router_plus"] = tuple(mx.concatenate([a, b]) for a, b in zip(layer["router"], layer["sgate"]))
     for name, shared in (("gate", "s_gate"), ("up", "s_up"), ("down", "s_down")):
         layer[name + "_plus"] = tuple(
             mx.concatenate([a, b[None]]) for a, b in zip(layer[name], layer[shared])
@@ -73,9 +71,7 @@ def mlx_layer(x, L):
     g = mx.gather_qmm(xe, *L["gate"], rhs_indices=inds, transpose=True, group_size=G, bits=4)
     u = mx.gather_qmm(xe, *L["up"], rhs_indices=inds, transpose=True, group_size=G, bits=4)
     h = (g * mx.sigmoid(g)) * u
-    y = mx.gather_qmm(
-        h, *L["down"], rhs_indices=inds, transpose=True, group_size=G, bits=4
-    ).squeeze(-2)
+    y = mx.gather_qmm(h, *L["down"], rhs_indices=inds, transpose=True, group_size=G, bits=4).squeeze(-2)
     y = (y * scores[..., None].astype(y.dtype)).sum(-2)
     sg = qmm(x, L["s_gate"], 4)
     sh = qmm((sg * mx.sigmoid(sg)) * qmm(x, L["s_up"], 4), L["s_down"], 4)
@@ -91,9 +87,7 @@ def _route(logits):
 
 
 def fused_layer(x, L, backend):
-    logits = kernels.dequant_matvec(
-        x, *L["router_plus"], bits=8, group_size=G, backend=backend
-    )  # (1, E + 1)
+    logits = kernels.dequant_matvec(x, *L["router_plus"], bits=8, group_size=G, backend=backend)  # (1, E + 1)
     ids, w = _route(logits)
     h = moe.moe_gate_up(x, L["gate_plus"], L["up_plus"], ids, bits=4, group_size=G, backend=backend)
     return moe.moe_down(h, L["down_plus"], ids, w, bits=4, group_size=G, backend=backend)
@@ -114,8 +108,7 @@ def main():
     # agreement on one layer (bf16 both ways)
     a, b = mlx_layer(x0, layers[0]), fused_layer(x0, layers[0], args.backend)
     err = (
-        mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max()
-        / mx.abs(a.astype(mx.float32)).max()
+        mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max() / mx.abs(a.astype(mx.float32)).max()
     ).item()
 
     def step(fn):

@@ -68,9 +68,7 @@ def row(label, name, secs, nbytes, bw):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument(
-        "--pool-mb", type=int, default=320, help="weights per shape, spread over copies (> LLC)"
-    )
+    p.add_argument("--pool-mb", type=int, default=320, help="weights per shape, spread over copies (> LLC)")
     args = p.parse_args()
     mx.set_default_device(mx.cpu)
     if not native.available():
@@ -87,15 +85,13 @@ def main() -> None:
             one = quantized((out_dim, in_dim), bits, 64)
             nbytes = sum(a.nbytes for a in one)
             copies = [one] + [
-                tuple(mx.array(a) + 0 for a in one)
-                for _ in range(max(1, args.pool_mb * 2**20 // nbytes) - 1)
+                tuple(mx.array(a) + 0 for a in one) for _ in range(max(1, args.pool_mb * 2**20 // nbytes) - 1)
             ]
             mx.eval(copies)
             x = mx.random.normal((1, in_dim))
             fns = {
                 "native": lambda: [
-                    native.dequant_matvec(x, q, s, b, bits=bits, group_size=64)
-                    for q, s, b in copies
+                    native.dequant_matvec(x, q, s, b, bits=bits, group_size=64) for q, s, b in copies
                 ],
                 "mlx": lambda: [
                     mx.quantized_matmul(x, q, s, b, transpose=True, group_size=64, bits=bits)
@@ -115,10 +111,7 @@ def main() -> None:
         q, s, b = quantized((experts, out_dim, in_dim), 4, 64)
         per_expert = (q.nbytes + s.nbytes + b.nbytes) // experts
         rng = np.random.default_rng(0)
-        calls = [
-            mx.array(rng.choice(experts, k, replace=False)[None].astype(np.uint32))
-            for _ in range(32)
-        ]
+        calls = [mx.array(rng.choice(experts, k, replace=False)[None].astype(np.uint32)) for _ in range(32)]
         x = mx.random.normal((1, in_dim) if shared else (1, k, in_dim))
         fns = {
             "native": lambda: [

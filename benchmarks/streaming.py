@@ -82,9 +82,7 @@ def run(args: argparse.Namespace) -> dict:
     model = load_model(directory, stream_experts=options)
     rng = np.random.default_rng(args.seed)
     ids = rng.integers(0, model.args.vocab_size, args.prompt + 2 * args.tokens + args.warmup + 1)
-    mx.eval(
-        model(mx.array([[int(ids[-1])]]), model.make_cache())
-    )  # brings the non-expert weights in
+    mx.eval(model(mx.array([[int(ids[-1])]]), model.make_cache()))  # brings the non-expert weights in
     result = dict(
         model=str(directory),
         layout=model.report.stream_stats.layout,
@@ -173,9 +171,7 @@ def replay(model: str, path: str, threads: int, cache_mb: float) -> dict:
     steps = np.load(path)  # (tokens, layers, K)
     reader = ExpertReader(layout.files, threads=threads, cache_bytes=int(cache_mb * 2**20))
     drop_page_cache(directory)
-    result = dict(
-        model=model, layout=layout.kind, threads=threads, cache_mb=cache_mb, tokens=len(steps)
-    )
+    result = dict(model=model, layout=layout.kind, threads=threads, cache_mb=cache_mb, tokens=len(steps))
     for name in ("cold", "warm"):
         totals = dict(bytes=0, hits=0, cached=0, experts=0, seconds=0.0)
         tic = time.perf_counter()
@@ -268,9 +264,7 @@ def _vm_status(pid: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "command", choices=["run", "suite", "threads", "io", "trace", "replay", "mlx-lm"]
-    )
+    parser.add_argument("command", choices=["run", "suite", "threads", "io", "trace", "replay", "mlx-lm"])
     parser.add_argument("--model", required=True)
     parser.add_argument("--cache-mb", default="0", help="LRU size in MB (suite: a comma list)")
     parser.add_argument("--threads", default="16", help="I/O threads (threads, io: a comma list)")
@@ -283,13 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         help="unmeasured tokens before the warm run; -1: no warm run",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--no-drop", action="store_true", help="keep the page cache (not a cold start)"
-    )
+    parser.add_argument("--no-drop", action="store_true", help="keep the page cache (not a cold start)")
     parser.add_argument("--limit-gb", type=float, default=16.0, help="mlx-lm: address-space cap")
-    parser.add_argument(
-        "--timeout", type=float, default=900.0, help="mlx-lm: seconds before it is killed"
-    )
+    parser.add_argument("--timeout", type=float, default=900.0, help="mlx-lm: seconds before it is killed")
     parser.add_argument("--trace", help="trace/replay: the .npy file of recorded expert ids")
     parser.add_argument("--json", help="append the results to this JSON-lines file")
     args = parser.parse_args(argv)
@@ -307,17 +297,12 @@ def main(argv: list[str] | None = None) -> int:
         results = [trace(args.model, args.trace, args.prompt, args.tokens, args.seed)]
     elif args.command == "replay":
         results = [
-            replay(args.model, args.trace, int(args.threads), float(c))
-            for c in args.cache_mb.split(",")
+            replay(args.model, args.trace, int(args.threads), float(c)) for c in args.cache_mb.split(",")
         ]
     elif args.command == "io":
-        results = [
-            io_only(args.model, int(t), args.tokens, args.seed) for t in args.threads.split(",")
-        ]
+        results = [io_only(args.model, int(t), args.tokens, args.seed) for t in args.threads.split(",")]
     elif args.command == "threads":
-        results = [
-            measure(args.model, threads=t, warmup=-1, **common) for t in args.threads.split(",")
-        ]
+        results = [measure(args.model, threads=t, warmup=-1, **common) for t in args.threads.split(",")]
     else:
         results = [mlx_lm(args.model, args.limit_gb, args.timeout)]
     for result in results:

@@ -34,9 +34,7 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(
-        self, message: str
-    ):  # argparse would print the usage block and exit; one line is enough
+    def error(self, message: str):  # argparse would print the usage block and exit; one line is enough
         raise UsageError(message)
 
 
@@ -86,15 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         "id such as mlx-community/Qwen3-Coder-Next-4bit (the cache first, else a download; "
         "a local folder of that name wins); default: the bundled flashmoe-coder-tiny",
     )
-    p.add_argument(
-        "--prompt", help=f"prompt text, or - to read stdin (default: {DEFAULT_PROMPT!r})"
-    )
-    p.add_argument(
-        "--max-tokens", type=_number(int, 1), default=100, help="most tokens to generate"
-    )
-    p.add_argument(
-        "--temp", type=_number(float, 0.0), default=0.0, help="sampling temperature; 0 is greedy"
-    )
+    p.add_argument("--prompt", help=f"prompt text, or - to read stdin (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--max-tokens", type=_number(int, 1), default=100, help="most tokens to generate")
+    p.add_argument("--temp", type=_number(float, 0.0), default=0.0, help="sampling temperature; 0 is greedy")
     p.add_argument(
         "--top-p",
         type=_number(float, 0.0, 1.0, low_open=True),
@@ -116,9 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--k", type=_number(int, 1), default=None, help="experts per token (default: the config's)"
     )
-    p.add_argument(
-        "--backend", choices=["auto", *BACKENDS], default="auto", help="dequantization kernels"
-    )
+    p.add_argument("--backend", choices=["auto", *BACKENDS], default="auto", help="dequantization kernels")
     p.add_argument(
         "--quant",
         choices=["config", "global"],
@@ -146,8 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--expert-cache-mb",
         type=_number(float, 0.0),
         default=None,
-        help="with --stream-experts: an LRU of recently used experts, in MB (default: 0, the OS page "
-        "cache alone)",
+        help="with --stream-experts: an LRU of recently used experts, in MB (default: 0, the OS page cache alone)",
     )
     p.add_argument(
         "--quiet",
@@ -170,9 +159,7 @@ def _read_prompt(args: argparse.Namespace) -> str:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise UsageError(
-                f"--prompt -: stdin is not UTF-8 ({e.reason} at byte {e.start})"
-            ) from None
+            raise UsageError(f"--prompt -: stdin is not UTF-8 ({e.reason} at byte {e.start})") from None
     return DEFAULT_PROMPT if args.prompt is None else args.prompt
 
 
@@ -210,15 +197,9 @@ def run(args: argparse.Namespace) -> int:
 
     prompt = _read_prompt(args)
     seed = args.seed
-    if (
-        seed is None
-    ):  # greedy decoding draws nothing; sampling gets a fresh seed, printed to repeat the run
+    if seed is None:  # greedy decoding draws nothing; sampling gets a fresh seed, printed to repeat the run
         seed = secrets.randbits(32) if args.temp > 0 else 0
-    options = (
-        {"stream_experts": True, "expert_cache_mb": args.expert_cache_mb}
-        if args.stream_experts
-        else {}
-    )
+    options = {"stream_experts": True, "expert_cache_mb": args.expert_cache_mb} if args.stream_experts else {}
     if args.quiet:
         options["progress"] = False
     if args.distributed:

@@ -51,9 +51,7 @@ def resolve_group(group) -> mx.distributed.Group | None:
         return mx.distributed.init()
     if isinstance(group, mx.distributed.Group):
         return group
-    raise FlashMoeError(
-        f"group must be an mx.distributed.Group, True or None, found {type(group).__name__}"
-    )
+    raise FlashMoeError(f"group must be an mx.distributed.Group, True or None, found {type(group).__name__}")
 
 
 def expert_range(num_experts: int, group) -> tuple[int, int]:
@@ -117,9 +115,7 @@ class ShardedSource:
         return kept
 
     def __call__(self, store, prefix: str) -> ShardedExperts:
-        offset = (
-            self.lo if self.resident else 0
-        )  # resident stacks hold experts lo..hi-1 as 0..E/N-1
+        offset = self.lo if self.resident else 0  # resident stacks hold experts lo..hi-1 as 0..E/N-1
         return ShardedExperts(
             self.inner(store, prefix), self.lo, self.hi, offset, self.group, self.fold_shared
         )
@@ -132,9 +128,7 @@ class ShardedExperts:
     """One MoE layer's experts on this rank: the owned slots through the inner experts object, a
     partial (B, T, D) sum; `combine` all_sums it (with the shared expert) into the layer's output."""
 
-    def __init__(
-        self, inner, lo: int, hi: int, offset: int, group: mx.distributed.Group, fold_shared: bool
-    ):
+    def __init__(self, inner, lo: int, hi: int, offset: int, group: mx.distributed.Group, fold_shared: bool):
         self.inner, self.lo, self.hi, self.offset = inner, lo, hi, offset
         self.group, self.rank, self.fold_shared = group, group.rank(), fold_shared
 
@@ -149,16 +143,12 @@ class ShardedExperts:
             return mx.zeros(x.shape, x.dtype)
         local = (flat[slots] - self.offset).astype(np.uint32)
         w = weights.reshape(-1)[mx.array(slots)]
-        if (
-            x.size == d
-        ):  # one token (decode): its n owned slots as (1, 1, n), as the engine's decode path
+        if x.size == d:  # one token (decode): its n owned slots as (1, 1, n), as the engine's decode path
             n = len(slots)
             return self.inner(x, mx.array(local).reshape(1, 1, n), w.reshape(1, 1, n))
         tokens = mx.array(slots // k)  # each slot's token
         rows = x.reshape(-1, d)[tokens][None]  # (1, n, D): one row per owned slot, one expert each
-        y = self.inner(rows, mx.array(local).reshape(1, -1, 1), w.reshape(1, -1, 1))[
-            0
-        ]  # (n, D), weighted
+        y = self.inner(rows, mx.array(local).reshape(1, -1, 1), w.reshape(1, -1, 1))[0]  # (n, D), weighted
         return mx.zeros((x.size // d, d), x.dtype).at[tokens].add(y).reshape(*lead, d)
 
     def combine(self, x: mx.array, y: mx.array, shared) -> mx.array:

@@ -53,9 +53,7 @@ def prefill(model: Any, tokens: mx.array, cache: list, chunk: int) -> None:
 # (ml-explore/mlx#2133 and friends: its streams are not thread safe); generation steps take
 # this lock, so a model shared between threads is used by one of them at a time.
 MODEL_LOCK = threading.RLock()
-_active = [
-    0
-]  # generations in progress: with more than one, a step is finished before the lock is let go
+_active = [0]  # generations in progress: with more than one, a step is finished before the lock is let go
 
 
 def _settle() -> None:
@@ -102,9 +100,7 @@ def _unpack(step: mx.array, i: int) -> int:
     return token
 
 
-def decode_tokens(
-    model: Any, token: mx.array, cache: list, sampler: Sampler, n: int
-) -> Iterator[int]:
+def decode_tokens(model: Any, token: mx.array, cache: list, sampler: Sampler, n: int) -> Iterator[int]:
     """Yield `n` ids, starting with `token` ((1,) id or (2,) decode_step result); each next one is computing
     while the caller handles this one. Non-finite logits stop it with a FlashMoeError naming the step."""
     for i in range(n):
@@ -118,9 +114,7 @@ def decode_tokens(
         token = following
 
 
-def _prompt_ids(
-    tokenizer: Tokenizer, prompt: str | list[int], vocab_size: int | None = None
-) -> list[int]:
+def _prompt_ids(tokenizer: Tokenizer, prompt: str | list[int], vocab_size: int | None = None) -> list[int]:
     """The prompt as ids: a string is encoded, a list is taken as is; every id must be in [0, vocab_size)."""
     if isinstance(prompt, str):
         ids = tokenizer.encode(prompt)
@@ -135,9 +129,7 @@ def _prompt_ids(
                 raise FlashMoeError(f"prompt token {t!r} is not an integer id")
             ids.append(int(t))
     if not ids:
-        raise FlashMoeError(
-            "the prompt is empty: generation needs at least one token to start from"
-        )
+        raise FlashMoeError("the prompt is empty: generation needs at least one token to start from")
     if vocab_size is not None:
         for position, t in enumerate(ids):
             if not 0 <= t < vocab_size:
@@ -153,18 +145,14 @@ def _vocab_size(model: Any) -> int | None:
     return size if isinstance(size, int) else None
 
 
-def _prompt_phase(
-    model: Any, ids: list[int], sampler: Sampler, chunk: int
-) -> tuple[mx.array, list, float]:
+def _prompt_phase(model: Any, ids: list[int], sampler: Sampler, chunk: int) -> tuple[mx.array, list, float]:
     """Prefill all but the last prompt id, sample the first token; return it, the cache and prompt tokens/s."""
     cache = model.make_cache()
     tic = time.perf_counter()
     with MODEL_LOCK:
         _settle()
         prefill(model, mx.array(ids[:-1], dtype=mx.int32), cache, max(1, chunk))
-        first = decode_step(
-            model, mx.array(ids[-1:], dtype=mx.int32), cache, sampler
-        )  # (2,) [id, finite]
+        first = decode_step(model, mx.array(ids[-1:], dtype=mx.int32), cache, sampler)  # (2,) [id, finite]
         mx.eval(first)  # sync: the prompt phase ends here, for prompt_tps
     return first, cache, len(ids) / (time.perf_counter() - tic)
 
@@ -244,9 +232,7 @@ def generate(model: Any, tokenizer: Tokenizer, prompt: str | list[int], **kwargs
     return "".join(step.text for step in stream_generate(model, tokenizer, prompt, **kwargs))
 
 
-def format_stats(
-    step: GenerationStep, bytes_per_token: float | None = None, streamed: bool = False
-) -> str:
+def format_stats(step: GenerationStep, bytes_per_token: float | None = None, streamed: bool = False) -> str:
     """The closing statistics, as mlx_lm.generate prints them, with gpt-fast's bandwidth line.
 
     `bytes_per_token`: weight bytes one decode step reads (model.report.bytes_per_token["total"]; with

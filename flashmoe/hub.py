@@ -88,9 +88,7 @@ def resolve_model(repo_id: str, *, progress: bool | None = None) -> Path:
     except (LocalEntryNotFoundError, incomplete, OSError):
         pass  # not cached (or only in part): download it, if downloads are allowed
     except Exception as err:  # noqa: BLE001 an invalid id and the like: one line
-        raise FlashMoeError(
-            f"{repo_id}: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
-        ) from None
+        raise FlashMoeError(f"{repo_id}: {type(err).__name__}: {' '.join(str(err).split())[:300]}") from None
     if cached is not None and (cached / "config.json").is_file():
         return cached
     if offline():

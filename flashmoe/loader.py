@@ -40,9 +40,7 @@ from .streaming.stats import StreamStats
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "flashmoe-coder-tiny"
-LARGE_CHECKPOINT_BYTES = (
-    1 << 30
-)  # above this, a load with a progress bar reads the weights shard by shard
+LARGE_CHECKPOINT_BYTES = 1 << 30  # above this, a load with a progress bar reads the weights shard by shard
 
 
 @dataclass
@@ -52,12 +50,9 @@ class LoadReport:
     directory: Path
     backend: str  # the kernel backend the model runs
     dtype: mx.Dtype  # the compute dtype
-    misread_modules: list[str] = field(
-        default_factory=list
-    )  # quant="global": modules read at the wrong bits
-    dropped: list[str] = field(
-        default_factory=list
-    )  # tensors flashmoe does not use (mtp heads, vision tower)
+    misread_modules: list[str] = field(default_factory=list)  # quant="global": modules read at the wrong bits
+    # tensors flashmoe does not use (mtp heads, vision tower)
+    dropped: list[str] = field(default_factory=list)
     stream_stats: StreamStats | None = None  # expert streaming counters (None: experts resident)
     # weight bytes one decode step reads, gpt-fast's figure: {"dense", "experts", "total"} (bytes_per_token())
     bytes_per_token: dict[str, float] = field(default_factory=dict)
@@ -203,9 +198,7 @@ def _read_with_progress(
         return
     by_file: dict[str, list[mx.array]] = defaultdict(list)
     for name, value in tensors.items():
-        by_file[infos[name].file if name in infos else ""].append(
-            value
-        )  # renamed by sanitize: last
+        by_file[infos[name].file if name in infos else ""].append(value)  # renamed by sanitize: last
     with progress_bar(total=total, desc=f"loading {directory.name}", unit="B", enabled=True) as bar:
         for file in sorted(by_file, key=lambda f: (f == "", f)):
             mx.eval(by_file[file])

@@ -132,8 +132,7 @@ def _spec_from_dict(entry: Mapping, where: str, key: str) -> QuantSpec:
     mode = entry.get("mode", "affine")
     if mode not in MODE_DEFAULTS:
         raise QuantConfigError(
-            f"config.json: {where} {key}: unknown quantization mode {mode!r}; "
-            f"expected one of {sorted(MODE_DEFAULTS)}"
+            f"config.json: {where} {key}: unknown quantization mode {mode!r}; expected one of {sorted(MODE_DEFAULTS)}"
         )
     default_bits, default_group = MODE_DEFAULTS[mode]
     spec = QuantSpec(
@@ -199,9 +198,7 @@ def claim_bits(config: Mapping, module: str, bits: int) -> dict:
     return config
 
 
-def implied_bits(
-    weight_shape: Sequence[int], scales_shape: Sequence[int], group_size: int
-) -> float:
+def implied_bits(weight_shape: Sequence[int], scales_shape: Sequence[int], group_size: int) -> float:
     """Bits per value that a packed weight's shape implies, given the group size."""
     in_dim = scales_shape[-1] * group_size
     return weight_shape[-1] * 32 / in_dim
@@ -254,15 +251,9 @@ def check_module(plan: QuantPlan, module: str, tensors: Mapping[str, TensorInfo]
     return Resolved(module, spec, f"shapes{said}")
 
 
-def infer_spec(
-    module: str, weight: TensorInfo, scales: TensorInfo, hint: QuantSpec | None
-) -> QuantSpec:
+def infer_spec(module: str, weight: TensorInfo, scales: TensorInfo, hint: QuantSpec | None) -> QuantSpec:
     """The spec a tensor's shapes imply, trying the hinted group size first."""
-    mode = (
-        "affine"
-        if scales.dtype != "U8"
-        else (hint.mode if hint and hint.mode != "affine" else None)
-    )
+    mode = "affine" if scales.dtype != "U8" else (hint.mode if hint and hint.mode != "affine" else None)
     if mode is None:
         raise QuantMismatchError(
             f"{weight.file}: '{module}.scales' is uint8 (an fp format), but the config names "
@@ -303,9 +294,7 @@ def _mismatch_message(module: str, claim: Resolved, weight: TensorInfo, scales: 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 
 
-def _check_dtypes(
-    module: str, weight: TensorInfo, scales: TensorInfo, biases: TensorInfo | None
-) -> None:
+def _check_dtypes(module: str, weight: TensorInfo, scales: TensorInfo, biases: TensorInfo | None) -> None:
     """Packed words are uint32; scales are floats (affine) or uint8 (fp formats); biases floats."""
     problems = []
     if weight.dtype != "U32":
@@ -323,9 +312,7 @@ def _check_companions(module: str, spec: QuantSpec, tensors: Mapping[str, Tensor
     scales = tensors[f"{module}.scales"]
     biases = tensors.get(f"{module}.biases")
     if spec.has_biases and biases is None:
-        raise QuantMismatchError(
-            f"{scales.file}: '{module}' is {spec} but has no '{module}.biases'"
-        )
+        raise QuantMismatchError(f"{scales.file}: '{module}' is {spec} but has no '{module}.biases'")
     if not spec.has_biases and biases is not None:
         raise QuantMismatchError(
             f"{scales.file}: '{module}' is {spec}, which has no biases, but '{module}.biases' exists"

@@ -67,9 +67,7 @@ def host_bytes(value: mx.array) -> np.ndarray:
 class SafetensorsWriter:
     """`with SafetensorsWriter(path, [(name, dtype, shape), ...]) as w: w.write(name, data)` in header order."""
 
-    def __init__(
-        self, path: str | Path, entries: list[tuple[str, str, tuple]], metadata: dict | None = None
-    ):
+    def __init__(self, path: str | Path, entries: list[tuple[str, str, tuple]], metadata: dict | None = None):
         self.path = Path(path)
         self.entries = [(name, dtype, tuple(shape)) for name, dtype, shape in entries]
         header: dict = {"__metadata__": metadata or {"format": "mlx"}}
@@ -94,9 +92,7 @@ class SafetensorsWriter:
     def write(self, name: str, data) -> None:
         """Append `data` (numpy array, bytes or mx.array) to tensor `name`; a tensor may come in several pieces."""
         if self._index >= len(self.entries) or self.entries[self._index][0] != name:
-            expected = (
-                self.entries[self._index][0] if self._index < len(self.entries) else "nothing"
-            )
+            expected = self.entries[self._index][0] if self._index < len(self.entries) else "nothing"
             raise FlashMoeError(f"{self.path}: wrote '{name}' out of order (expected {expected})")
         raw = host_bytes(data) if isinstance(data, mx.array) else memoryview(data).cast("B")
         _, dtype, shape = self.entries[self._index]
@@ -185,9 +181,7 @@ def read_header_info(path: str | Path) -> tuple[dict[str, dict], int]:
         with open(path, "rb") as f:
             prefix = f.read(8)
             if len(prefix) != 8:
-                raise FlashMoeError(
-                    f"{path}: {len(prefix)} bytes, too short to be a safetensors file"
-                )
+                raise FlashMoeError(f"{path}: {len(prefix)} bytes, too short to be a safetensors file")
             length = int.from_bytes(prefix, "little")
             if length > MAX_HEADER_BYTES:
                 raise FlashMoeError(
@@ -201,9 +195,7 @@ def read_header_info(path: str | Path) -> tuple[dict[str, dict], int]:
                 )
             raw = f.read(length)
     except OSError as err:
-        raise FlashMoeError(
-            f"{path}: cannot read the safetensors file ({err.strerror or err})"
-        ) from None
+        raise FlashMoeError(f"{path}: cannot read the safetensors file ({err.strerror or err})") from None
     if len(raw) != length:
         raise FlashMoeError(f"{path}: the header is cut short ({len(raw)} of {length} bytes)")
     try:
@@ -211,13 +203,9 @@ def read_header_info(path: str | Path) -> tuple[dict[str, dict], int]:
     except _DuplicateKey as err:
         raise FlashMoeError(f"{path}: the header names tensor '{err.args[0]}' twice") from None
     except UnicodeDecodeError as err:
-        raise FlashMoeError(
-            f"{path}: the header is not UTF-8 ({err.reason} at byte {err.start})"
-        ) from None
+        raise FlashMoeError(f"{path}: the header is not UTF-8 ({err.reason} at byte {err.start})") from None
     except (ValueError, RecursionError) as err:
-        raise FlashMoeError(
-            f"{path}: unreadable safetensors header ({type(err).__name__}: {err})"
-        ) from None
+        raise FlashMoeError(f"{path}: unreadable safetensors header ({type(err).__name__}: {err})") from None
     if not isinstance(header, dict):
         raise FlashMoeError(f"{path}: the header is a JSON {type(header).__name__}, not an object")
     metadata = header.pop("__metadata__", None)
@@ -230,14 +218,10 @@ def read_header_info(path: str | Path) -> tuple[dict[str, dict], int]:
     for name, entry in header.items():
         where = f"{path}: tensor '{name}'"
         if not isinstance(entry, dict):
-            raise FlashMoeError(
-                f"{where}: its header entry is a {type(entry).__name__}, not an object"
-            )
+            raise FlashMoeError(f"{where}: its header entry is a {type(entry).__name__}, not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-            raise FlashMoeError(
-                f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPE_SIZES)})"
-            )
+            raise FlashMoeError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPE_SIZES)})")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise FlashMoeError(f"{where}: shape {shape!r} is not a list of non-negative integers")
         if (
@@ -277,12 +261,10 @@ def read_header_info(path: str | Path) -> tuple[dict[str, dict], int]:
         last = f" (after tensor '{spans[-1][2]}')" if spans else ""
         if end > data_bytes:
             raise FlashMoeError(
-                f"{path}: the tensors need {end} data bytes{last}, the file holds {data_bytes} "
-                "(truncated file?)"
+                f"{path}: the tensors need {end} data bytes{last}, the file holds {data_bytes} (truncated file?)"
             )
         raise FlashMoeError(
-            f"{path}: {data_bytes - end} bytes after the last tensor's data{last} that no tensor "
-            "describes"
+            f"{path}: {data_bytes - end} bytes after the last tensor's data{last} that no tensor describes"
         )
     return header, 8 + length
 
@@ -320,9 +302,7 @@ def read_tensors(directory: str | Path) -> dict[str, mx.array]:
         try:
             tensors.update(mx.load(str(path)))
         except (RuntimeError, ValueError, OSError, MemoryError) as err:
-            raise FlashMoeError(
-                f"{path}: MLX cannot read it ({type(err).__name__}: {err})"
-            ) from None
+            raise FlashMoeError(f"{path}: MLX cannot read it ({type(err).__name__}: {err})") from None
     return tensors
 
 

@@ -21,9 +21,7 @@ def top_k_filter(logits: mx.array, k: int) -> mx.array:
     """Keep the k largest logits of each row, set the rest to -inf."""
     if k <= 0 or k >= logits.shape[-1]:
         return logits
-    dropped = mx.argpartition(-logits, kth=k - 1, axis=-1)[
-        ..., k:
-    ]  # (B, V - k) ids outside the top k
+    dropped = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., k:]  # (B, V - k) ids outside the top k
     return mx.put_along_axis(logits, dropped, mx.array(-float("inf"), logits.dtype), axis=-1)
 
 
@@ -33,13 +31,9 @@ def top_p_filter(logits: mx.array, p: float) -> mx.array:
         return logits
     order = mx.argsort(-logits, axis=-1)  # (B, V) most likely first
     probs = mx.take_along_axis(mx.softmax(logits, axis=-1), order, axis=-1)  # (B, V) sorted
-    before = (
-        mx.cumsum(probs, axis=-1) - probs
-    )  # mass of the ids ahead of each one; the top id has 0
+    before = mx.cumsum(probs, axis=-1) - probs  # mass of the ids ahead of each one; the top id has 0
     drop_sorted = before >= p
-    drop = mx.put_along_axis(
-        mx.zeros_like(drop_sorted), order, drop_sorted, axis=-1
-    )  # back to vocab order
+    drop = mx.put_along_axis(mx.zeros_like(drop_sorted), order, drop_sorted, axis=-1)  # back to vocab order
     return mx.where(drop, mx.array(-float("inf"), logits.dtype), logits)
 
 

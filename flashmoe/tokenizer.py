@@ -46,9 +46,7 @@ def _as_ids(value: Any) -> set[int]:
 def _chat_template(folder: Path, config: dict) -> str | None:
     """tokenizer_config.json's chat_template (a string or named templates), else chat_template.jinja."""
     template = config.get("chat_template")
-    if isinstance(
-        template, list
-    ):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
     if isinstance(template, dict):
         template = template.get("default")
@@ -92,14 +90,8 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
     def call(self, __context, __obj, *args: Any, **kwargs: Any):
         self.check()
         for value in (*args, *kwargs.values()):
-            if (
-                isinstance(value, int)
-                and not isinstance(value, bool)
-                and abs(value) > TEMPLATE_MAX_CHARS
-            ):
-                raise _TemplateLimit(
-                    f"a call with the argument {value} (above {TEMPLATE_MAX_CHARS})"
-                )
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > TEMPLATE_MAX_CHARS:
+                raise _TemplateLimit(f"a call with the argument {value} (above {TEMPLATE_MAX_CHARS})")
         return super().call(__context, __obj, *args, **kwargs)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
@@ -175,9 +167,7 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception for a malformed file
             raise FlashMoeError(f"{file}: cannot be read as a tokenizer ({e})") from e
         config = _read_json(folder / "tokenizer_config.json")
-        special = {
-            k: t for k in SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k))) is not None
-        }
+        special = {k: t for k in SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k))) is not None}
         eos = _as_ids(_read_json(folder / "generation_config.json").get("eos_token_id"))
         eos |= _as_ids(_read_json(folder / "config.json").get("eos_token_id"))
         if "eos_token" in special and backend.token_to_id(special["eos_token"]) is not None:
@@ -200,9 +190,7 @@ class Tokenizer:
         """Rows an embedding needs for every id the tokenizer can produce: its largest id + 1 (added tokens
         included; the same as their count when the ids are contiguous, as they usually are)."""
         vocab = self.backend.get_vocab(with_added_tokens=True)
-        return max(
-            max(vocab.values(), default=-1) + 1, self.backend.get_vocab_size(with_added_tokens=True)
-        )
+        return max(max(vocab.values(), default=-1) + 1, self.backend.get_vocab_size(with_added_tokens=True))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; no second BOS when the text (e.g. a rendered chat) already starts with one."""

@@ -131,9 +131,7 @@ def write_checkpoint(
     cast = getattr(model, "cast_predicate", lambda _: True)  # as mlx-lm's convert: bf16, A_log kept
     model.update(
         tree_map_with_path(
-            lambda k, v: (
-                v.astype(mx.bfloat16) if cast(k) and mx.issubdtype(v.dtype, mx.floating) else v
-            ),
+            lambda k, v: v.astype(mx.bfloat16) if cast(k) and mx.issubdtype(v.dtype, mx.floating) else v,
             model.parameters(),
         )
     )
@@ -214,9 +212,7 @@ class MockModel:
             c.fed.extend(ids)
         self.calls.append(len(ids))
         peaks = mx.array([[self.rule(start + t, tok) for t, tok in enumerate(ids)]])  # (1, T)
-        distance = (
-            mx.arange(self.args.vocab_size)[None, None, :] - peaks[..., None]
-        ) % self.args.vocab_size
+        distance = (mx.arange(self.args.vocab_size)[None, None, :] - peaks[..., None]) % self.args.vocab_size
         return -0.5 * distance.astype(mx.float32)  # (1, T, V): the peak id has 0, the rest decay
 
 

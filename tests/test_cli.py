@@ -36,9 +36,7 @@ def loaded(monkeypatch, tiny_dir):
     record = {"model": MockModel(tok.vocab_size), "tokenizer": tok, "calls": []}
 
     def fake_load(path, backend="auto", quant="config", k=None, **streaming):
-        record["calls"].append(
-            {"path": path, "backend": backend, "quant": quant, "k": k, **streaming}
-        )
+        record["calls"].append({"path": path, "backend": backend, "quant": quant, "k": k, **streaming})
         return record["model"], record["tokenizer"]
 
     monkeypatch.setattr(loading, "load", fake_load, raising=False)
@@ -63,9 +61,7 @@ def test_streams_text_to_stdout_and_stats_to_stderr(loaded, tiny_dir, capsys):
     assert f"Prompt: {len(tok.encode(prompt))} tokens, " in err and "tokens-per-sec" in err
     assert f"Generation: {len(tok.encode(MULTIBYTE)) + 1} tokens, " in err
     assert "Peak memory: " in err and " GB" in err
-    assert loaded["calls"] == [
-        {"path": str(tiny_dir), "backend": "auto", "quant": "config", "k": None}
-    ]
+    assert loaded["calls"] == [{"path": str(tiny_dir), "backend": "auto", "quant": "config", "k": None}]
 
 
 def test_flushes_stdout_after_every_token(loaded, tiny_dir, monkeypatch):
@@ -113,9 +109,7 @@ def test_options_reach_load_and_sampling(loaded, tiny_dir, capsys):
     }
     tok = loaded["tokenizer"]
     last = tok.encode("a")[-1]
-    assert (
-        capsys.readouterr().out == tok.decode([last + 1, last + 2, last + 3]) + "\n"
-    )  # top-k 1 is greedy
+    assert capsys.readouterr().out == tok.decode([last + 1, last + 2, last + 3]) + "\n"  # top-k 1 is greedy
 
 
 def test_prompt_from_stdin_and_the_default_prompt(loaded, tiny_dir, monkeypatch, capsys):
@@ -157,9 +151,7 @@ def test_chat_applies_the_template_with_the_system_message(loaded, tiny_dir, cap
 
 def test_timing_prints_a_phase_table(loaded, tiny_dir, capsys):
     loaded["model"] = PhaseModel(loaded["tokenizer"].vocab_size)
-    assert (
-        cli.main(["--model", str(tiny_dir), "--prompt", "a", "--max-tokens", "5", "--timing"]) == 0
-    )
+    assert cli.main(["--model", str(tiny_dir), "--prompt", "a", "--max-tokens", "5", "--timing"]) == 0
     err = capsys.readouterr().err
     rows = {line.split()[0]: line for line in err.splitlines() if line.split()}
     assert "ms/token" in rows["phase"]
@@ -214,9 +206,7 @@ def test_errors_while_loading_give_one_line_and_exit_1(loaded, tiny_dir, monkeyp
 
 def test_chat_without_a_template_gives_one_line(loaded, tiny_dir, capsys):
     tok = loaded["tokenizer"]
-    loaded["tokenizer"] = Tokenizer(
-        tok.backend, tok.eos_token_ids, chat_template=None, source=str(tiny_dir)
-    )
+    loaded["tokenizer"] = Tokenizer(tok.backend, tok.eos_token_ids, chat_template=None, source=str(tiny_dir))
     assert cli.main(["--model", str(tiny_dir), "--chat"]) == 1
     assert "no chat_template" in one_error_line(capsys.readouterr().err)
 
@@ -239,10 +229,7 @@ def test_end_to_end_with_the_real_loader(tmp_path, capsys, model_type):
     from tests.helpers import write_checkpoint, write_tiny_tokenizer
 
     folder = write_tiny_tokenizer(write_checkpoint(tmp_path / model_type, model_type))
-    assert (
-        cli.main(["--model", str(folder), "--prompt", "Le café", "--max-tokens", "5", "--timing"])
-        == 0
-    )
+    assert cli.main(["--model", str(folder), "--prompt", "Le café", "--max-tokens", "5", "--timing"]) == 0
     err = capsys.readouterr().err
     assert "Generation: " in err and "Peak memory: " in err
     assert all(phase in err for phase in ("attention", "routing", "experts", "sampling"))
@@ -261,10 +248,7 @@ def test_streaming_options_reach_load_and_need_each_other(loaded, tiny_dir, caps
         "2",
     ]
     assert cli.main(argv) == 0
-    assert (
-        loaded["calls"][-1]["stream_experts"] is True
-        and loaded["calls"][-1]["expert_cache_mb"] == 64.0
-    )
+    assert loaded["calls"][-1]["stream_experts"] is True and loaded["calls"][-1]["expert_cache_mb"] == 64.0
 
 
 # --- what a researcher meets first -------------------------------------------------------------------
@@ -274,12 +258,7 @@ def test_the_prompt_is_echoed_on_stderr_before_the_completion(loaded, tiny_dir, 
     assert cli.main(["--model", str(tiny_dir), "--prompt", "The quick", "--max-tokens", "2"]) == 0
     out, err = capsys.readouterr()
     assert err.startswith("The quick") and "The quick" not in out  # stdout: the completion alone
-    assert (
-        cli.main(
-            ["--model", str(tiny_dir), "--prompt", "The quick", "--max-tokens", "2", "--quiet"]
-        )
-        == 0
-    )
+    assert cli.main(["--model", str(tiny_dir), "--prompt", "The quick", "--max-tokens", "2", "--quiet"]) == 0
     assert "The quick" not in capsys.readouterr().err
 
 
@@ -299,14 +278,10 @@ def test_chat_help_and_error_name_the_models_that_support_it(loaded, tiny_dir, c
     help_text = " ".join(capsys.readouterr().out.split())
     assert "chat_template.jinja" in help_text and "plain Python-code model" in help_text
     tok = loaded["tokenizer"]
-    loaded["tokenizer"] = Tokenizer(
-        tok.backend, tok.eos_token_ids, chat_template=None, source=str(tiny_dir)
-    )
+    loaded["tokenizer"] = Tokenizer(tok.backend, tok.eos_token_ids, chat_template=None, source=str(tiny_dir))
     assert cli.main(["--model", str(tiny_dir), "--chat"]) == 1
     line = one_error_line(capsys.readouterr().err)
-    assert (
-        "tokenizer_config.json" in line and "chat_template.jinja" in line and "drop --chat" in line
-    )
+    assert "tokenizer_config.json" in line and "chat_template.jinja" in line and "drop --chat" in line
 
 
 def test_sampling_without_a_seed_draws_one_and_prints_it(loaded, tiny_dir, capsys):
@@ -317,10 +292,7 @@ def test_sampling_without_a_seed_draws_one_and_prints_it(loaded, tiny_dir, capsy
         assert "drawn at random" in line
         seeds.append(int(line.split()[1]))
     assert seeds[0] != seeds[1]
-    assert (
-        cli.main(["--model", str(tiny_dir), "--temp", "0.8", "--seed", "7", "--max-tokens", "2"])
-        == 0
-    )
+    assert cli.main(["--model", str(tiny_dir), "--temp", "0.8", "--seed", "7", "--max-tokens", "2"]) == 0
     assert "Seed: 7 (given" in capsys.readouterr().err
     assert cli.main(["--model", str(tiny_dir), "--max-tokens", "2"]) == 0
     assert "Seed:" not in capsys.readouterr().err  # greedy: nothing drawn
@@ -360,9 +332,7 @@ def test_format_stats_gives_the_bandwidth_gpt_fast_style():
         peak_memory_gb=0.5,
     )
     text = format_stats(step, bytes_per_token=2e6)
-    assert (
-        "Bandwidth: 0.100 GB/s (2.000 MB of weights read per token x 50.000 tokens-per-sec)" in text
-    )
+    assert "Bandwidth: 0.100 GB/s (2.000 MB of weights read per token x 50.000 tokens-per-sec)" in text
     assert "Bandwidth" not in format_stats(step)
 
 
@@ -381,9 +351,7 @@ def test_bytes_per_token_against_a_hand_count(tmp_path):
     expected["total"] = expected["dense"] + expected["experts"]
     assert load_model(folder).report.bytes_per_token == pytest.approx(expected)
     assert weight_bytes_per_token(folder) == pytest.approx(expected)
-    assert load_model(folder, k=4).report.bytes_per_token["experts"] == pytest.approx(
-        experts * 4 / 8
-    )
+    assert load_model(folder, k=4).report.bytes_per_token["experts"] == pytest.approx(experts * 4 / 8)
 
 
 def write_tiny_tokenizer_checkpoint(tmp_path):

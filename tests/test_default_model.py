@@ -54,9 +54,7 @@ def test_at_least_6_of_10_held_out_signatures_complete_to_valid_python(bundled):
     valid = []
     for item in SIGNATURES:
         prompt = item["prompt"].rstrip("\n")
-        body = (prompt + flashmoe.generate(model, tokenizer, prompt, max_tokens=96)).split("\n\n")[
-            0
-        ]
+        body = (prompt + flashmoe.generate(model, tokenizer, prompt, max_tokens=96)).split("\n\n")[0]
         try:
             ast.parse(body)
             valid.append(prompt)

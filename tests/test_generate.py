@@ -43,9 +43,7 @@ def test_chat_template_is_applied(tok):
         == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi é<|im_end|>\n<|im_start|>assistant\n"
     )
     assert tok.encode(text)[0] == 1  # <|im_start|> is one special id
-    assert not tok.apply_chat_template(messages, add_generation_prompt=False).endswith(
-        "assistant\n"
-    )
+    assert not tok.apply_chat_template(messages, add_generation_prompt=False).endswith("assistant\n")
 
 
 @pytest.mark.parametrize("layout", ["named list", "named dict", "jinja file"])
@@ -77,9 +75,7 @@ def test_missing_chat_template_is_a_clear_error(tok):
 
 def test_streaming_detokenizer_never_emits_a_partial_character(tok):
     ids = tok.encode(MULTIBYTE)
-    assert any("\ufffd" in tok.decode([i]) for i in ids), (
-        "the test needs a character split across ids"
-    )
+    assert any("\ufffd" in tok.decode([i]) for i in ids), "the test needs a character split across ids"
     detok = StreamingDetokenizer(tok)
     pieces = [detok.add_token(i) for i in ids] + [detok.finalize()]
     assert all("\ufffd" not in p for p in pieces)
@@ -88,9 +84,7 @@ def test_streaming_detokenizer_never_emits_a_partial_character(tok):
 
 def test_streaming_detokenizer_flushes_a_trailing_partial_character(tok):
     ids = tok.encode(MULTIBYTE)
-    cut = next(
-        n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd")
-    )  # ends mid-character
+    cut = next(n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd"))  # ends mid-character
     detok = StreamingDetokenizer(tok)
     pieces = [detok.add_token(i) for i in ids[:cut]]
     assert pieces[-1] == ""  # held back ...
@@ -134,9 +128,7 @@ def test_bad_sampling_settings_are_refused():
 def test_streamed_text_equals_decode_of_the_tokens(tok):
     prompt = tok.encode("Hello")
     script = tok.encode(MULTIBYTE) + [2]
-    steps = list(
-        stream_generate(script_model(tok, len(prompt), script), tok, prompt, max_tokens=50)
-    )
+    steps = list(stream_generate(script_model(tok, len(prompt), script), tok, prompt, max_tokens=50))
     tokens = [s.token for s in steps]
     assert tokens == script  # EOS is the last step ...
     assert steps[-1].finish_reason == "stop" and steps[-1].text == ""  # ... and adds no text
@@ -147,9 +139,7 @@ def test_streamed_text_equals_decode_of_the_tokens(tok):
 
 def test_eos_stops_generation(tok):
     prompt = tok.encode("Hi")
-    model = script_model(
-        tok, len(prompt), [10, 11, 0, 12, 13]
-    )  # 0 is an EOS id from generation_config
+    model = script_model(tok, len(prompt), [10, 11, 0, 12, 13])  # 0 is an EOS id from generation_config
     steps = list(stream_generate(model, tok, prompt, max_tokens=20))
     assert [s.token for s in steps] == [10, 11, 0]
     assert [s.generation_tokens for s in steps] == [1, 2, 3]
@@ -161,17 +151,13 @@ def test_max_tokens_ends_with_length(tok):
     steps = list(stream_generate(model, tok, [40], max_tokens=5))
     assert [s.token for s in steps] == [41, 42, 43, 44, 45]
     assert steps[-1].finish_reason == "length" and steps[-1].generation_tokens == 5
-    assert (
-        steps[-1].prompt_tokens == 1 and steps[-1].prompt_tps > 0 and steps[-1].peak_memory_gb >= 0
-    )
+    assert steps[-1].prompt_tokens == 1 and steps[-1].prompt_tps > 0 and steps[-1].peak_memory_gb >= 0
 
 
 def test_prompt_as_text_or_ids_gives_the_same_result(tok):
     text = "The quick brown fox"
     model = MockModel(tok.vocab_size)
-    assert generate(model, tok, text, max_tokens=6) == generate(
-        model, tok, tok.encode(text), max_tokens=6
-    )
+    assert generate(model, tok, text, max_tokens=6) == generate(model, tok, tok.encode(text), max_tokens=6)
     last = tok.encode(text)[-1]
     assert [s.token for s in stream_generate(model, tok, text, max_tokens=3)] == [
         last + 1,
@@ -193,27 +179,18 @@ def test_chunked_prefill_feeds_every_prompt_token_once_in_order(tok, prompt_len,
     model.make_cache = lambda: cache
     steps = list(stream_generate(model, tok, prompt, max_tokens=4, prefill_chunk=chunk))
     generated = [s.token for s in steps]
-    assert (
-        cache[0].fed == prompt + generated[:-1]
-    )  # the last token is never fed: generation stopped there
-    body = (
-        prompt_len - 1
-    )  # prefill covers all but the last prompt id; the last one yields the first logits
+    assert cache[0].fed == prompt + generated[:-1]  # the last token is never fed: generation stopped there
+    body = prompt_len - 1  # prefill covers all but the last prompt id; the last one yields the first logits
     expected_chunks = [min(chunk, body - s) for s in range(0, body, chunk)]
     assert model.calls == expected_chunks + [1, 1, 1, 1]
-    assert cache[0].state_reads == len(
-        expected_chunks
-    )  # each chunk's graph is evaluated before the next
+    assert cache[0].state_reads == len(expected_chunks)  # each chunk's graph is evaluated before the next
 
 
 def test_seeded_sampling_is_reproducible(tok):
     model = MockModel(tok.vocab_size)
 
     def run(seed: int) -> list[int]:
-        return [
-            s.token
-            for s in stream_generate(model, tok, [5], max_tokens=24, temperature=1.0, seed=seed)
-        ]
+        return [s.token for s in stream_generate(model, tok, [5], max_tokens=24, temperature=1.0, seed=seed)]
 
     assert run(7) == run(7)
     assert run(7) != run(8)
@@ -224,7 +201,6 @@ def test_top_k_1_equals_greedy(tok):
     model = MockModel(tok.vocab_size)
     greedy = [s.token for s in stream_generate(model, tok, [5], max_tokens=12)]
     topk1 = [
-        s.token
-        for s in stream_generate(model, tok, [5], max_tokens=12, temperature=0.8, top_k=1, seed=3)
+        s.token for s in stream_generate(model, tok, [5], max_tokens=12, temperature=0.8, top_k=1, seed=3)
     ]
     assert topk1 == greedy == [6 + i for i in range(12)]

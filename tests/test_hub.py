@@ -92,10 +92,7 @@ def test_what_reads_as_an_id(text, expected):
 
 
 def test_the_cli_takes_an_id(offline_hub, capsys):
-    assert (
-        cli.main(["--model", REPO_ID, "--prompt", "def parse(", "--max-tokens", "4", "--quiet"])
-        == 0
-    )
+    assert cli.main(["--model", REPO_ID, "--prompt", "def parse(", "--max-tokens", "4", "--quiet"]) == 0
     out, err = capsys.readouterr()
     assert out.strip() and "Generation: 4 tokens" in err
 

@@ -46,9 +46,7 @@ def test_an_8_bit_gate_read_as_4_bit_matches_the_engine_loop(backend, group_size
     got = kernels.dequant_matvec(
         x[None], bad_words, scales, biases, bits=4, group_size=group_size, backend=backend
     )
-    want = engine_4bit_matvec(
-        to_numpy(q), to_numpy(scales), to_numpy(biases), to_numpy(x), group_size
-    )
+    want = engine_4bit_matvec(to_numpy(q), to_numpy(scales), to_numpy(biases), to_numpy(x), group_size)
     assert rel_err(got[0], mx.array(want.astype(np.float32))) < 1e-4, f"seed {seed}"
 
     true_scores = x @ mx.dequantize(q, scales, biases, group_size=group_size, bits=8).T

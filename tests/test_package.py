@@ -21,17 +21,11 @@ def test_the_installed_package_finds_its_kernel_sources(tmp_path):
         "print(pathlib.Path(flashmoe.__file__).resolve().parent); print(sources.source_dir().resolve())"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = subprocess.run(
-        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
+    run = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     package, source_dir = map(Path, run.stdout.split())
-    if (
-        "site-packages" in package.parts
-    ):  # a wheel install, as in CI: the sources are the wheel's own copy
-        assert source_dir == package / "kernels" / "src", (
-            f"sources at {source_dir}, package at {package}"
-        )
+    if "site-packages" in package.parts:  # a wheel install, as in CI: the sources are the wheel's own copy
+        assert source_dir == package / "kernels" / "src", f"sources at {source_dir}, package at {package}"
 
 
 def test_both_preludes_open_the_same_body():

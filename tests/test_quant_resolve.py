@@ -15,17 +15,13 @@ affine = st.builds(
     st.sampled_from(quant.AFFINE_BITS),
     st.sampled_from(quant.AFFINE_GROUP_SIZES),
 )
-fp = st.sampled_from(
-    [{"mode": m, "bits": b, "group_size": g} for m, (b, g) in quant.FP_FORMATS.items()]
-)
+fp = st.sampled_from([{"mode": m, "bits": b, "group_size": g} for m, (b, g) in quant.FP_FORMATS.items()])
 entry = st.one_of(affine, fp, st.booleans())
 module = st.builds(
     lambda prefix, layer, leaf: f"{prefix}model.layers.{layer}.{leaf}",
     st.sampled_from(["", "language_model."]),
     st.integers(0, 60),
-    st.sampled_from(
-        ["mlp.gate", "mlp.shared_expert_gate", "mlp.switch_mlp.up_proj", "self_attn.q_proj"]
-    ),
+    st.sampled_from(["mlp.gate", "mlp.shared_expert_gate", "mlp.switch_mlp.up_proj", "self_attn.q_proj"]),
 )
 
 
@@ -148,9 +144,7 @@ def test_the_shape_check_accepts_the_truth_and_refuses_explicit_lies(
     if same_shapes:
         assert resolved.spec == claim
     else:  # unmentioned: from shapes, trying the top level's group size first
-        scaled = (
-            truth.bits * truth.group_size
-        )  # = bits * group_size for any reading of these shapes
+        scaled = truth.bits * truth.group_size  # = bits * group_size for any reading of these shapes
         bits = scaled // claim.group_size if scaled % claim.group_size == 0 else None
         assert resolved.source.startswith("shapes")
         assert resolved.spec.bits * resolved.spec.group_size == truth.bits * truth.group_size

@@ -56,9 +56,7 @@ def data_dir(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     for name, size in (("train", 20_000), ("heldout", 2_000)):
         rng.integers(0, TINY["vocab_size"], size, dtype=np.uint16).tofile(folder / f"{name}.bin")
-    (folder / "manifest.json").write_text(
-        json.dumps({"train": {"sha256": "synthetic"}, "heldout": {}})
-    )
+    (folder / "manifest.json").write_text(json.dumps({"train": {"sha256": "synthetic"}, "heldout": {}}))
     return folder
 
 
@@ -71,9 +69,7 @@ def test_tokenizer_round_trips_python_source():
     for text in texts:
         ids = tokenizer.encode(text, add_special_tokens=False).ids
         assert tokenizer.decode(ids, skip_special_tokens=False) == text
-    assert (
-        len(tokenizer.encode(texts[1]).ids) < len(texts[1]) / 2.5
-    )  # it learned Python, not just bytes
+    assert len(tokenizer.encode(texts[1]).ids) < len(texts[1]) / 2.5  # it learned Python, not just bytes
     config = json.loads((ASSETS_DIR / "tokenizer_config.json").read_text())
     assert config["eos_token"] == EOS
 
@@ -88,9 +84,7 @@ def test_tokenizer_training_is_deterministic():
 def test_corpus_split_keeps_whole_files_on_one_side(tmp_path):
     root = tmp_path / "lib"
     files = {f"pkg{i // 5}/mod{i}.py": f"x = {i}\nprint('file {i}')\n" for i in range(30)}
-    files.update(
-        {"test/test_skip.py": "skip", "pkg0/tests/t.py": "skip", "_sysconfigdata__x.py": "skip"}
-    )
+    files.update({"test/test_skip.py": "skip", "pkg0/tests/t.py": "skip", "_sysconfigdata__x.py": "skip"})
     for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
@@ -100,9 +94,7 @@ def test_corpus_split_keeps_whole_files_on_one_side(tmp_path):
     assert heldout and train and not set(train) & set(heldout) and sorted(train + heldout) == found
     assert split(found, 0.3) == (train, heldout)  # fixed by the paths alone
 
-    m = build(
-        tmp_path / "data", ASSETS_DIR, root, fraction=0.3, heldout_list=tmp_path / "heldout.txt"
-    )
+    m = build(tmp_path / "data", ASSETS_DIR, root, fraction=0.3, heldout_list=tmp_path / "heldout.txt")
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(ASSETS_DIR / "tokenizer.json"))
@@ -110,9 +102,7 @@ def test_corpus_split_keeps_whole_files_on_one_side(tmp_path):
         ids = np.fromfile(tmp_path / "data" / f"{name}.bin", dtype=np.uint16)
         assert ids.size == m[name]["tokens"] and list(m[name]["files"]) == names
         docs = tokenizer.decode(ids.tolist(), skip_special_tokens=False).split(EOS)
-        assert docs[0] == "" and docs[1:] == [
-            files[f] for f in names
-        ]  # each file whole, EOS before each
+        assert docs[0] == "" and docs[1:] == [files[f] for f in names]  # each file whole, EOS before each
     assert (tmp_path / "heldout.txt").read_text().split() == heldout
 
 
@@ -125,9 +115,7 @@ def test_initial_parameters_build_a_flashmoe_model():
     again = init_params(TINY, seed=0)
     assert all(mx.array_equal(params[k], again[k]) for k in params)
     other = init_params(TINY, seed=1)
-    assert not mx.array_equal(
-        other["model.embed_tokens.weight"], params["model.embed_tokens.weight"]
-    )
+    assert not mx.array_equal(other["model.embed_tokens.weight"], params["model.embed_tokens.weight"])
     assert set(param_shapes(CONFIG)) >= {
         "model.layers.0.linear_attn.in_proj_qkvz.weight",
         "model.layers.3.self_attn.q_proj.weight",
@@ -141,9 +129,7 @@ def test_training_steps_lower_the_loss_on_a_repeated_batch():
     step = make_step(args, TINY_SETTINGS, opt)
     params = init_params(TINY, seed=0)
     state = opt.init(params)
-    tokens = mx.array(
-        np.random.default_rng(0).integers(0, TINY["vocab_size"], (4, 33)), dtype=mx.int32
-    )
+    tokens = mx.array(np.random.default_rng(0).integers(0, TINY["vocab_size"], (4, 33)), dtype=mx.int32)
     losses = []
     for _ in range(6):
         params, state, metrics = step(params, state, tokens, mx.array(1e-2))
@@ -178,9 +164,7 @@ def test_resume_continues_exactly(tmp_path, data_dir):
             oa["v"][name], ob["v"][name]
         ), name
     assert oa["step"].item() == ob["step"].item() == 4
-    log = [
-        json.loads(line) for line in (tmp_path / "chunked" / "log.jsonl").read_text().splitlines()
-    ]
+    log = [json.loads(line) for line in (tmp_path / "chunked" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in log if r.get("event") == "eval"] == [2, 4]
 

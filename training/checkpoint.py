@@ -37,9 +37,7 @@ def load_shards(folder: Path, prefix: str) -> dict[str, mx.array]:
     return tensors
 
 
-def save(
-    out: Path, params: dict, opt_state: dict, state: dict, config: dict, tokenizer_dir: Path
-) -> None:
+def save(out: Path, params: dict, opt_state: dict, state: dict, config: dict, tokenizer_dir: Path) -> None:
     """Write the whole checkpoint to `out` (see the module docstring)."""
     out = Path(out)
     incoming = out / INCOMING
@@ -47,9 +45,7 @@ def save(
     (incoming / STATE_DIR).mkdir(parents=True)
     save_shards(params, incoming, "model", MAX_SHARD_BYTES)  # with model.safetensors.index.json
     moments = {f"{kind}.{k}": v for kind in ("m", "v") for k, v in opt_state[kind].items()}
-    save_shards(
-        {**moments, "step": opt_state["step"]}, incoming / STATE_DIR, "optimizer", MAX_SHARD_BYTES
-    )
+    save_shards({**moments, "step": opt_state["step"]}, incoming / STATE_DIR, "optimizer", MAX_SHARD_BYTES)
     (incoming / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(Path(tokenizer_dir) / name, incoming / name)
@@ -60,9 +56,7 @@ def save(
 def _move_in(out: Path) -> None:
     """Replace the checkpoint in `out` by the complete one in out/.incoming; state.json goes last."""
     incoming = out / INCOMING
-    (out / STATE_DIR / "state.json").unlink(
-        missing_ok=True
-    )  # from here on the old checkpoint is invalid
+    (out / STATE_DIR / "state.json").unlink(missing_ok=True)  # from here on the old checkpoint is invalid
     for old in [
         *out.glob("model-*.safetensors"),
         *(out / STATE_DIR).glob("optimizer-*.safetensors"),
@@ -79,9 +73,7 @@ def _move_in(out: Path) -> None:
 def exists(out: Path) -> bool:
     """Whether `out` holds a checkpoint to resume (a complete .incoming one counts)."""
     out = Path(out)
-    return (out / STATE_DIR / "state.json").is_file() or (
-        out / INCOMING / STATE_DIR / "state.json"
-    ).is_file()
+    return (out / STATE_DIR / "state.json").is_file() or (out / INCOMING / STATE_DIR / "state.json").is_file()
 
 
 def read_state(out: Path) -> dict:

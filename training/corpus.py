@@ -22,9 +22,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 DATA_DIR = HERE / "data"
-ASSETS_DIR = (
-    HERE.parent / "flashmoe" / "assets" / "flashmoe-coder-tiny"
-)  # the one copy of tokenizer.json, tokenizer_config.json
+# the one copy of tokenizer.json, tokenizer_config.json: beside the bundled model
+ASSETS_DIR = HERE.parent / "flashmoe" / "assets" / "flashmoe-coder-tiny"
 HELDOUT_LIST = HERE / "heldout_files.txt"
 EOS = "<|endoftext|>"
 HELDOUT_FRACTION = 0.02
@@ -109,9 +108,7 @@ def build(
     root = Path(root or stdlib_root())
     tokenizer = Tokenizer.from_file(str(assets / "tokenizer.json"))
     if tokenizer.get_vocab_size() > 65536:
-        raise ValueError(
-            f"{assets / 'tokenizer.json'}: {tokenizer.get_vocab_size()} ids do not fit uint16"
-        )
+        raise ValueError(f"{assets / 'tokenizer.json'}: {tokenizer.get_vocab_size()} ids do not fit uint16")
     texts, skipped = read_sources(root, collect_files(root))
     train, heldout = split(list(texts), fraction)
     out_dir = Path(out_dir)
@@ -145,12 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--out", type=Path, default=DATA_DIR, help="where train.bin / heldout.bin go"
-    )
-    parser.add_argument(
-        "--assets", type=Path, default=ASSETS_DIR, help="folder holding tokenizer.json"
-    )
+    parser.add_argument("--out", type=Path, default=DATA_DIR, help="where train.bin / heldout.bin go")
+    parser.add_argument("--assets", type=Path, default=ASSETS_DIR, help="folder holding tokenizer.json")
     parser.add_argument(
         "--stdlib", type=Path, default=None, help="library folder (default: this interpreter's)"
     )

@@ -54,9 +54,7 @@ class Batches:
         offset, order = self._epoch(epoch)
         starts = offset + order[position * self.batch : (position + 1) * self.batch] * self.seq
         if len(starts) < self.batch:
-            raise IndexError(
-                f"epoch {epoch} has {len(order) // self.batch} batches; asked for {position}"
-            )
+            raise IndexError(f"epoch {epoch} has {len(order) // self.batch} batches; asked for {position}")
         return np.stack([self.tokens[s : s + self.seq + 1] for s in starts]).astype(np.int32)
 
     def advance(self, epoch: int, position: int) -> tuple[int, int]:

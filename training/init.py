@@ -30,17 +30,11 @@ def param_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return model_param_shapes(args)
 
 
-def init_value(
-    name: str, shape: tuple[int, ...], rng: np.random.Generator, num_layers: int
-) -> np.ndarray:
+def init_value(name: str, shape: tuple[int, ...], rng: np.random.Generator, num_layers: int) -> np.ndarray:
     """One tensor's initial value (float32); the rule is chosen by the tensor's name."""
-    if name.endswith(
-        "norm.weight"
-    ):  # every RMSNorm, linear_attn.norm included: mlx-lm's layout holds the +1
+    if name.endswith("norm.weight"):  # every RMSNorm, linear_attn.norm included: mlx-lm's layout holds the +1
         return np.ones(shape, np.float32)
-    if name.endswith(
-        "A_log"
-    ):  # per-head decay rates exp(A) in [1, 16], as Qwen3-Next initialises them
+    if name.endswith("A_log"):  # per-head decay rates exp(A) in [1, 16], as Qwen3-Next initialises them
         return np.log(rng.uniform(1.0, 16.0, shape)).astype(np.float32)
     if name.endswith("dt_bias"):
         return np.ones(shape, np.float32)
@@ -48,9 +42,7 @@ def init_value(
         return rng.normal(0.0, 1.0 / math.sqrt(3 * shape[1]), shape).astype(np.float32)
     std = STD
     if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
-        std = STD / math.sqrt(
-            2 * num_layers
-        )  # residual outputs: GPT-2's scaling keeps the stream's size
+        std = STD / math.sqrt(2 * num_layers)  # residual outputs: GPT-2's scaling keeps the stream's size
     return rng.normal(0.0, std, shape).astype(np.float32)
 
 

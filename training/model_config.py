@@ -55,9 +55,7 @@ def param_counts(cfg: dict) -> dict[str, int]:
     sizes = {name: _prod(shape) for name, shape in param_shapes(cfg).items()}
     total = sum(sizes.values())
     routed = sum(n for name, n in sizes.items() if ".switch_mlp." in name)
-    unused = (
-        routed * (cfg["num_experts"] - cfg["num_experts_per_tok"]) // max(cfg["num_experts"], 1)
-    )
+    unused = routed * (cfg["num_experts"] - cfg["num_experts_per_tok"]) // max(cfg["num_experts"], 1)
     embed = sizes["model.embed_tokens.weight"]
     return {
         "total": total,
@@ -75,14 +73,9 @@ def quantized_bytes(cfg: dict, bits: int = 4, group_size: int = 64, gate_bits: i
     total = 0
     for name, shape in param_shapes(cfg).items():
         n = _prod(shape)
-        if (
-            len(shape) < 2
-            or shape[-1] % group_size
-            or name.endswith(("conv1d.weight", "A_log", "dt_bias"))
-        ):
-            total += (
-                4 * n if name.endswith(("A_log", "dt_bias")) else 2 * n
-            )  # kept float (bf16; A_log float32)
+        if len(shape) < 2 or shape[-1] % group_size or name.endswith(("conv1d.weight", "A_log", "dt_bias")):
+            # kept float (bf16; A_log float32)
+            total += 4 * n if name.endswith(("A_log", "dt_bias")) else 2 * n
             continue
         b = gate_bits if name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")) else bits
         total += n * b // 8 + 2 * 2 * (n // group_size)

@@ -21,9 +21,7 @@ from flashmoe.models.moe import Routing
 from flashmoe.models.store import TensorStore
 
 
-def build_model(
-    params: dict[str, mx.array], args: ModelArgs, dtype: mx.Dtype = mx.float32
-) -> Model:
+def build_model(params: dict[str, mx.array], args: ModelArgs, dtype: mx.Dtype = mx.float32) -> Model:
     """A flashmoe Model over `params` (a shallow copy: TensorStore takes tensors out of its dict)."""
     return Model(TensorStore(dict(params), dtype=dtype, source="training parameters"), args)
 

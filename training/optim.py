@@ -21,9 +21,7 @@ class AdamW:
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
-    state_dtype: mx.Dtype = (
-        mx.float32
-    )  # bfloat16 halves the state (saved as is, so resume stays exact)
+    state_dtype: mx.Dtype = mx.float32  # bfloat16 halves the state (saved as is, so resume stays exact)
 
     def init(self, params: dict[str, mx.array]) -> dict:
         """Zero moments and step 0."""
@@ -56,9 +54,7 @@ def clip_by_global_norm(grads: dict[str, mx.array], max_norm: float) -> tuple[di
     return {k: g * scale for k, g in grads.items()}, norm
 
 
-def learning_rate(
-    step: int, peak: float, warmup: int, total: int, final_ratio: float = 0.1
-) -> float:
+def learning_rate(step: int, peak: float, warmup: int, total: int, final_ratio: float = 0.1) -> float:
     """Linear warmup to `peak` over `warmup` steps, then cosine decay to `peak * final_ratio` at `total`."""
     if step < warmup:
         return peak * (step + 1) / warmup

@@ -26,9 +26,7 @@ from .corpus import DATA_DIR
 from .data import eval_windows, load_tokens
 
 
-def routing_stats(
-    logits: mx.array, experts: mx.array, num_experts: int
-) -> tuple[np.ndarray, float]:
+def routing_stats(logits: mx.array, experts: mx.array, num_experts: int) -> tuple[np.ndarray, float]:
     """(routed slots per expert (E,), summed router entropy in nats) of one batch's routing."""
     chosen = (experts.reshape(-1)[:, None] == mx.arange(num_experts)).astype(mx.float32)  # (N K, E)
     logits = logits.astype(mx.float32).reshape(-1, num_experts)  # (N, E)
@@ -142,12 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--data", type=Path, default=DATA_DIR)
-    parser.add_argument(
-        "--seq", type=int, default=None, help="window length (default: the training run's)"
-    )
-    parser.add_argument(
-        "--tokens", type=int, default=65536, help="held-out tokens to score (from the start)"
-    )
+    parser.add_argument("--seq", type=int, default=None, help="window length (default: the training run's)")
+    parser.add_argument("--tokens", type=int, default=65536, help="held-out tokens to score (from the start)")
     parser.add_argument("--json", type=Path, default=None, help="default: CHECKPOINT/report.json")
     a = parser.parse_args(argv)
     seq = a.seq or read_state(a.checkpoint).get("settings", {}).get("seq", 256)

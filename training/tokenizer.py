@@ -64,9 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     train, _ = split(list(texts))
     tokenizer = train_tokenizer([texts[f] for f in train], args.vocab)
     save(tokenizer, args.out)
-    print(
-        f"{args.out / 'tokenizer.json'}: {tokenizer.get_vocab_size()} ids, trained on {len(train)} files"
-    )
+    print(f"{args.out / 'tokenizer.json'}: {tokenizer.get_vocab_size()} ids, trained on {len(train)} files")
 
 
 if __name__ == "__main__":

@@ -30,9 +30,8 @@ from .model_config import CONFIG
 from .objective import check_params, evaluate, loss_terms
 from .optim import AdamW, clip_by_global_norm, learning_rate
 
-START = (
-    time.monotonic()
-)  # --minutes counts from here (about when the process started): compilation is part of it
+# --minutes counts from here (about when the process started): compilation is part of it
+START = time.monotonic()
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 SAVE_RESERVE_S = 10.0  # seconds kept for writing the checkpoint (a few seconds for ~200 MB)
 ROUTE_FIX = (
@@ -116,10 +115,8 @@ class Budget:
 
     def __init__(self, minutes: float, eval_batches: int, eval_seconds: float | None):
         self.deadline = START + 60 * minutes if minutes else math.inf
-        self.eval_batches, self.eval_seconds = (
-            eval_batches,
-            eval_seconds,
-        )  # eval_seconds: the last chunk's
+        self.eval_batches = eval_batches
+        self.eval_seconds = eval_seconds  # the last chunk's
         self.step_times: list[float] = []
 
     def allows_step(self) -> bool:
@@ -192,13 +189,9 @@ def train(
     args = ModelArgs.from_config(config)
     check_params(params, args)
     windows = (
-        eval_windows(load_tokens(data_dir, "heldout"), s.seq, s.eval_tokens)
-        if evaluate_at_end
-        else None
+        eval_windows(load_tokens(data_dir, "heldout"), s.seq, s.eval_tokens) if evaluate_at_end else None
     )
-    budget = Budget(
-        minutes, 0 if windows is None else -(-len(windows) // s.batch), state.get("eval_seconds")
-    )
+    budget = Budget(minutes, 0 if windows is None else -(-len(windows) // s.batch), state.get("eval_seconds"))
     log = Log(out / "log.jsonl")
     chunk_start, steps_before = time.monotonic(), state["step"]
     params, opt_state = run_steps(
@@ -265,9 +258,7 @@ def run_steps(
         f"({batches.per_epoch(state['epoch'])} steps/epoch), {time.monotonic() - START:.1f}s after start",
         flush=True,
     )
-    while state["step"] < s.total_steps and (
-        max_steps is None or state["step"] - first < max_steps
-    ):
+    while state["step"] < s.total_steps and (max_steps is None or state["step"] - first < max_steps):
         if not budget.allows_step():
             break
         t0 = time.monotonic()
@@ -283,9 +274,7 @@ def run_steps(
         window.append(metrics)
         if state["step"] % log_every == 0 or state["step"] == s.total_steps:
             now = time.monotonic()
-            ce, balance, z, norm = (
-                mx.stack(window).mean(axis=0).tolist()
-            )  # a sync, once per log line
+            ce, balance, z, norm = mx.stack(window).mean(axis=0).tolist()  # a sync, once per log line
             record = {
                 "step": state["step"],
                 "epoch": state["epoch"],
@@ -337,20 +326,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--minutes", type=float, default=9.0, help="wall-clock budget of this chunk (0: none)"
     )
-    parser.add_argument(
-        "--max-steps", type=int, default=None, help="stop this chunk after this many steps"
-    )
+    parser.add_argument("--max-steps", type=int, default=None, help="stop this chunk after this many steps")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument(
         "--no-eval", action="store_true", help="skip the held-out score at the end of the chunk"
     )
-    for f in dataclasses.fields(
-        Settings
-    ):  # settings: only for a fresh run (a resumed one keeps its own)
+    for f in dataclasses.fields(Settings):  # settings: only for a fresh run (a resumed one keeps its own)
         if f.type == "bool":
-            parser.add_argument(
-                f"--{f.name.replace('_', '-')}", type=_boolean, default=None, metavar="{0,1}"
-            )
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=_boolean, default=None, metavar="{0,1}")
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
             choices = list(DTYPES) if f.name.endswith("dtype") else None
@@ -371,9 +354,7 @@ def _boolean(text: str) -> bool:
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     given = {
-        f.name: getattr(a, f.name)
-        for f in dataclasses.fields(Settings)
-        if getattr(a, f.name) is not None
+        f.name: getattr(a, f.name) for f in dataclasses.fields(Settings) if getattr(a, f.name) is not None
     }
     if a.resume and given:
         saved = checkpoint.read_state(a.out).get("settings", {})

@@ -33,21 +33,15 @@ def matvec_error(backend: str, bits: int, group_size: int, out_dim: int, in_dim:
     """rel_err of dequant_matvec (3 rows of x) against the exact reference."""
     q, scales, biases, dense = quantized((out_dim, in_dim), bits, group_size)
     x = mx.random.normal((3, in_dim))
-    y = kernels.dequant_matvec(
-        x, q, scales, biases, bits=bits, group_size=group_size, backend=backend
-    )
+    y = kernels.dequant_matvec(x, q, scales, biases, bits=bits, group_size=group_size, backend=backend)
     if y.shape != (3, out_dim) or y.dtype != mx.float32:
-        raise AssertionError(
-            f"{backend}: output {y.shape} {y.dtype}, expected (3, {out_dim}) float32"
-        )
+        raise AssertionError(f"{backend}: output {y.shape} {y.dtype}, expected (3, {out_dim}) float32")
     return rel_err(y, exact_matmul(x, dense.T))
 
 
 def gathered_error(backend: str, bits: int, group_size: int, shared_input: bool) -> float:
     """rel_err of gather_dequant_matvec (x shared by the K experts, or one x per expert)."""
-    e, out_dim, in_dim, tokens, k = (
-        GATHERED[n] for n in ("experts", "out_dim", "in_dim", "tokens", "k")
-    )
+    e, out_dim, in_dim, tokens, k = (GATHERED[n] for n in ("experts", "out_dim", "in_dim", "tokens", "k"))
     q, scales, biases, dense = quantized((e, out_dim, in_dim), bits, group_size)
     indices = mx.random.randint(0, e, (tokens, k)).astype(mx.uint32)
     x = mx.random.normal((tokens, in_dim) if shared_input else (tokens, k, in_dim))
@@ -62,10 +56,6 @@ def gathered_error(backend: str, bits: int, group_size: int, shared_input: bool)
 
 def worst_error(backend: str, bits: int) -> tuple[float, float]:
     """(plain, gathered) worst relative error over every group size, shape and input layout."""
-    plain = max(
-        matvec_error(backend, bits, g, o, i) for g in GROUP_SIZES for o, i in SHAPES if i % g == 0
-    )
-    gathered = max(
-        gathered_error(backend, bits, g, shared) for g in GROUP_SIZES for shared in (True, False)
-    )
+    plain = max(matvec_error(backend, bits, g, o, i) for g in GROUP_SIZES for o, i in SHAPES if i % g == 0)
+    gathered = max(gathered_error(backend, bits, g, shared) for g in GROUP_SIZES for shared in (True, False))
     return plain, gathered

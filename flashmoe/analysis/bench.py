@@ -75,9 +75,7 @@ def spread(samples: Sequence[float]) -> Spread:
 
 def error_bars(spreads: Sequence[Spread]) -> tuple[list[float], np.ndarray]:
     """(medians, yerr of shape (2, n)) for plt.bar / plt.errorbar with min-max bars."""
-    return [s.median for s in spreads], np.array([s.yerr for s in spreads]).T.reshape(
-        2, len(spreads)
-    )
+    return [s.median for s in spreads], np.array([s.yerr for s in spreads]).T.reshape(2, len(spreads))
 
 
 def interleaved(
@@ -201,9 +199,7 @@ def weight_bytes_per_token(directory, k: int | None = None) -> dict[str, float]:
     from ..models.args import ModelArgs
     from ..safetensors import tensor_infos
 
-    return bytes_per_token(
-        tensor_infos(directory), ModelArgs.from_config(read_config(directory)), k
-    )
+    return bytes_per_token(tensor_infos(directory), ModelArgs.from_config(read_config(directory)), k)
 
 
 @dataclass
@@ -296,9 +292,7 @@ def kernel_errors(
     ref = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits) @ x  # (out,)
     errors = {}
     for backend in kernels.available_backends():
-        y = kernels.dequant_matvec(
-            x, w, scales, biases, bits=bits, group_size=group_size, backend=backend
-        )
+        y = kernels.dequant_matvec(x, w, scales, biases, bits=bits, group_size=group_size, backend=backend)
         errors[backend] = rel_err(y, ref)
     return errors
 
@@ -306,9 +300,7 @@ def kernel_errors(
 # --------------------------------------------------------------------------- the two formulas
 
 
-def naive_form(
-    q: mx.array, scales: mx.array, biases: mx.array, x: mx.array, group_size: int
-) -> mx.array:
+def naive_form(q: mx.array, scales: mx.array, biases: mx.array, x: mx.array, group_size: int) -> mx.array:
     """sum over inputs of (q*s + b) * x: dequantize each weight, then multiply. q (out, in) codes -> (out,)."""
     out_dim, in_dim = q.shape
     qg = q.reshape(out_dim, -1, group_size)  # (out, groups, g)
@@ -316,9 +308,7 @@ def naive_form(
     return (w * x.reshape(1, -1, group_size)).sum(axis=(-1, -2))
 
 
-def fma_form(
-    q: mx.array, scales: mx.array, biases: mx.array, x: mx.array, group_size: int
-) -> mx.array:
+def fma_form(q: mx.array, scales: mx.array, biases: mx.array, x: mx.array, group_size: int) -> mx.array:
     """sum over inputs of q*(s*x) + b*x, with s*x and b*x formed per input once (the kernels' FMA form)."""
     out_dim, in_dim = q.shape
     xg = x.reshape(1, -1, group_size)  # (1, groups, g)
@@ -387,9 +377,7 @@ class PhaseBreakdown:
         return sum(self.phases.values())
 
 
-def decode_phase_breakdown(
-    model: Any, tokenizer: Any, prompt: str | list[int], n: int = 8
-) -> PhaseBreakdown:
+def decode_phase_breakdown(model: Any, tokenizer: Any, prompt: str | list[int], n: int = 8) -> PhaseBreakdown:
     """Greedy-decode `n` tokens after `prompt` with per-phase timing on; each step's wall time measured around it."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     cache, sampler = model.make_cache(), make_sampler(0.0)

@@ -61,9 +61,7 @@ def windows(tokens, seq_len: int = 256, max_tokens: int | None = None) -> list[n
     Consecutive windows share one id: the last target of one is the first input of the next.
     """
     ids = np.asarray(tokens, dtype=np.int32)[: (max_tokens or len(tokens)) + 1]
-    return [
-        w for w in (ids[i : i + seq_len + 1] for i in range(0, len(ids) - 1, seq_len)) if len(w) > 1
-    ]
+    return [w for w in (ids[i : i + seq_len + 1] for i in range(0, len(ids) - 1, seq_len)) if len(w) > 1]
 
 
 def window_nlls(
@@ -107,10 +105,7 @@ def perplexity(
 def token_nll(logits: mx.array, targets: mx.array) -> mx.array:
     """Negative log-likelihood of each target in nats: (B, T, V), (B, T) -> (B, T) float32."""
     logits = logits.astype(mx.float32)
-    return (
-        mx.logsumexp(logits, axis=-1)
-        - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    )
+    return mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
 def _same_length(indices: list[int], ws: list[np.ndarray]) -> list[list[int]]:

@@ -36,8 +36,7 @@ def side_by_side_html(texts: dict[str, str]) -> str:
     pre = "text-align:left; white-space:pre; margin:0; font-family:monospace"
     heads = "".join(f"<th style='{cell}'>{html.escape(name)}</th>" for name in texts)
     cells = "".join(
-        f"<td style='{cell}'><pre style='{pre}'>{html.escape(text)}</pre></td>"
-        for text in texts.values()
+        f"<td style='{cell}'><pre style='{pre}'>{html.escape(text)}</pre></td>" for text in texts.values()
     )
     return f"<table><tr>{heads}</tr><tr>{cells}</tr></table>"
 

@@ -17,9 +17,7 @@ from ..generate import decode_one_token, decode_tokens, prefill
 from ..sample import make_sampler
 
 
-def greedy_tokens(
-    model: Any, make_cache: Callable[[], list], ids: list[int], steps: int
-) -> list[int]:
+def greedy_tokens(model: Any, make_cache: Callable[[], list], ids: list[int], steps: int) -> list[int]:
     """Greedy ids after `ids` for model(tokens (1, T), cache) -> (1, T, V): flashmoe or mlx-lm alike."""
     return list(_greedy_decode(model, make_cache, ids, steps))
 

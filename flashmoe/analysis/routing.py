@@ -92,9 +92,7 @@ def compare_routing(good: Model, bad: Model, tokens: mx.array) -> RoutingCompari
             _np(g.experts).reshape(-1, g.experts.shape[-1]),
             _np(b.experts).reshape(-1, b.experts.shape[-1]),
         )
-        overlap = np.array(
-            [len(set(x) & set(y)) / len(x) for x, y in zip(ge.tolist(), be.tolist())]
-        )
+        overlap = np.array([len(set(x) & set(y)) / len(x) for x, y in zip(ge.tolist(), be.tolist())])
         result.layers[layer] = LayerComparison(
             overlap=overlap,
             rms_true=_rms(gl),
@@ -163,9 +161,7 @@ def reference_routing(model: Model, directory: str | Path, tokens: mx.array) -> 
         )  # (E, D)
         logits[layer] = inputs[layer].astype(mx.float32) @ dense.T  # (B, T, E)
         k = model.layers[layer].mlp.k
-        top = np.argsort(-_np(logits[layer]), axis=-1)[
-            ..., :k
-        ]  # softmax is monotonic: top-K of the logits
+        top = np.argsort(-_np(logits[layer]), axis=-1)[..., :k]  # softmax is monotonic: top-K of the logits
         experts[layer] = np.sort(top.reshape(-1, k), axis=-1)
     return ReferenceRouting(logits, experts, bits)
 
@@ -196,9 +192,7 @@ def gate_tensor_table(directory: str | Path) -> list[GateTensor]:
     plan, infos = resolve(read_config(directory)), tensor_infos(directory)
     rows = []
     gates = [
-        n[: -len(".scales")]
-        for n in infos
-        if n.endswith(("mlp.gate.scales", "shared_expert_gate.scales"))
+        n[: -len(".scales")] for n in infos if n.endswith(("mlp.gate.scales", "shared_expert_gate.scales"))
     ]
     for name in sorted(gates):
         spec = plan.spec_for(name)

@@ -44,9 +44,7 @@ def resolve_backend(backend: str = "auto") -> str:
     if backend == "auto":
         return available_backends()[0]  # "mlx" always runs
     if backend not in BACKENDS:
-        raise FlashMoeError(
-            f"unknown kernel backend {backend!r}; expected 'auto' or one of {BACKENDS}"
-        )
+        raise FlashMoeError(f"unknown kernel backend {backend!r}; expected 'auto' or one of {BACKENDS}")
     if not backend_available(backend):
         raise BackendUnavailableError(
             f"kernel backend {backend!r} cannot run here (default device {mx.default_device()}, "

@@ -135,15 +135,11 @@ def reference(
     eps = QK_L2_EPS * inv**2
     q = (inv**2) * mx.fast.rms_norm(q, None, eps)
     k = inv * mx.fast.rms_norm(k, None, eps)
-    decay = mx.exp(-mx.exp(A_log.astype(mx.float32)) * mx.logaddexp(a + dt_bias, 0))[
-        :, None
-    ]  # (B, 1, H_v)
+    decay = mx.exp(-mx.exp(A_log.astype(mx.float32)) * mx.logaddexp(a + dt_bias, 0))[:, None]  # (B, 1, H_v)
     beta = mx.sigmoid(b)[:, None]
     out, new_state = mx.fast.gated_delta_update(q, k, v, decay, beta, state)  # (B, 1, H_v, d_v)
     normed = mx.fast.rms_norm(out, norm_w, rms_eps)
     gated = (
-        z.astype(mx.float32)[:, None]
-        * mx.sigmoid(z.astype(mx.float32)[:, None])
-        * normed.astype(mx.float32)
+        z.astype(mx.float32)[:, None] * mx.sigmoid(z.astype(mx.float32)[:, None]) * normed.astype(mx.float32)
     )
     return gated.astype(qkv.dtype)[:, 0], new_state, new_conv

@@ -119,9 +119,7 @@ def build(backend: str, body_file: str, name: str, inputs: tuple, outputs: tuple
     """A new kernel object for `body_file` on `backend`."""
     header, body = compose(backend, body_file)
     make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
-    return make(
-        name=name, input_names=list(inputs), output_names=list(outputs), source=body, header=header
-    )
+    return make(name=name, input_names=list(inputs), output_names=list(outputs), source=body, header=header)
 
 
 @functools.cache
@@ -146,9 +144,7 @@ def _zeros(pairs: int) -> mx.array:
     return mx.zeros((pairs,), dtype=mx.uint32)
 
 
-def gathered_matvec(
-    backend, x, w, scales, biases, idx, *, x_div, bits, group_size, out_shape
-) -> mx.array:
+def gathered_matvec(backend, x, w, scales, biases, idx, *, x_div, bits, group_size, out_shape) -> mx.array:
     """Pairs p = 0..P-1 (P = idx.size): y[p] = dequant(w[idx[p]]) @ x[p // x_div] -> y of out_shape.
 
     x (P / x_div rows of in), w (E, out, words) or (out, words) when idx is all zeros,

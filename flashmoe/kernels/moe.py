@@ -63,9 +63,7 @@ def moe_gate_up(x, gate, up, ids, *, bits: int, group_size: int, backend: str = 
     return y
 
 
-def moe_down(
-    h, down, ids, weights, *, bits: int, group_size: int, backend: str = "auto"
-) -> mx.array:
+def moe_down(h, down, ids, weights, *, bits: int, group_size: int, backend: str = "auto") -> mx.array:
     """h (..., K, I), ids and weights (..., K) -> sum_k weights[k] * down[ids[k]] @ h[k] of shape (..., D)."""
     w, scales, biases = down
     backend = _backend(backend)
@@ -109,19 +107,13 @@ def route(logits: mx.array, top_k: int, norm_topk_prob: bool = True) -> tuple[mx
 
 
 def moe_gate_up_reference(x, gate, up, ids, *, bits: int, group_size: int) -> mx.array:
-    g = reference.gather_dequant_matvec(
-        x.astype(mx.float32), *gate, ids, bits=bits, group_size=group_size
-    )
-    u = reference.gather_dequant_matvec(
-        x.astype(mx.float32), *up, ids, bits=bits, group_size=group_size
-    )
+    g = reference.gather_dequant_matvec(x.astype(mx.float32), *gate, ids, bits=bits, group_size=group_size)
+    u = reference.gather_dequant_matvec(x.astype(mx.float32), *up, ids, bits=bits, group_size=group_size)
     return (g * mx.sigmoid(g) * u).astype(x.dtype)
 
 
 def moe_down_reference(h, down, ids, weights, *, bits: int, group_size: int) -> mx.array:
-    y = reference.gather_dequant_matvec(
-        h.astype(mx.float32), *down, ids, bits=bits, group_size=group_size
-    )
+    y = reference.gather_dequant_matvec(h.astype(mx.float32), *down, ids, bits=bits, group_size=group_size)
     return (y * weights.astype(mx.float32)[..., None]).sum(-2).astype(h.dtype)  # (..., D)
 
 

@@ -78,6 +78,4 @@ def dequant_matvec(x, w, scales, biases, *, bits: int, group_size: int):
 
 def gather_dequant_matvec(x, w, scales, biases, indices, *, bits: int, group_size: int):
     """x (..., in) or (..., K, in) float32 against experts `indices` (..., K) of w (E, out, words) -> (..., K, out)."""
-    return _require().gather_dequant_matvec(
-        x, w, scales, biases, indices, bits, group_size, stream=mx.cpu
-    )
+    return _require().gather_dequant_matvec(x, w, scales, biases, indices, bits, group_size, stream=mx.cpu)

@@ -18,9 +18,7 @@ def unpack(w: mx.array, bits: int) -> mx.array:
     return codes.reshape(*w.shape[:-1], w.shape[-1] * per_word)
 
 
-def dequantize(
-    w: mx.array, scales: mx.array, biases: mx.array, *, bits: int, group_size: int
-) -> mx.array:
+def dequantize(w: mx.array, scales: mx.array, biases: mx.array, *, bits: int, group_size: int) -> mx.array:
     """(..., out, words) packed -> (..., out, in) float32 weights."""
     q = unpack(w, bits).astype(mx.float32)
     groups = q.reshape(*scales.shape, group_size)  # (..., out, in/group, group)
@@ -45,8 +43,6 @@ def dequant_matvec(x, w, scales, biases, *, bits: int, group_size: int) -> mx.ar
 
 def gather_dequant_matvec(x, w, scales, biases, indices, *, bits: int, group_size: int) -> mx.array:
     """x (..., in) or (..., K, in) against experts `indices` (..., K) of w (E, out, words) -> (..., K, out)."""
-    weights = dequantize(
-        w[indices], scales[indices], biases[indices], bits=bits, group_size=group_size
-    )
+    weights = dequantize(w[indices], scales[indices], biases[indices], bits=bits, group_size=group_size)
     xk = x[..., None, :] if x.ndim == indices.ndim else x  # (..., K or 1, in)
     return dot(weights, xk).astype(x.dtype)  # (..., K, out)

@@ -21,32 +21,20 @@ class Arch:
     model_type: str
     text_config: bool = False  # its fields sit under config["text_config"] (multimodal wrapper)
     weight_prefix: str = ""  # tensor names start with this ("language_model." for the wrapper)
-    hybrid: bool = (
-        False  # Gated DeltaNet layers, full attention every `full_attention_interval` (default 4)
-    )
-    split_in_proj: bool = (
-        False  # Gated DeltaNet's in_proj_qkv/_z/_b/_a (else fused in_proj_qkvz/_ba)
-    )
+    hybrid: bool = False  # Gated DeltaNet layers, full attention every `full_attention_interval` (default 4)
+    split_in_proj: bool = False  # Gated DeltaNet's in_proj_qkv/_z/_b/_a (else fused in_proj_qkvz/_ba)
     output_gate: bool = False  # q_proj gives a query and a sigmoid output gate per head
     partial_rotary: bool = False  # rotary on head_dim * partial_rotary_factor dims only
     qk_norm: bool = False  # RMSNorm on each query and key head
-    qkv_bias: bool = (
-        False  # q/k/v always carry a bias and o_proj never does (else: config's attention_bias)
-    )
+    qkv_bias: bool = False  # q/k/v always carry a bias and o_proj never does (else: config's attention_bias)
     head_dim_from_hidden: bool = False  # head_dim = hidden_size / heads, whatever the config says
-    config_rope_traditional: bool = (
-        False  # honours the config's rope_traditional (else always False)
-    )
+    config_rope_traditional: bool = False  # honours the config's rope_traditional (else always False)
     zero_centred_norms: bool = False  # raw Hugging Face checkpoints store RMSNorm weights minus 1
-    every_layer_moe: bool = (
-        False  # every layer routes (decoder_sparse_step / mlp_only_layers ignored)
-    )
+    every_layer_moe: bool = False  # every layer routes (decoder_sparse_step / mlp_only_layers ignored)
     norm_topk_prob: bool = False  # the default of norm_topk_prob when the config omits it
 
 
-_HYBRID = dict(
-    hybrid=True, output_gate=True, partial_rotary=True, qk_norm=True, zero_centred_norms=True
-)
+_HYBRID = dict(hybrid=True, output_gate=True, partial_rotary=True, qk_norm=True, zero_centred_norms=True)
 ARCHS = {
     arch.model_type: arch
     for arch in (
@@ -95,9 +83,7 @@ class ModelArgs:
     num_experts_per_tok: int = 0  # K
     moe_intermediate_size: int = 0  # I, each expert's width
     shared_expert_intermediate_size: int = 0  # 0: no shared expert
-    norm_topk_prob: bool | None = (
-        None  # renormalise the K routing weights to sum to 1 (None: arch default)
-    )
+    norm_topk_prob: bool | None = None  # renormalise the K routing weights to sum to 1 (None: arch default)
     decoder_sparse_step: int = 1  # layer i is MoE when (i + 1) % step == 0 ...
     mlp_only_layers: list[int] = field(default_factory=list)  # ... and i is not listed here
     full_attention_interval: int = 0  # hybrid models: layer i is full attention when (i+1) % n == 0
@@ -126,9 +112,7 @@ class ModelArgs:
         if rope:  # newer configs keep rope settings here
             fields.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
             fields.setdefault("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
-            fields.setdefault(
-                "rope_scaling", rope
-            )  # its "type" decides the scaling, as rope_scaling's does
+            fields.setdefault("rope_scaling", rope)  # its "type" decides the scaling, as rope_scaling's does
         if arch.hybrid:
             fields.setdefault("full_attention_interval", 4)
         known = {f.name for f in dataclasses.fields(cls)}
@@ -164,9 +148,7 @@ class ModelArgs:
         return layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
 
 
-MAX_DIM = (
-    1 << 20
-)  # widths, heads, experts: far above any real model, small enough that shapes never overflow
+MAX_DIM = 1 << 20  # widths, heads, experts: far above any real model, small enough that shapes never overflow
 MAX_LAYERS = 4096
 _POSITIVE = ("hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
 _NON_NEGATIVE = (
@@ -190,26 +172,18 @@ def _validate(fields: dict, model_type: str) -> None:
     """Types and ranges of every config.json field the engine uses; each error names the key."""
 
     def bad(key: str, want: str):
-        raise FlashMoeError(
-            f"config.json: {key} = {fields[key]!r:.80}; expected {want} ({model_type})"
-        )
+        raise FlashMoeError(f"config.json: {key} = {fields[key]!r:.80}; expected {want} ({model_type})")
 
     def is_int(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
 
     def is_number(value) -> bool:
-        return (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        )
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
     for key in _POSITIVE + _NON_NEGATIVE:
         if key in fields:
             low = 1 if key in _POSITIVE else 0
-            high = (
-                MAX_LAYERS
-                if key == "num_hidden_layers"
-                else (1 << 24 if key == "vocab_size" else MAX_DIM)
-            )
+            high = MAX_LAYERS if key == "num_hidden_layers" else (1 << 24 if key == "vocab_size" else MAX_DIM)
             if not is_int(fields[key]) or not low <= fields[key] <= high:
                 bad(key, f"an integer in [{low}, {high}]")
     for key in ("decoder_sparse_step", "linear_conv_kernel_dim"):
@@ -222,13 +196,10 @@ def _validate(fields: dict, model_type: str) -> None:
         not is_number(fields["rms_norm_eps"]) or not 0 < fields["rms_norm_eps"] < 1
     ):
         bad("rms_norm_eps", "a finite number in (0, 1)")
-    if "rope_theta" in fields and (
-        not is_number(fields["rope_theta"]) or fields["rope_theta"] <= 0
-    ):
+    if "rope_theta" in fields and (not is_number(fields["rope_theta"]) or fields["rope_theta"] <= 0):
         bad("rope_theta", "a finite number > 0")
     if "partial_rotary_factor" in fields and (
-        not is_number(fields["partial_rotary_factor"])
-        or not 0 < fields["partial_rotary_factor"] <= 1
+        not is_number(fields["partial_rotary_factor"]) or not 0 < fields["partial_rotary_factor"] <= 1
     ):
         bad("partial_rotary_factor", "a number in (0, 1]")
     if "mlp_only_layers" in fields and (
@@ -239,11 +210,7 @@ def _validate(fields: dict, model_type: str) -> None:
     if "rope_scaling" in fields and not isinstance(fields["rope_scaling"], dict):
         bad("rope_scaling", "an object or null")
     experts = fields.get("num_experts", 0)
-    if (
-        experts
-        and "num_experts_per_tok" in fields
-        and not 1 <= fields["num_experts_per_tok"] <= experts
-    ):
+    if experts and "num_experts_per_tok" in fields and not 1 <= fields["num_experts_per_tok"] <= experts:
         bad("num_experts_per_tok", f"an integer in [1, num_experts={experts}]")
 
 
@@ -298,9 +265,7 @@ def param_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
             else _attention(args, f"{p}.self_attn")
         )
         shapes.update(
-            _moe(args, f"{p}.mlp")
-            if args.is_moe(i)
-            else _mlp(f"{p}.mlp", D, args.intermediate_size)
+            _moe(args, f"{p}.mlp") if args.is_moe(i) else _mlp(f"{p}.mlp", D, args.intermediate_size)
         )
     if not args.tie_word_embeddings:
         shapes[f"{root}lm_head.weight"] = (args.vocab_size, D)
@@ -320,10 +285,7 @@ def _attention(a: ModelArgs, p: str) -> dict:
         shapes.update({f"{p}.q_norm.weight": (hd,), f"{p}.k_norm.weight": (hd,)})
     if a.arch.qkv_bias or a.attention_bias:
         shapes.update(
-            {
-                f"{p}.{n}_proj.bias": (w,)
-                for n, w in (("q", H * hd), ("k", H_kv * hd), ("v", H_kv * hd))
-            }
+            {f"{p}.{n}_proj.bias": (w,) for n, w in (("q", H * hd), ("k", H_kv * hd), ("v", H_kv * hd))}
         )
     if a.attention_bias and not a.arch.qkv_bias:
         shapes[f"{p}.o_proj.bias"] = (D,)

@@ -46,9 +46,7 @@ class Attention:
         self.scale = self.head_dim**-0.5
         self.eps = args.rms_norm_eps
         self.rope_dims = (
-            int(self.head_dim * args.partial_rotary_factor)
-            if arch.partial_rotary
-            else self.head_dim
+            int(self.head_dim * args.partial_rotary_factor) if arch.partial_rotary else self.head_dim
         )
         self.rope_traditional = args.rope_traditional and arch.config_rope_traditional
         self.rope_base, self.rope_scale = args.rope_theta, rope_scale(args.rope_scaling)
@@ -84,9 +82,7 @@ class Attention:
         # "causal" aligns the last query with the last key, so a chunk after a cached prefix
         # sees the whole prefix (as mlx-lm's KVCache.make_mask); one new token sees everything
         mask = "causal" if T > 1 else None
-        out = mx.fast.scaled_dot_product_attention(
-            queries, keys, values, scale=self.scale, mask=mask
-        )
+        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # (B, T, H * hd)
         if gate is not None:
             out = out * mx.sigmoid(gate)
@@ -117,7 +113,6 @@ def _projection(store: TensorStore, prefix: str, bias: bool, out_features: int) 
     layer = store.linear(prefix, bias=bias)
     if layer.out_features != out_features:
         raise FlashMoeError(
-            f"{store.source}: '{prefix}.weight' has {layer.out_features} output rows; "
-            f"the config implies {out_features}"
+            f"{store.source}: '{prefix}.weight' has {layer.out_features} output rows; the config implies {out_features}"
         )
     return layer

@@ -71,9 +71,7 @@ class GatedDeltaNet:
         v = v.reshape(B, T, self.n_v, self.d_v)  # (B, T, H_v, d_v)
         q, k = self._normalize_qk(q, k)
 
-        decay = mx.exp(
-            -mx.exp(self.A_log.astype(mx.float32)) * _softplus(a + self.dt_bias)
-        )  # (B, T, H_v)
+        decay = mx.exp(-mx.exp(self.A_log.astype(mx.float32)) * _softplus(a + self.dt_bias))  # (B, T, H_v)
         beta = mx.sigmoid(b)  # (B, T, H_v)
         state = None if cache is None else cache.state_  # (B, H_v, d_v, d_k) float32
         out, state = mx.fast.gated_delta_update(q, k, v, decay, beta, state)  # out (B, T, H_v, d_v)
@@ -90,11 +88,7 @@ class GatedDeltaNet:
         The same math as the lines of __call__ (its reference is that path); returns (B, H_v, d_v).
         """
         B, _, C = qkv.shape
-        past = (
-            cache.conv
-            if cache.conv is not None
-            else mx.zeros((B, self.width - 1, C), dtype=qkv.dtype)
-        )
+        past = cache.conv if cache.conv is not None else mx.zeros((B, self.width - 1, C), dtype=qkv.dtype)
         state = cache.state_
         if state is None:
             state = mx.zeros((B, self.n_v, self.d_v, self.d_k), dtype=mx.float32)

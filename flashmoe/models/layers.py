@@ -63,15 +63,9 @@ class ExpertLinear(Linear):
         if self.spec is None:
             xg = x[..., None, None, :] if shared else x[..., None, :]  # (..., 1 or K, 1, in)
             w = self.weight.swapaxes(-1, -2)
-            return mx.gather_mm(xg, w, rhs_indices=indices, sorted_indices=sorted_indices).squeeze(
-                -2
-            )
-        if (
-            indices.size == indices.shape[-1] and not sorted_indices
-        ):  # one token: decode, flashmoe's kernel
-            return kernels.gather_dequant_matvec(
-                x, *self.packed, indices, **self._kw(), backend=self.backend
-            )
+            return mx.gather_mm(xg, w, rhs_indices=indices, sorted_indices=sorted_indices).squeeze(-2)
+        if indices.size == indices.shape[-1] and not sorted_indices:  # one token: decode, flashmoe's kernel
+            return kernels.gather_dequant_matvec(x, *self.packed, indices, **self._kw(), backend=self.backend)
         xg = x[..., None, None, :] if shared else x[..., None, :]
         y = mx.gather_qmm(
             xg,
@@ -96,9 +90,7 @@ class Embedding:
         if t.spec is None:
             return t.weight[tokens]
         # Scales in the compute dtype first: mx.dequantize returns the scales' dtype (bf16 on disk).
-        scales = (
-            t.scales[tokens] if t.spec.mode != "affine" else t.scales[tokens].astype(self.dtype)
-        )
+        scales = t.scales[tokens] if t.spec.mode != "affine" else t.scales[tokens].astype(self.dtype)
         biases = None if t.biases is None else t.biases[tokens].astype(self.dtype)
         return mx.dequantize(t.weight[tokens], scales, biases, **t._kw()).astype(self.dtype)
 

@@ -29,9 +29,7 @@ class DecoderLayer:
     experts read from disk mid-layer, so their feed-forward is never compiled.
     """
 
-    def __init__(
-        self, store: TensorStore, prefix: str, index: int, args: ModelArgs, k: int | None, experts
-    ):
+    def __init__(self, store: TensorStore, prefix: str, index: int, args: ModelArgs, k: int | None, experts):
         self.eps = args.rms_norm_eps
         self.input_layernorm = store.take(f"{prefix}.input_layernorm.weight")
         self.post_attention_layernorm = store.take(f"{prefix}.post_attention_layernorm.weight")

@@ -158,19 +158,14 @@ class MoE:
     ):
         self.k = k or args.num_experts_per_tok
         if not 1 <= self.k <= args.num_experts:
-            raise FlashMoeError(
-                f"experts per token must be in 1..{args.num_experts}, found k={self.k}"
-            )
+            raise FlashMoeError(f"experts per token must be in 1..{args.num_experts}, found k={self.k}")
         self.norm_topk_prob = args.norm_topk_prob
         self.gate = store.linear(f"{prefix}.gate")  # the router: (E, D)
-        self.experts = experts(
-            store, prefix
-        )  # (x, ids, weights) -> (B, T, D): resident or streamed, one call
+        # (x, ids, weights) -> (B, T, D): resident or streamed, one call
+        self.experts = experts(store, prefix)
         has_shared = store.has(f"{prefix}.shared_expert.gate_proj.weight")
         self.shared_expert = MLP(store, f"{prefix}.shared_expert") if has_shared else None
-        self.shared_expert_gate = (
-            store.linear(f"{prefix}.shared_expert_gate") if has_shared else None
-        )
+        self.shared_expert_gate = store.linear(f"{prefix}.shared_expert_gate") if has_shared else None
         self.last_routing: Routing | None = None
 
     def route(self, x: mx.array) -> Routing:
@@ -178,9 +173,7 @@ class MoE:
         logits = self.gate(x)  # (B, T, E)
         probs = mx.softmax(logits.astype(mx.float32), axis=-1, precise=True)
         # Expert ids carry no gradient (training differentiates through the weights only).
-        experts = mx.stop_gradient(
-            mx.argpartition(probs, kth=-self.k, axis=-1)[..., -self.k :]
-        )  # (B, T, K)
+        experts = mx.stop_gradient(mx.argpartition(probs, kth=-self.k, axis=-1)[..., -self.k :])  # (B, T, K)
         weights = mx.take_along_axis(probs, experts, axis=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(axis=-1, keepdims=True)
@@ -192,9 +185,7 @@ class MoE:
         y = self.experts(x, routing.experts, routing.weights)  # (B, T, D)
         timer.mark("experts", y)
         combine = getattr(self.experts, "combine", None)
-        if (
-            combine is not None
-        ):  # expert parallel (flashmoe.distributed): the ranks' partial sums meet here
+        if combine is not None:  # expert parallel (flashmoe.distributed): the ranks' partial sums meet here
             y = combine(x, y, self.shared if self.shared_expert is not None else None)
             timer.mark("all_sum", y)
             return y

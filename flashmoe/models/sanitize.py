@@ -32,9 +32,7 @@ EXPERT_KEY = re.compile(
 )
 
 
-def sanitize(
-    tensors: dict, specs: dict[str, Resolved], args: ModelArgs
-) -> tuple[dict, dict, list[str]]:
+def sanitize(tensors: dict, specs: dict[str, Resolved], args: ModelArgs) -> tuple[dict, dict, list[str]]:
     """(tensors, specs, dropped names) in mlx-lm's layout."""
     dropped = [k for k in tensors if k.startswith(DROPPED_PREFIXES)]
     tensors = {k: v for k, v in tensors.items() if k not in set(dropped)}
@@ -56,9 +54,7 @@ def sanitize(
 
 def canonical_name(key: str, args: ModelArgs) -> str:
     """A stored name as sanitize renames it (streamed experts are renamed without being loaded)."""
-    root = (
-        args.arch.weight_prefix
-    )  # "language_model.": Hugging Face nests it as model.language_model.*
+    root = args.arch.weight_prefix  # "language_model.": Hugging Face nests it as model.language_model.*
     if not root:
         return key
     hf_nested = "model." + root.rstrip(".")
@@ -74,9 +70,7 @@ def _split_fused_gate_up(tensors: dict) -> None:
         middle = gate_up.shape[-2] // 2
         tensors[f"{prefix}.switch_mlp.gate_proj.weight"] = gate_up[..., :middle, :]
         tensors[f"{prefix}.switch_mlp.up_proj.weight"] = gate_up[..., middle:, :]
-        tensors[f"{prefix}.switch_mlp.down_proj.weight"] = tensors.pop(
-            f"{prefix}.experts.down_proj"
-        )
+        tensors[f"{prefix}.switch_mlp.down_proj.weight"] = tensors.pop(f"{prefix}.experts.down_proj")
 
 
 def _stack_experts(tensors: dict, specs: dict, args: ModelArgs) -> tuple[dict, dict]:
@@ -85,9 +79,7 @@ def _stack_experts(tensors: dict, specs: dict, args: ModelArgs) -> tuple[dict, d
     for key in tensors:
         match = EXPERT_KEY.match(key)
         if match:
-            groups.setdefault((match["mlp"], match["proj"], match["kind"]), {})[int(match["e"])] = (
-                key
-            )
+            groups.setdefault((match["mlp"], match["proj"], match["kind"]), {})[int(match["e"])] = key
     for (mlp, proj, kind), members in groups.items():
         if sorted(members) != list(range(args.num_experts)):
             raise FlashMoeError(
@@ -107,7 +99,5 @@ def _stack_experts(tensors: dict, specs: dict, args: ModelArgs) -> tuple[dict, d
 def _stacked_spec(specs: dict, stacked: str, modules: list[str]) -> dict:
     found = {specs[m].spec for m in modules}
     if len(found) != 1:
-        raise FlashMoeError(
-            f"{stacked}: its experts are quantized differently ({sorted(map(str, found))})"
-        )
+        raise FlashMoeError(f"{stacked}: its experts are quantized differently ({sorted(map(str, found))})")
     return {**specs, stacked: Resolved(stacked, found.pop(), specs[modules[0]].source)}

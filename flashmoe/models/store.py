@@ -47,9 +47,7 @@ class TensorStore:
         if name not in self.tensors:
             raise FlashMoeError(f"{self.source}: tensor '{name}' is missing (the model needs it)")
         value = self.tensors.pop(name)
-        return (
-            value.astype(self.dtype) if cast and mx.issubdtype(value.dtype, mx.floating) else value
-        )
+        return value.astype(self.dtype) if cast and mx.issubdtype(value.dtype, mx.floating) else value
 
     def linear(self, prefix: str, *, bias: bool = False) -> Linear:
         """The linear layer stored under `prefix` (`prefix.weight`, and `.scales`/`.biases` if quantized)."""
@@ -68,9 +66,7 @@ class TensorStore:
         unused = sorted(set(self.tensors) - set(ignored))
         if unused:
             more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
-            raise FlashMoeError(
-                f"{self.source}: tensors the model does not use: {unused[:5]}{more}"
-            )
+            raise FlashMoeError(f"{self.source}: tensors the model does not use: {unused[:5]}{more}")
         self.tensors.clear()
         return ignored
 
@@ -97,16 +93,9 @@ class TensorStore:
     def _as_read(self, module: str, spec: QuantSpec, weight, scales):
         """quant="global": every tensor read at the top-level bits, as the 4-bit-only engine did."""
         read = self.default_spec
-        if (
-            self.quant == "config"
-            or read is None
-            or spec.bits == read.bits
-            or spec.mode != "affine"
-        ):
+        if self.quant == "config" or read is None or spec.bits == read.bits or spec.mode != "affine":
             return spec, weight
         in_dim = scales.shape[-1] * spec.group_size
-        words = misread_as(
-            weight, stored_bits=spec.bits, read_bits=read.bits, in_dim=in_dim, name=module
-        )
+        words = misread_as(weight, stored_bits=spec.bits, read_bits=read.bits, in_dim=in_dim, name=module)
         self.misread_modules.append(module)
         return QuantSpec(read.bits, spec.group_size, spec.mode), words

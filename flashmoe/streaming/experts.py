@@ -39,13 +39,9 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 class StreamOptions:
     """How experts are streamed (the defaults are what measured fastest here: benchmarks/STREAMING.md)."""
 
-    expert_cache_mb: float = (
-        0.0  # LRU of recently used experts; 0 relies on the OS page cache alone
-    )
+    expert_cache_mb: float = 0.0  # LRU of recently used experts; 0 relies on the OS page cache alone
     io_threads: int = 16  # reads in flight (one expert each)
-    buffer_mb: float = (
-        256.0  # most expert bytes read at once (prefill reads its union in groups this large)
-    )
+    buffer_mb: float = 256.0  # most expert bytes read at once (prefill reads its union in groups this large)
     probe_page_cache: bool = True  # count page-cache hits with RWF_NOWAIT (streaming.reader)
 
 
@@ -103,9 +99,7 @@ class ExpertStreamer:
         specs = [self._streamed_spec(store, f"{prefix}.switch_mlp.{p}", layer) for p in PROJECTIONS]
         budget = int(self.options.buffer_mb * 2**20) // layer.expert_bytes
         self._taken.add(prefix)
-        return StreamedExperts(
-            layer, self.reader, self.stats, specs, store.backend, store.dtype, budget
-        )
+        return StreamedExperts(layer, self.reader, self.stats, specs, store.backend, store.dtype, budget)
 
     def finish(self) -> None:
         """Every streamed layer must have been taken by the model."""
@@ -116,9 +110,7 @@ class ExpertStreamer:
                 f"'{unused[0]}.switch_mlp.*' ({len(unused)} layers)"
             )
 
-    def _streamed_spec(
-        self, store: TensorStore, module: str, layer: LayerExperts
-    ) -> QuantSpec | None:
+    def _streamed_spec(self, store: TensorStore, module: str, layer: LayerExperts) -> QuantSpec | None:
         """The projection's quantization (None: plain weights), refusing what streaming cannot replay."""
         for piece in layer.pieces:
             if piece.dtype not in NUMPY_DTYPES:
@@ -129,11 +121,7 @@ class ExpertStreamer:
         if not any(p.part.endswith("scales") for p in layer.pieces):
             return None
         spec = store.spec(module)
-        if (
-            store.quant == "global"
-            and store.default_spec is not None
-            and spec != store.default_spec
-        ):
+        if store.quant == "global" and store.default_spec is not None and spec != store.default_spec:
             raise FlashMoeError(
                 f"{store.source}: quant='global' would misread '{module}' ({spec}); "
                 "that replay is not supported with stream_experts"
@@ -163,16 +151,10 @@ class StreamedExperts:
         # Routing decides what to read, so the ids must be on the host: one sync per MoE layer,
         # inherent to streaming (the forward pass cannot be one lazy graph across layers).
         ids = np.array(experts)  # (B, T, K)
-        unique, local = np.unique(
-            ids.reshape(-1), return_inverse=True
-        )  # U ids; each slot's index into them
-        if (
-            len(unique) <= self.group_experts
-        ):  # decode always (K <= the group): one read, one kernel call
+        unique, local = np.unique(ids.reshape(-1), return_inverse=True)  # U ids; each slot's index into them
+        if len(unique) <= self.group_experts:  # decode always (K <= the group): one read, one kernel call
             projections = self._load(unique, ids, first=True)
-            local_ids = mx.array(
-                local.reshape(ids.shape).astype(np.uint32)
-            )  # into the U experts read
+            local_ids = mx.array(local.reshape(ids.shape).astype(np.uint32))  # into the U experts read
             return mixed_experts(*projections, x, local_ids, weights)
         return weighted_sum(self._grouped(x, ids, unique), weights)
 
@@ -191,14 +173,11 @@ class StreamedExperts:
                 np.searchsorted(by_expert, group[-1], "right"),
             )
             slots = order[lo:hi]  # the slots this group serves
-            local = np.searchsorted(group, flat[slots]).astype(np.uint32)[
-                :, None
-            ]  # (n, 1) into the group
+            local = np.searchsorted(group, flat[slots]).astype(np.uint32)[:, None]  # (n, 1) into the group
             projections = self._load(group, ids, first=start == 0)
             y = switch_mlp(*projections, rows[mx.array(slots // k)], mx.array(local))  # (n, 1, D)
-            mx.eval(
-                y
-            )  # bound memory: free this group's experts before reading the next (a sync, prefill only)
+            # bound memory: free this group's experts before reading the next (a sync, prefill only)
+            mx.eval(y)
             timer.mark("experts")
             outputs.append(y[:, 0])
         y = mx.concatenate(outputs)[mx.array(np.argsort(order))]  # (N, D) back in slot order
@@ -221,9 +200,8 @@ class StreamedExperts:
         for proj, spec in zip(PROJECTIONS, self.specs):
             weight = arrays[f"{proj}.weight"]
             if spec is None and mx.issubdtype(weight.dtype, mx.floating):
-                weight = weight.astype(
-                    self.dtype
-                )  # plain experts in the compute dtype, as TensorStore.take does
+                # plain experts in the compute dtype, as TensorStore.take does
+                weight = weight.astype(self.dtype)
             linears.append(
                 ExpertLinear(
                     weight,

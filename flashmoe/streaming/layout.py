@@ -36,11 +36,12 @@ from ..safetensors import (
 MANIFEST = "flashmoe_experts.json"
 MANIFEST_FORMAT = "flashmoe-repacked-experts"
 MANIFEST_VERSION = 1
+# the order of slices in a repacked block
 PARTS = tuple(
     f"{proj}.{kind}"
     for proj in ("gate_proj", "up_proj", "down_proj")
     for kind in ("weight", "scales", "biases")
-)  # the order of slices in a repacked block
+)
 EXPERT_TENSOR = re.compile(
     r"^(?P<mlp>.+\.mlp)\.switch_mlp\.(?P<part>(?:gate|up|down)_proj\.(?:weight|scales|biases))$"
 )
@@ -82,9 +83,7 @@ class LayerExperts:
         """Bytes of one expert (all its slices)."""
         return sum(p.nbytes for p in self.pieces)
 
-    def runs(
-        self, expert: int, destinations: list[memoryview]
-    ) -> list[tuple[int, int, list[memoryview]]]:
+    def runs(self, expert: int, destinations: list[memoryview]) -> list[tuple[int, int, list[memoryview]]]:
         """Expert `expert` as (file, offset, destination buffers) reads, adjacent slices merged into one read."""
         order = sorted(
             range(len(self.pieces)),
@@ -110,9 +109,7 @@ class ExpertLayout:
     kind: str  # "safetensors" or "repacked"
     files: list[Path]
     layers: dict[str, LayerExperts]  # sanitized MoE prefix -> its experts
-    stored_prefixes: dict[
-        str, str
-    ]  # sanitized MoE prefix -> the prefix as stored (for tensor_infos)
+    stored_prefixes: dict[str, str]  # sanitized MoE prefix -> the prefix as stored (for tensor_infos)
 
     def tensor_infos(self) -> dict[str, TensorInfo]:
         """The stacked expert tensors as the checkpoint would hold them (to check quantization against config)."""
@@ -161,9 +158,7 @@ def _from_safetensors(directory: Path, args: ModelArgs) -> ExpertLayout:
     return _layout("safetensors", files, grouped, args)
 
 
-def _check_stack(
-    path: Path, name: str, shape: tuple, dtype: str, size: int, num_experts: int
-) -> None:
+def _check_stack(path: Path, name: str, shape: tuple, dtype: str, size: int, num_experts: int) -> None:
     if dtype not in DTYPE_SIZES:
         raise FlashMoeError(f"{path}: tensor '{name}' has unknown dtype {dtype!r}")
     if len(shape) != 3 or shape[0] != num_experts:
@@ -201,9 +196,7 @@ def _from_manifest(directory: Path, args: ModelArgs) -> ExpertLayout:
     files, grouped = [], {}
     for stored_prefix, entry in layers.items():
         if not isinstance(entry, dict):
-            raise FlashMoeError(
-                f"{path}: layer '{stored_prefix}' is a {type(entry).__name__}, not an object"
-            )
+            raise FlashMoeError(f"{path}: layer '{stored_prefix}' is a {type(entry).__name__}, not an object")
         files.append(_inside(directory, path, stored_prefix, entry.get("file")))
         try:
             grouped[stored_prefix] = _manifest_layer(
@@ -222,9 +215,7 @@ def _inside(directory: Path, manifest: Path, prefix: str, file) -> Path:
     """A manifest's `file` entry as a path that stays inside the checkpoint directory (symlinks
     that resolve inside it are fine: Hugging Face caches are made of them) and is a regular file."""
     if not isinstance(file, str) or not file or "\0" in file:
-        raise FlashMoeError(
-            f"{manifest}: layer '{prefix}' has file {file!r}; expected a relative path"
-        )
+        raise FlashMoeError(f"{manifest}: layer '{prefix}' has file {file!r}; expected a relative path")
     candidate = directory / file
     try:
         resolved, root = candidate.resolve(), directory.resolve()
@@ -234,8 +225,7 @@ def _inside(directory: Path, manifest: Path, prefix: str, file) -> Path:
         ) from None
     if Path(file).is_absolute() or not resolved.is_relative_to(root):
         raise FlashMoeError(
-            f"{manifest}: layer '{prefix}' file {file!r} leads outside the checkpoint directory "
-            f"{root} (to {resolved})"
+            f"{manifest}: layer '{prefix}' file {file!r} leads outside the checkpoint directory {root} (to {resolved})"
         )
     if resolved.exists():
         regular_file_size(resolved, f"expert file of layer '{prefix}' ({manifest})")
@@ -258,21 +248,16 @@ def _manifest_layer(
     for part, t in entry["tensors"].items():
         name = f"{prefix}.switch_mlp.{part}"
         if not isinstance(t, dict) or part not in PARTS or t.get("dtype") not in DTYPE_SIZES:
-            raise FlashMoeError(
-                f"{path}: tensor '{name}' ({t!r:.80}) is not an expert tensor flashmoe knows"
-            )
+            raise FlashMoeError(f"{path}: tensor '{name}' ({t!r:.80}) is not an expert tensor flashmoe knows")
         shape, offset = t.get("shape"), t.get("offset")
         if (
             not isinstance(shape, list)
-            or not all(
-                isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape
-            )
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
             or not isinstance(offset, int)
             or isinstance(offset, bool)
         ):
             raise FlashMoeError(
-                f"{path}: tensor '{name}' has shape {shape!r} and offset {offset!r}; expected "
-                "non-negative integers"
+                f"{path}: tensor '{name}' has shape {shape!r} and offset {offset!r}; expected non-negative integers"
             )
         size = nbytes(t["dtype"], shape)
         if offset < 0 or offset + size > experts[:, 1].min():
@@ -280,9 +265,7 @@ def _manifest_layer(
                 f"{path}: tensor '{name}' at offset {offset} ({size} bytes) does not fit "
                 f"in an expert block of {experts[:, 1].min()} bytes"
             )
-        pieces[part] = ExpertPiece(
-            name, part, t["dtype"], tuple(shape), file, experts[:, 0] + offset
-        )
+        pieces[part] = ExpertPiece(name, part, t["dtype"], tuple(shape), file, experts[:, 0] + offset)
     return pieces
 
 
@@ -296,13 +279,12 @@ def _layout(
             "weight",
             "scales",
             "biases",
-        ):  # weights always; scales and biases for all three or none
+        ):  # weights always; scales and biases for all or none
             absent = [p for p in PARTS if p.endswith(role) and p not in pieces]
             if absent and (role == "weight" or len(absent) < 3):
                 where = files[next(iter(pieces.values())).file]
                 raise FlashMoeError(
-                    f"{where}: tensor '{stored_prefix}.switch_mlp.{absent[0]}' is missing "
-                    f"(found {sorted(pieces)})"
+                    f"{where}: tensor '{stored_prefix}.switch_mlp.{absent[0]}' is missing (found {sorted(pieces)})"
                 )
         prefix = canonical_name(stored_prefix, args)
         number = LAYER_NUMBER.search(prefix + ".")
@@ -314,9 +296,7 @@ def _layout(
         )
         stored[prefix] = stored_prefix
     if not layers:
-        raise FlashMoeError(
-            f"{files[0].parent}: no stacked expert tensors (*.switch_mlp.*) to stream"
-        )
+        raise FlashMoeError(f"{files[0].parent}: no stacked expert tensors (*.switch_mlp.*) to stream")
     return ExpertLayout(kind, files, layers, stored)
 
 
@@ -326,9 +306,7 @@ def _check_file_sizes(layout: ExpertLayout) -> None:
     for layer in layout.layers.values():
         for p in layer.pieces:
             if sizes[p.file] < 0:
-                raise FlashMoeError(
-                    f"{layout.files[p.file]}: not found (it should hold tensor '{p.name}')"
-                )
+                raise FlashMoeError(f"{layout.files[p.file]}: not found (it should hold tensor '{p.name}')")
             end = int(p.offsets.max()) + p.nbytes
             if end > sizes[p.file]:
                 raise FlashMoeError(

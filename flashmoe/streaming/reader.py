@@ -51,9 +51,7 @@ class FetchReport:
 
     experts: int = 0  # experts delivered
     cached: int = 0  # of which from the LRU (no file read)
-    reads: int = (
-        0  # positioned reads issued (contiguous runs; the RWF_NOWAIT probes are not counted)
-    )
+    reads: int = 0  # positioned reads issued (contiguous runs; the RWF_NOWAIT probes are not counted)
     bytes: int = 0  # bytes read from files
     page_cache_bytes: int | None = 0  # of which served from the page cache (None: probe off)
     seconds: float = 0.0  # wall time of the reads (and LRU copies)
@@ -102,9 +100,7 @@ class _Buffers:
 class ExpertReader:
     """Reads experts of any layer of one layout; owns the file descriptors, threads, buffers and LRU."""
 
-    def __init__(
-        self, files: list[Path], *, threads: int = 4, cache_bytes: int = 0, probe: bool = True
-    ):
+    def __init__(self, files: list[Path], *, threads: int = 4, cache_bytes: int = 0, probe: bool = True):
         self.files = list(files)
         self.fds = [os.open(f, os.O_RDONLY) for f in self.files]
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="flashmoe-io")
@@ -121,9 +117,7 @@ class ExpertReader:
         with self._lock:
             return self._read(layer, ids)
 
-    def _read(
-        self, layer: LayerExperts, ids: np.ndarray
-    ) -> tuple[dict[str, mx.array], FetchReport]:
+    def _read(self, layer: LayerExperts, ids: np.ndarray) -> tuple[dict[str, mx.array], FetchReport]:
         tic = time.perf_counter()
         count = len(ids)
         buffers = [self._buffers.get(p, count) for p in layer.pieces]
@@ -136,9 +130,7 @@ class ExpertReader:
                 report.cached += 1
             else:
                 rows = [b[slot] for b in buffers]
-                pending.append(
-                    (expert, rows, self.pool.submit(self._read_expert, layer, expert, rows))
-                )
+                pending.append((expert, rows, self.pool.submit(self._read_expert, layer, expert, rows)))
         for expert, rows, future in pending:
             reads, size, hits = future.result()
             report.reads, report.bytes = report.reads + reads, report.bytes + size
@@ -152,9 +144,7 @@ class ExpertReader:
         report.seconds, report.upload_seconds = mid - tic, time.perf_counter() - mid
         return arrays, report
 
-    def _read_expert(
-        self, layer: LayerExperts, expert: int, rows: list[np.ndarray]
-    ) -> tuple[int, int, int]:
+    def _read_expert(self, layer: LayerExperts, expert: int, rows: list[np.ndarray]) -> tuple[int, int, int]:
         """Read one expert into its buffer rows: (reads, bytes, bytes found in the page cache)."""
         reads = size = hits = 0
         for file, offset, views in layer.runs(expert, [memoryview(r) for r in rows]):
@@ -180,11 +170,7 @@ class ExpertReader:
         while done < total:
             got = os.preadv(fd, _skip(views, done), offset + done)
             if got == 0:
-                names = [
-                    p.name
-                    for p in layer.pieces
-                    if int(p.offsets[expert]) >= offset and p.file == file
-                ]
+                names = [p.name for p in layer.pieces if int(p.offsets[expert]) >= offset and p.file == file]
                 raise FlashMoeError(
                     f"{self.files[file]}: ends at byte {offset + done}, expected {total - done} more "
                     f"bytes of expert {expert} ('{names[0] if names else '?'}')"

@@ -41,9 +41,7 @@ class Counters:
         """Tokens that went through (every streamed layer sees each token once)."""
         return max(self.layer_tokens.values(), default=0)
 
-    def add(
-        self, layer: int, tokens: int, slots: int, expert_bytes: int, report: FetchReport
-    ) -> None:
+    def add(self, layer: int, tokens: int, slots: int, expert_bytes: int, report: FetchReport) -> None:
         """Book one read; `tokens` and `slots` are given with a call's first read only (0 for later groups)."""
         self.calls += tokens > 0
         self.slots += slots
@@ -67,8 +65,7 @@ class Counters:
         if not tokens:
             return {}
         per_layer = {
-            layer: 1e3 * s / self.layer_calls[layer]
-            for layer, s in sorted(self.layer_seconds.items())
+            layer: 1e3 * s / self.layer_calls[layer] for layer, s in sorted(self.layer_seconds.items())
         }
         return dict(
             tokens=tokens,
@@ -81,9 +78,7 @@ class Counters:
             upload_ms_per_token=1e3 * self.upload_seconds / tokens,
             io_ms_per_layer_call=statistics.fmean(per_layer.values()),
             read_gb_per_s=self.bytes / self.seconds / 1e9 if self.seconds else 0.0,
-            page_cache_hit_rate=self.page_cache_bytes / self.probed_bytes
-            if self.probed_bytes
-            else None,
+            page_cache_hit_rate=self.page_cache_bytes / self.probed_bytes if self.probed_bytes else None,
             lru_hit_rate=self.cached / self.experts if self.experts else 0.0,
             io_ms_per_layer=per_layer,
         )
@@ -128,11 +123,7 @@ def format_stream_stats(stats: StreamStats) -> str:
     summary = stats.summary()
     settings = summary["settings"]
     lru = f"LRU {settings['expert_cache_mb']:g} MB" if settings["expert_cache_mb"] else "no LRU"
-    probe = (
-        "page-cache hits measured with RWF_NOWAIT"
-        if stats.probe
-        else "page-cache hits not measured"
-    )
+    probe = "page-cache hits measured with RWF_NOWAIT" if stats.probe else "page-cache hits not measured"
     lines = [
         f"expert streaming: {settings['layout']} layout, {settings['io_threads']} I/O threads, {lru}, {probe}",
         "  MB read/token: expert bytes read from disk per token; expected MB/token: K experts x expert bytes x "

@@ -48,15 +48,12 @@ def check_output(dst: str | Path, force: bool, sources: tuple[str | Path, ...] =
             and dst.exists()
             and (src.resolve() == dst.resolve() or src.resolve().is_relative_to(dst.resolve()))
         ):
-            raise FlashMoeError(
-                f"{dst}: the output directory must not be (or hold) the source {src}"
-            )
+            raise FlashMoeError(f"{dst}: the output directory must not be (or hold) the source {src}")
     if not dst.exists() or not any(dst.iterdir()):
         return
     if not force:
         raise FlashMoeError(
-            f"{dst}: exists and is not empty; choose a new directory, or pass --force to replace "
-            "its contents"
+            f"{dst}: exists and is not empty; choose a new directory, or pass --force to replace its contents"
         )
     if not any(any(dst.glob(marker)) for marker in CHECKPOINT_MARKERS):
         raise FlashMoeError(

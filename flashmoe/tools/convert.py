@@ -36,9 +36,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 def quantizable(name: str, value: mx.array) -> bool:
     """Linear, embedding and stacked-expert weights; not norms, convolutions or per-head vectors."""
-    return (
-        name.endswith(".weight") and value.ndim >= 2 and "conv1d" not in name and "norm" not in name
-    )
+    return name.endswith(".weight") and value.ndim >= 2 and "conv1d" not in name and "norm" not in name
 
 
 class Override(tuple):
@@ -50,9 +48,7 @@ class Override(tuple):
         return override
 
 
-def plan_specs(
-    tensors: dict, default: QuantSpec, overrides: list[tuple[str, int]]
-) -> dict[str, QuantSpec]:
+def plan_specs(tensors: dict, default: QuantSpec, overrides: list[tuple[str, int]]) -> dict[str, QuantSpec]:
     """module -> spec for every quantizable weight; later overrides win; an override matching nothing is refused."""
     rules = [(pattern, 8) for pattern in ROUTERS] + list(overrides)
     specs, matched = {}, set()
@@ -153,9 +149,7 @@ def _copy_tokenizer(src: Path, dst: Path, config: dict) -> None:
     if generation.is_file():
         shutil.copy(generation, dst / "generation_config.json")
     elif "eos_token_id" in config:
-        (dst / "generation_config.json").write_text(
-            json.dumps({"eos_token_id": config["eos_token_id"]})
-        )
+        (dst / "generation_config.json").write_text(json.dumps({"eos_token_id": config["eos_token_id"]}))
 
 
 BITS_CHOICES = (2, 3, 4, 5, 6, 8)  # what MLX's affine quantization takes
@@ -165,19 +159,13 @@ GROUP_SIZE_CHOICES = (32, 64, 128)
 def _override(text: str) -> tuple[str, int]:
     pattern, _, bits = text.rpartition("=")
     if not pattern or not bits.isdigit():
-        raise argparse.ArgumentTypeError(
-            f"expected PATTERN=BITS (e.g. switch_mlp=2), found {text!r}"
-        )
+        raise argparse.ArgumentTypeError(f"expected PATTERN=BITS (e.g. switch_mlp=2), found {text!r}")
     if int(bits) not in BITS_CHOICES:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: bits must be one of {', '.join(map(str, BITS_CHOICES))}"
-        )
+        raise argparse.ArgumentTypeError(f"{text!r}: bits must be one of {', '.join(map(str, BITS_CHOICES))}")
     try:
         re.compile(pattern)
     except re.error as err:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: {pattern!r} is not a valid pattern ({err})"
-        ) from None
+        raise argparse.ArgumentTypeError(f"{text!r}: {pattern!r} is not a valid pattern ({err})") from None
     return Override(
         re.escape(pattern) if not any(c in pattern for c in "^$[]()*+?\\") else pattern,
         int(bits),
@@ -194,8 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "src",
-        help="a float checkpoint directory (config.json and *.safetensors, e.g. a Hugging "
-        "Face download)",
+        help="a float checkpoint directory (config.json and *.safetensors, e.g. a Hugging Face download)",
     )
     parser.add_argument("dst", help="a new (or empty) directory for the quantized checkpoint")
     parser.add_argument(

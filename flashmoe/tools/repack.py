@@ -155,9 +155,7 @@ def _repack(
 
 
 def _non_expert_bytes(src: Path) -> int:
-    return sum(
-        nbytes(i.dtype, i.shape) for n, i in tensor_infos(src).items() if not is_expert_tensor(n)
-    )
+    return sum(nbytes(i.dtype, i.shape) for n, i in tensor_infos(src).items() if not is_expert_tensor(n))
 
 
 def _check_paths(src: Path, dst: Path, resume: bool, force: bool = False) -> None:
@@ -168,9 +166,7 @@ def _check_paths(src: Path, dst: Path, resume: bool, force: bool = False) -> Non
     if resume and not (dst / PROGRESS).is_file():
         raise FlashMoeError(f"{dst / PROGRESS}: not found; nothing to resume")
     if resume and force:
-        raise FlashMoeError(
-            "--resume continues the run in DST, --force deletes it: pass one of them"
-        )
+        raise FlashMoeError("--resume continues the run in DST, --force deletes it: pass one of them")
     if not resume and not force and dst.exists() and dst.is_dir() and any(dst.iterdir()):
         hint = (
             "an interrupted repack: add --resume, or"
@@ -205,11 +201,7 @@ def _check_space(
     rest = (
         0
         if non_experts_done
-        else sum(
-            nbytes(i.dtype, i.shape)
-            for n, i in tensor_infos(src).items()
-            if not is_expert_tensor(n)
-        )
+        else sum(nbytes(i.dtype, i.shape) for n, i in tensor_infos(src).items() if not is_expert_tensor(n))
     )
     need = rest + (max(sizes, default=0) if delete_source else sum(sizes))
     free = shutil.disk_usage(dst if dst.exists() else dst.parent).free
@@ -281,17 +273,14 @@ def _write_layer(layout: ExpertLayout, layer: LayerExperts, path: Path, chunk: i
                         layout.files[piece.file],
                         piece.name,
                     )
-                    blocks[:, offsets[piece.part] : offsets[piece.part] + piece.nbytes] = (
-                        raw.reshape(count, -1)
+                    blocks[:, offsets[piece.part] : offsets[piece.part] + piece.nbytes] = raw.reshape(
+                        count, -1
                     )
                 out.write(blocks)
     finally:
         for fd in fds.values():
             os.close(fd)
-    tensors = {
-        p.part: dict(offset=offsets[p.part], shape=list(p.shape), dtype=p.dtype)
-        for p in layer.pieces
-    }
+    tensors = {p.part: dict(offset=offsets[p.part], shape=list(p.shape), dtype=p.dtype) for p in layer.pieces}
     experts = [[e * stride, block] for e in range(layer.num_experts)]
     return dict(
         file=f"experts/{path.name}",
@@ -308,9 +297,7 @@ def _copy_non_experts(shards: list[Path], path: Path, log) -> None:
     entries = []
     for shard in shards:
         header, start = read_header_info(shard)
-        entries += [
-            (shard, start, name, e) for name, e in header.items() if not is_expert_tensor(name)
-        ]
+        entries += [(shard, start, name, e) for name, e in header.items() if not is_expert_tensor(name)]
     with SafetensorsWriter(path, [(n, e["dtype"], e["shape"]) for _, _, n, e in entries]) as writer:
         for shard, start, name, entry in entries:
             begin, end = entry["data_offsets"]
@@ -318,9 +305,7 @@ def _copy_non_experts(shards: list[Path], path: Path, log) -> None:
                 for at in range(begin, end, COPY_CHUNK):
                     writer.write(
                         name,
-                        _pread_exact(
-                            f.fileno(), min(COPY_CHUNK, end - at), start + at, shard, name
-                        ),
+                        _pread_exact(f.fileno(), min(COPY_CHUNK, end - at), start + at, shard, name),
                     )
     log(f"non-expert tensors: {len(entries)} -> {path.name} ({path.stat().st_size / 1e6:.0f} MB)")
 
@@ -345,8 +330,7 @@ def _pread_exact(fd: int, size: int, offset: int, path: Path, name: str) -> np.n
     data = os.pread(fd, size, offset)
     if len(data) != size:
         raise FlashMoeError(
-            f"{path}: tensor '{name}' needs {size} bytes at offset {offset}, "
-            f"found {len(data)} (truncated file?)"
+            f"{path}: tensor '{name}' needs {size} bytes at offset {offset}, found {len(data)} (truncated file?)"
         )
     return np.frombuffer(data, dtype=np.uint8)
 
@@ -379,9 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="delete each source shard once its tensors are in DST (for disks too small for two copies)",
     )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue an interrupted run into the same DST"
-    )
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run into the same DST")
     parser.add_argument(
         "--force",
         action="store_true",

@@ -124,7 +124,9 @@ class Planned:
     """One module or tensor to generate: `kind` says how, `shape` is its float (unquantized) shape."""
 
     name: str  # module name for quantized kinds, tensor name for the others
-    kind: str  # "linear" (4-bit), "router" (8-bit), "experts" (stacked 4-bit codes), "ones", "a_log", "normal"
+    kind: (
+        str  # "linear" (4-bit), "router" (8-bit), "experts" (stacked 4-bit codes), "ones", "a_log", "normal"
+    )
     shape: tuple[int, ...]
 
     @property
@@ -163,10 +165,7 @@ def layer_plan(c: dict, i: int) -> list[Planned]:
 
 
 def _all_planned(c: dict) -> list[tuple[str, Planned]]:
-    return [
-        (name, _planned(name, shape))
-        for name, shape in param_shapes(ModelArgs.from_config(c)).items()
-    ]
+    return [(name, _planned(name, shape)) for name, shape in param_shapes(ModelArgs.from_config(c)).items()]
 
 
 def _planned(name: str, shape: tuple[int, ...]) -> Planned:
@@ -216,9 +215,7 @@ def _quantized(item: Planned, rng: np.random.Generator, rows: int = 8192):
             * STD
             * scale[start : start + rows, None]
         )
-        parts.append(
-            mx.quantize(mx.array(w).astype(mx.bfloat16), group_size=GROUP_SIZE, bits=item.bits)
-        )
+        parts.append(mx.quantize(mx.array(w).astype(mx.bfloat16), group_size=GROUP_SIZE, bits=item.bits))
         mx.eval(parts[-1])  # keep one chunk of float weights alive at a time
     for index, suffix in enumerate(("weight", "scales", "biases")):
         yield f"{item.name}.{suffix}", mx.concatenate([p[index] for p in parts])
@@ -246,12 +243,8 @@ def synth_config(preset: str, layers: int | None = None, overrides: dict | None 
     config = {**PRESETS[preset], **(overrides or {})}
     config["num_hidden_layers"] = layers or config["num_hidden_layers"]
     default, router = QuantSpec(BITS, GROUP_SIZE), QuantSpec(ROUTER_BITS, GROUP_SIZE)
-    routers = [
-        name.removesuffix(".weight") for name, plan in _all_planned(config) if plan.kind == "router"
-    ]
-    return with_section(
-        config, quantization_section({module: router for module in routers}, default)
-    )
+    routers = [name.removesuffix(".weight") for name, plan in _all_planned(config) if plan.kind == "router"]
+    return with_section(config, quantization_section({module: router for module in routers}, default))
 
 
 def write_synthetic(
@@ -278,9 +271,7 @@ def write_synthetic(
     weight_map, total, drawn = {}, 0, shown(progress)
     with (
         output_directory(out, force),
-        progress_bar(
-            total=sum(sizes), desc=f"writing {out.name}", unit="B", enabled=progress
-        ) as bar,
+        progress_bar(total=sum(sizes), desc=f"writing {out.name}", unit="B", enabled=progress) as bar,
     ):
         for index, plan in enumerate(shards):
             tic = time.perf_counter()

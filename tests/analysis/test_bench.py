@@ -26,11 +26,7 @@ def bundled():
 def test_bandwidth_and_kernel_timings_are_positive_and_consistent():
     assert bench.measure_bandwidth(megabytes=16, repeats=2) > 0
     t = bench.time_kernel("mlx", 4, 64, 256, 512, repeats=3)
-    assert (
-        t.seconds > 0
-        and t.bytes > 256 * 512 // 2
-        and t.gbps == pytest.approx(t.bytes / t.seconds / 1e9)
-    )
+    assert t.seconds > 0 and t.bytes > 256 * 512 // 2 and t.gbps == pytest.approx(t.bytes / t.seconds / 1e9)
 
 
 @pytest.mark.parametrize("bits", kernels.KERNEL_BITS)
@@ -87,9 +83,7 @@ def test_mlx_lm_greedy_tokens_equal_flashmoe_ones(bundled):
 
 def test_k_sweep_more_experts_lower_perplexity():
     heldout = np.fromfile(HELDOUT, dtype=np.uint16).astype(np.int32)
-    points = bench.k_sweep(
-        default_model_dir(), [1, 4], heldout, [1, 2, 3], decode_tokens=2, max_tokens=512
-    )
+    points = bench.k_sweep(default_model_dir(), [1, 4], heldout, [1, 2, 3], decode_tokens=2, max_tokens=512)
     assert [p.k for p in points] == [1, 4]
     assert all(p.tokens_per_second > 0 and math.isfinite(p.perplexity) for p in points)
     assert points[1].perplexity < points[0].perplexity

@@ -73,9 +73,7 @@ def test_verdict_words_follow_compare():
     assert "within noise" in text and "faster" not in text and "slower" not in text
     text = bench.verdict("flashmoe", [30, 31, 32], "mlx-lm", [20, 21, 22])
     assert "flashmoe is faster than mlx-lm" in text and "1.48x" in text
-    text = bench.verdict(
-        "fma", [1.0, 1.1, 1.2], "naive", [2.0, 2.2, 2.4], unit="ms", higher_is_faster=False
-    )
+    text = bench.verdict("fma", [1.0, 1.1, 1.2], "naive", [2.0, 2.2, 2.4], unit="ms", higher_is_faster=False)
     assert "fma is faster than naive" in text and "2.00x" in text
 
 
@@ -97,6 +95,4 @@ def test_decode_speeds_gives_a_spread_per_engine():
         tokens=2,
         repeats=3,
     )
-    assert set(speeds) == {"a", "b"} and all(
-        len(s.samples) == 3 and s.lo > 0 for s in speeds.values()
-    )
+    assert set(speeds) == {"a", "b"} and all(len(s.samples) == 3 and s.lo > 0 for s in speeds.values())

@@ -26,9 +26,7 @@ def test_windows_start_at_multiples_of_seq_len_and_share_one_id():
     ws = evaluate.windows(ids, seq_len=16, max_tokens=40)
     assert [w[0] for w in ws] == [0, 16, 32] and [len(w) for w in ws] == [17, 17, 9]
     assert sum(len(w) - 1 for w in ws) == 40
-    assert [w[0] for w in evaluate.windows(ids, seq_len=16)] == list(
-        range(0, 99, 16)
-    )  # all: the same starts
+    assert [w[0] for w in evaluate.windows(ids, seq_len=16)] == list(range(0, 99, 16))  # all: the same starts
 
 
 def test_perplexity_is_exp_mean_nll_over_the_windows_computed_independently(setup):
@@ -56,7 +54,4 @@ def test_a_smaller_budget_scores_the_first_windows_of_a_larger_one(setup):
 def test_the_label_says_tokens_windows_k_and_quant(setup):
     model, heldout = setup
     result = evaluate.measure(model, heldout, seq_len=32, max_tokens=64, quant="config")
-    assert (
-        result.label()
-        == f'{result.value:.2f} (64 held-out tokens, 2 windows of 32, K=4, quant="config")'
-    )
+    assert result.label() == f'{result.value:.2f} (64 held-out tokens, 2 windows of 32, K=4, quant="config")'

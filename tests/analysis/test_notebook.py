@@ -18,9 +18,7 @@ def test_side_by_side_html_is_left_aligned_pre_and_escaped():
     page = notebook.side_by_side_html({"correct": code, "corrupted <bad>": "x\n  y"})
     assert page.count("<pre") == 2 and "text-align:right" not in page
     assert page.count("text-align:left") >= 4  # every cell and every <pre>
-    assert (
-        "    if x &lt; 1:\n        return &#x27;a&#x27;" in page
-    )  # indentation kept, HTML escaped
+    assert "    if x &lt; 1:\n        return &#x27;a&#x27;" in page  # indentation kept, HTML escaped
     assert "corrupted &lt;bad&gt;" in page and page.count(code[:9]) == 1
 
 

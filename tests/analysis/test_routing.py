@@ -80,9 +80,7 @@ def test_recording_gate_inputs_restores_the_gates(models):
     gates = [good.layers[i].mlp.gate for i in good.moe_layers]
     with routing.recording_gate_inputs(good) as inputs:
         good(tokens)
-    assert (
-        sorted(inputs) == good.moe_layers and inputs[good.moe_layers[0]].shape[:2] == tokens.shape
-    )
+    assert sorted(inputs) == good.moe_layers and inputs[good.moe_layers[0]].shape[:2] == tokens.shape
     assert [good.layers[i].mlp.gate for i in good.moe_layers] == gates
 
 
@@ -94,9 +92,7 @@ def test_gate_shapes_imply_8_bits_as_the_config_says():
 
 
 def test_a_config_that_claims_4_bits_for_an_8_bit_gate_is_refused(tmp_path):
-    directory = routing.lying_copy(
-        default_model_dir(), tmp_path / "liar", "model.layers.3.mlp.gate", bits=4
-    )
+    directory = routing.lying_copy(default_model_dir(), tmp_path / "liar", "model.layers.3.mlp.gate", bits=4)
     with pytest.raises(
         QuantMismatchError, match=r"model\.layers\.3\.mlp\.gate.*configured 4 bits.*imply 8 bits"
     ):

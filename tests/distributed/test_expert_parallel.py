@@ -41,9 +41,7 @@ def _launcher() -> str | None:
 def _launch(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     env = dict(
         os.environ,
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(
-            os.pathsep
-        ),
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     )
     return subprocess.run(
         [_launcher(), "-n", str(RANKS), "--backend", "ring", "--", sys.executable, *args],
@@ -61,9 +59,7 @@ def _skip_unless_ring_works(failed: subprocess.CompletedProcess | None = None) -
     if _launcher() is None:
         pytest.skip("mlx.launch is not installed (it comes with the mlx package)")
     if not mx.distributed.is_available():
-        pytest.skip(
-            "this MLX build has no distributed backend (mx.distributed.is_available() is False)"
-        )
+        pytest.skip("this MLX build has no distributed backend (mx.distributed.is_available() is False)")
     probe = _launch(
         [
             "-c",
@@ -108,9 +104,7 @@ def launched(tmp_path_factory):
     if done.returncode != 0:
         _skip_unless_ring_works(done)
     ranks = {
-        job["name"]: [
-            dict(np.load(base / "out" / f"{job['name']}.rank{r}.npz")) for r in range(RANKS)
-        ]
+        job["name"]: [dict(np.load(base / "out" / f"{job['name']}.rank{r}.npz")) for r in range(RANKS)]
         for job in jobs
     }
     references = {job["name"]: run_job(job["path"], job["stream"], None) for job in jobs}
@@ -121,17 +115,13 @@ def _rel(y: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
-@pytest.mark.parametrize(
-    "arch,stream", JOBS, ids=[f"{a}-{'stream' if s else 'resident'}" for a, s in JOBS]
-)
+@pytest.mark.parametrize("arch,stream", JOBS, ids=[f"{a}-{'stream' if s else 'resident'}" for a, s in JOBS])
 def test_logits_and_greedy_tokens_match_one_process(launched, arch, stream):
     name = f"{arch}-{'stream' if stream else 'resident'}"
     ref = launched.references[name]
     for rank, got in enumerate(launched.ranks[name]):
         assert _rel(got["logits"], ref["logits"]) < TOLERANCE, f"rank {rank}: prefill logits"
-        assert _rel(got["last"], ref["last"]) < TOLERANCE, (
-            f"rank {rank}: logits after 32 decode steps"
-        )
+        assert _rel(got["last"], ref["last"]) < TOLERANCE, f"rank {rank}: logits after 32 decode steps"
         assert got["tokens"].tolist() == ref["tokens"].tolist(), f"rank {rank}: greedy tokens"
 
 

@@ -73,9 +73,7 @@ def test_an_out_of_vocabulary_model_error_happens_before_any_output(tmp_path, ca
     folder = tmp_path / "m"
     shutil.copytree(default_model_dir(), folder)
     (folder / "config.json").write_text(
-        (folder / "config.json")
-        .read_text()
-        .replace('"num_experts_per_tok": 4', '"num_experts_per_tok": 99')
+        (folder / "config.json").read_text().replace('"num_experts_per_tok": 4', '"num_experts_per_tok": 99')
     )
     assert cli.main(["--model", str(folder)]) == 1
     captured = capsys.readouterr()
@@ -120,9 +118,7 @@ def test_the_module_entry_point_in_a_subprocess():
         ),
     ],
 )
-def test_tool_arguments_are_refused_naming_the_option(
-    tmp_path, monkeypatch, capsys, main, argv, option
-):
+def test_tool_arguments_are_refused_naming_the_option(tmp_path, monkeypatch, capsys, main, argv, option):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as info:
         main(argv)

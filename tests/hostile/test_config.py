@@ -75,9 +75,7 @@ def test_qwen2_hidden_size_must_divide_into_heads():
         num_attention_heads=3,
         num_key_value_heads=1,
     )
-    with pytest.raises(
-        FlashMoeError, match="hidden_size = 100 is not divisible by num_attention_heads = 3"
-    ):
+    with pytest.raises(FlashMoeError, match="hidden_size = 100 is not divisible by num_attention_heads = 3"):
         ModelArgs.from_config(base)
 
 

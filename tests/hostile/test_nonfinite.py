@@ -41,13 +41,9 @@ def test_generation_stops_naming_the_step(tokenizer, value, temperature):
     model = NanAfter(50, at=5, value=value)  # prompt of 3 ids: positions 2, 3, 4 are fine, 5 is not
     steps = []
     with pytest.raises(FlashMoeError, match="generation step 3: the model's logits are not finite"):
-        for step in stream_generate(
-            model, tokenizer, [3, 4, 5], max_tokens=10, temperature=temperature
-        ):
+        for step in stream_generate(model, tokenizer, [3, 4, 5], max_tokens=10, temperature=temperature):
             steps.append(step.token)
-    assert len(steps) == 3 and (
-        temperature or steps == [6, 7, 8]
-    )  # the finite steps were delivered
+    assert len(steps) == 3 and (temperature or steps == [6, 7, 8])  # the finite steps were delivered
 
 
 def test_non_finite_logits_at_the_first_step(tokenizer):

@@ -51,9 +51,7 @@ def test_a_symlink_leading_outside_is_refused(tmp_path, repacked):
 
 def test_a_symlink_that_stays_inside_is_fine(tmp_path, repacked):
     folder, original = copy_with(tmp_path, repacked, "experts/link.bin")
-    os.symlink(
-        original.name, folder / "experts" / "link.bin"
-    )  # relative, as Hugging Face caches link blobs
+    os.symlink(original.name, folder / "experts" / "link.bin")  # relative, as Hugging Face caches link blobs
     model = load_model(folder, stream_experts=True)
     assert model.report.stream_stats is not None
 
@@ -78,12 +76,8 @@ def test_manifest_file_of_the_wrong_type(tmp_path, repacked, file):
         lambda m: m.update(layers=[]),
         lambda m: next(iter(m["layers"].values())).update(experts="x"),
         lambda m: next(iter(m["layers"].values())).update(tensors=[]),
-        lambda m: next(iter(m["layers"].values()))["tensors"]["gate_proj.weight"].update(
-            offset=-64
-        ),
-        lambda m: next(iter(m["layers"].values()))["tensors"]["gate_proj.weight"].update(
-            shape=[-1, 2]
-        ),
+        lambda m: next(iter(m["layers"].values()))["tensors"]["gate_proj.weight"].update(offset=-64),
+        lambda m: next(iter(m["layers"].values()))["tensors"]["gate_proj.weight"].update(shape=[-1, 2]),
         lambda m: next(iter(m["layers"].values())).pop("experts"),
     ],
 )
@@ -102,9 +96,7 @@ def test_repack_refuses_symlinks_leading_outside_the_source(tmp_path):
     shutil.copytree(default_model_dir(), src)
     (tmp_path / "secret.txt").write_text("not part of the model")
     os.symlink(tmp_path / "secret.txt", src / "notes.txt")
-    with pytest.raises(
-        FlashMoeError, match="notes.txt: a symbolic link .* outside the source directory"
-    ):
+    with pytest.raises(FlashMoeError, match="notes.txt: a symbolic link .* outside the source directory"):
         repack_tool.repack(src, tmp_path / "dst", log=lambda *_: None)
     assert not (tmp_path / "dst").exists()
 
@@ -123,9 +115,7 @@ def test_repack_refuses_chunk_experts_below_one(tmp_path, capsys, chunk):
     with pytest.raises(FlashMoeError, match="--chunk-experts"):
         repack_tool.repack(default_model_dir(), tmp_path / "dst", chunk_experts=chunk)
     with pytest.raises(SystemExit) as info:
-        repack_tool.main(
-            [str(default_model_dir()), str(tmp_path / "dst"), "--chunk-experts", str(chunk)]
-        )
+        repack_tool.main([str(default_model_dir()), str(tmp_path / "dst"), "--chunk-experts", str(chunk)])
     assert info.value.code == 2 and "--chunk-experts" in capsys.readouterr().err
 
 

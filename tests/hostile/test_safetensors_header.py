@@ -142,9 +142,7 @@ _entry = st.fixed_dictionaries(
     {
         "dtype": st.sampled_from([*DTYPE_SIZES, "F128", 3]),
         "shape": st.one_of(st.lists(st.integers(-2, 6), max_size=3), st.just("x")),
-        "data_offsets": st.one_of(
-            st.lists(st.integers(-4, 80), min_size=2, max_size=2), st.just([0])
-        ),
+        "data_offsets": st.one_of(st.lists(st.integers(-4, 80), min_size=2, max_size=2), st.just([0])),
     }
 )
 
@@ -155,14 +153,8 @@ def headers(draw):
     header, offset = {}, 0
     for name in names:
         entry = draw(_entry)
-        if (
-            draw(st.booleans())
-            and entry["dtype"] in DTYPE_SIZES
-            and isinstance(entry["shape"], list)
-        ):
-            size = DTYPE_SIZES[
-                entry["dtype"]
-            ]  # often a consistent entry, to reach the later checks
+        if draw(st.booleans()) and entry["dtype"] in DTYPE_SIZES and isinstance(entry["shape"], list):
+            size = DTYPE_SIZES[entry["dtype"]]  # often a consistent entry, to reach the later checks
             for d in entry["shape"]:
                 size *= max(d, 0)
             entry["shape"] = [max(d, 0) for d in entry["shape"]]

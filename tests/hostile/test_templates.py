@@ -51,9 +51,7 @@ def with_template(folder, template: str, in_jinja_file: bool = False) -> Tokeniz
         ("{{ strftime_now(5) }}", "TypeError"),
     ],
 )
-def test_hostile_templates_are_one_line_errors_naming_the_file(
-    folder, monkeypatch, template, words
-):
+def test_hostile_templates_are_one_line_errors_naming_the_file(folder, monkeypatch, template, words):
     monkeypatch.setattr(tokenizer_module, "TEMPLATE_SECONDS", 1.0)
     tokenizer = with_template(folder, template)
     tic = time.perf_counter()
@@ -61,11 +59,9 @@ def test_hostile_templates_are_one_line_errors_naming_the_file(
         tokenizer.apply_chat_template(MESSAGES)
     message = str(info.value)
     assert time.perf_counter() - tic < 5
-    assert (
-        "\n" not in message
-        and str(folder / "tokenizer_config.json") in message
-        and words in message
-    ), message
+    assert "\n" not in message and str(folder / "tokenizer_config.json") in message and words in message, (
+        message
+    )
 
 
 def test_the_jinja_file_is_named(folder):

@@ -56,9 +56,7 @@ def test_streamed_experts_packed_in_a_buffer(seed):
     packed = [tuple(t[ids] for t in m) for m in (gate, up, down)]
     local = mx.arange(4, dtype=mx.uint32)
     y = moe.moe_experts(x, *packed, local, weights, bits=4, group_size=64, backend=BACKEND)
-    ref = moe.moe_experts(
-        x, gate, up, down, ids, weights, bits=4, group_size=64, backend="reference"
-    )
+    ref = moe.moe_experts(x, gate, up, down, ids, weights, bits=4, group_size=64, backend="reference")
     assert rel_err(y, ref) < 1e-4, f"seed {seed}"
 
 

@@ -28,9 +28,7 @@ def inputs(batch, n_k, n_v, d_k, d_v, width, dtype):
 
 @needs_cuda
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize(
-    "dtype,tol", [(mx.float32, 1e-4), (mx.bfloat16, 3e-2)], ids=["f32", "bf16"]
-)
+@pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-4), (mx.bfloat16, 3e-2)], ids=["f32", "bf16"])
 @pytest.mark.parametrize("heads", [(2, 4, 64, 32), (16, 32, 128, 128)], ids=["small", "coder-next"])
 def test_step_matches_reference(batch, dtype, tol, heads, seed):
     n_k, n_v, d_k, d_v = heads
@@ -43,9 +41,7 @@ def test_step_matches_reference(batch, dtype, tol, heads, seed):
     errs = rel_err(out, r_out), rel_err(state, r_state), rel_err(conv, r_conv)
     assert max(errs) < tol, f"out/state/conv rel err {errs} (seed {seed})"
     # a second step from the kernel's own outputs still agrees
-    args2 = dict(
-        args, conv_state=conv, state=state, qkv=mx.random.normal(args["qkv"].shape).astype(dtype)
-    )
+    args2 = dict(args, conv_state=conv, state=state, qkv=mx.random.normal(args["qkv"].shape).astype(dtype))
     out2, _, _ = gated_delta.gated_delta_step(**args2, **dims, backend="cuda")
     r2, _, _ = gated_delta.reference(**{k: v.astype(mx.float32) for k, v in args2.items()}, **dims)
     assert rel_err(out2, r2) < tol, f"second step (seed {seed})"

@@ -31,9 +31,7 @@ def test_dequant_matvec_matches_mlx_dequantize(backend, bits, group_size, out_di
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 @pytest.mark.parametrize("shared_input", [True, False], ids=["x-shared", "x-per-expert"])
-def test_gather_dequant_matvec_matches_mlx_dequantize(
-    backend, bits, group_size, shared_input, seed
-):
+def test_gather_dequant_matvec_matches_mlx_dequantize(backend, bits, group_size, shared_input, seed):
     require_backend(backend)
     err = accuracy.gathered_error(backend, bits, group_size, shared_input)
     assert err < TOLERANCE, f"rel err {err:.3g} (seed {seed})"
@@ -62,9 +60,7 @@ def test_odd_bits_go_through_mlx_quantized_matmul(backend, bits, seed):
     assert rel_err(y, exact_matmul(x, dense.T)) < TOLERANCE
 
 
-@pytest.mark.parametrize(
-    "mode,bits,group_size", [("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)]
-)
+@pytest.mark.parametrize("mode,bits,group_size", [("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)])
 def test_fp_modes_run_through_mlx(mode, bits, group_size, seed):
     w = mx.random.normal((24, 256))
     q, scales = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)

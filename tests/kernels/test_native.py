@@ -87,9 +87,7 @@ def test_int32_indices_and_out_of_range_expert_is_nan(seed):
     q, s, b = quantized((4, 9, 64), 4, 64, mx.float32)
     x = mx.random.normal((1, 64))
     y = np.array(
-        native.gather_dequant_matvec(
-            x, q, s, b, mx.array([[1, 7]], dtype=mx.int32), bits=4, group_size=64
-        )
+        native.gather_dequant_matvec(x, q, s, b, mx.array([[1, 7]], dtype=mx.int32), bits=4, group_size=64)
     )
     assert np.isfinite(y[0, 0]).all() and np.isnan(y[0, 1]).all()
 
@@ -147,8 +145,6 @@ def test_other_instruction_sets_agree(isa):
     )
     env = dict(os.environ, FLASHMOE_NATIVE_ISA=isa)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    r = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True
-    )
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == isa

@@ -47,13 +47,14 @@ def test_an_unknown_model_type_is_refused_with_the_supported_list():
 
 
 def test_rows_fill_defaults_the_config_leaves_out():
-    base = dict(
-        hidden_size=64, num_hidden_layers=4, vocab_size=32, num_attention_heads=4, num_experts=4
-    )
+    base = dict(hidden_size=64, num_hidden_layers=4, vocab_size=32, num_attention_heads=4, num_experts=4)
     hybrid = ModelArgs.from_config({**base, "model_type": "qwen3_next"})
-    assert hybrid.full_attention_interval == 4 and [
-        hybrid.is_linear_attention(i) for i in range(4)
-    ] == [True, True, True, False]
+    assert hybrid.full_attention_interval == 4 and [hybrid.is_linear_attention(i) for i in range(4)] == [
+        True,
+        True,
+        True,
+        False,
+    ]
     wrapped = ModelArgs.from_config({"model_type": "qwen3_5_moe", "text_config": base})
     assert wrapped.norm_topk_prob is True and wrapped.is_moe(0)
     plain = ModelArgs.from_config({**base, "model_type": "qwen2_moe", "head_dim": 3})

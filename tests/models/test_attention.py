@@ -75,9 +75,7 @@ def randomize(module: nn.Module) -> nn.Module:
     before = dict(tree_flatten(module.parameters()))
     module.update(tree_map(fresh, module.parameters()))
     after = dict(tree_flatten(module.parameters()))
-    assert before.keys() == after.keys() and all(
-        not mx.array_equal(before[k], after[k]) for k in before
-    )
+    assert before.keys() == after.keys() and all(not mx.array_equal(before[k], after[k]) for k in before)
     return module
 
 
@@ -113,9 +111,7 @@ def run_reference(ref: nn.Module, variant: str, x: mx.array, cache=None) -> mx.a
 
 def assert_close(y: mx.array, ref: mx.array, what: str) -> float:
     assert y.shape == ref.shape, f"{what}: shape {y.shape} vs {ref.shape}"
-    assert mx.max(mx.abs(ref)).item() > 1e-3, (
-        f"{what}: reference output is ~0, the comparison means nothing"
-    )
+    assert mx.max(mx.abs(ref)).item() > 1e-3, f"{what}: reference output is ~0, the comparison means nothing"
     err = rel_err(y, ref)
     assert err < TOLERANCE, f"{what}: rel err {err:.3g}"
     return err
@@ -202,9 +198,7 @@ def test_unsupported_rope_scaling_is_refused():
 
 def test_missing_projection_names_the_tensor():
     ref, prefix = reference_module("qwen3_next-linear", config("qwen3_next"))
-    tensors = {
-        f"{prefix}.{k}": v for k, v in tree_flatten(ref.parameters()) if "in_proj_qkvz" not in k
-    }
+    tensors = {f"{prefix}.{k}": v for k, v in tree_flatten(ref.parameters()) if "in_proj_qkvz" not in k}
     with pytest.raises(FlashMoeError, match="in_proj_qkvz.weight"):
         GatedDeltaNet(TensorStore(tensors), prefix, ModelArgs.from_config(config("qwen3_next")))
 
@@ -213,8 +207,6 @@ def test_conv_weight_in_checkpoint_layout_is_refused():
     """An unsanitized (C, 1, W) conv kernel would convolve the wrong axis: refuse it, naming the tensor."""
     ref, prefix = reference_module("qwen3_5_moe-linear", config("qwen3_5_moe"))
     tensors = {f"{prefix}.{k}": v for k, v in tree_flatten(ref.parameters())}
-    tensors[f"{prefix}.conv1d.weight"] = tensors[f"{prefix}.conv1d.weight"].moveaxis(
-        2, 1
-    )  # (C, 1, W)
+    tensors[f"{prefix}.conv1d.weight"] = tensors[f"{prefix}.conv1d.weight"].moveaxis(2, 1)  # (C, 1, W)
     with pytest.raises(FlashMoeError, match="conv1d.weight"):
         GatedDeltaNet(TensorStore(tensors), prefix, ModelArgs.from_config(config("qwen3_5_moe")))

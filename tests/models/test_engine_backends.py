@@ -33,8 +33,6 @@ def test_decode_matches_the_reference_backend_in_float32(checkpoint, backend, se
     reference = forced_decode_logits(
         load_model(checkpoint, backend="reference", dtype=mx.float32), prompt, tokens
     )
-    logits = forced_decode_logits(
-        load_model(checkpoint, backend=backend, dtype=mx.float32), prompt, tokens
-    )
+    logits = forced_decode_logits(load_model(checkpoint, backend=backend, dtype=mx.float32), prompt, tokens)
     err = rel_err(logits, reference)
     assert err < 1e-4, f"{backend}: rel err {err:.3g} (seed {seed})"

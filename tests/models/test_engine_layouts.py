@@ -57,15 +57,11 @@ def test_hugging_face_layout_loads_to_the_same_model(checkpoint, tmp_path, seed)
     model_type = json.loads((checkpoint / "config.json").read_text())["model_type"]
     hf = {}
     for name, value in mx.load(str(checkpoint / "model.safetensors")).items():
-        hf.update(
-            as_hugging_face(name, value.astype(mx.float32) if "norm" in name else value, model_type)
-        )
+        hf.update(as_hugging_face(name, value.astype(mx.float32) if "norm" in name else value, model_type))
     mx.save_safetensors(str(tmp_path / "model.safetensors"), hf)
     (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
     tokens = mx.random.randint(0, 200, (1, 6))
-    err = rel_err(
-        load_model(tmp_path, backend="mlx")(tokens), load_model(checkpoint, backend="mlx")(tokens)
-    )
+    err = rel_err(load_model(tmp_path, backend="mlx")(tokens), load_model(checkpoint, backend="mlx")(tokens))
     assert err < 1e-6, f"rel err {err:.3g} (seed {seed})"
 
 
@@ -82,9 +78,7 @@ def test_unused_and_missing_tensors_are_named(checkpoint, tmp_path):
     copy_with(checkpoint, tmp_path, lambda w: {**w, "model.extra.weight": mx.zeros((2, 2))})
     with pytest.raises(FlashMoeError, match="model.extra.weight"):
         load_model(tmp_path)
-    norm = next(
-        k for k in mx.load(str(checkpoint / "model.safetensors")) if k.endswith("model.norm.weight")
-    )
+    norm = next(k for k in mx.load(str(checkpoint / "model.safetensors")) if k.endswith("model.norm.weight"))
     copy_with(checkpoint, tmp_path, lambda w: {k: v for k, v in w.items() if k != norm})
     with pytest.raises(FlashMoeError, match=f"'{norm}' is missing"):
         load_model(tmp_path)

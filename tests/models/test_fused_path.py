@@ -20,19 +20,13 @@ PROMPT, TOKENS = [3, 17, 42, 9, 77], [5, 61, 12, 250]
 @pytest.mark.parametrize("stream", [False, True], ids=["resident", "streamed"])
 def test_fused_moe_path_matches_the_gathered_path(model_type, stream, tmp_path, monkeypatch):
     directory = write_checkpoint(tmp_path / model_type, model_type)
-    load = dict(
-        backend="reference", stream_experts=stream, dtype=mx.float32
-    )  # float32 on any device
+    load = dict(backend="reference", stream_experts=stream, dtype=mx.float32)  # float32 on any device
     gathered = forced_decode_logits(load_model(directory, **load), PROMPT, TOKENS)
     monkeypatch.setattr(kernels, "GPU_BACKENDS", (*kernels.GPU_BACKENDS, "reference"))
     model = load_model(directory, **load)
     fused = forced_decode_logits(model, PROMPT, TOKENS)
     assert fused.shape == gathered.shape and fused.dtype == mx.float32
     assert rel_err(fused, gathered) < 1e-5
-    assert all(layer.compiled for layer in model.layers) == (
-        not stream
-    )  # streamed experts sync mid-layer
-    routing = model.routing()[
-        model.moe_layers[0]
-    ]  # what the last (compiled) step chose, for analysis
+    assert all(layer.compiled for layer in model.layers) == (not stream)  # streamed experts sync mid-layer
+    routing = model.routing()[model.moe_layers[0]]  # what the last (compiled) step chose, for analysis
     assert routing.experts.shape == (1, 1, model.args.num_experts_per_tok)

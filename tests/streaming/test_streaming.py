@@ -57,8 +57,7 @@ def test_decode_steps_through_the_cache_equal_resident(checkpoint, layout, seed)
     ours, theirs = model.make_cache(), resident.make_cache()
     steps = [(model(tokens[:, :5], ours), resident(tokens[:, :5], theirs))]
     steps += [
-        (model(tokens[:, t : t + 1], ours), resident(tokens[:, t : t + 1], theirs))
-        for t in range(5, 10)
+        (model(tokens[:, t : t + 1], ours), resident(tokens[:, t : t + 1], theirs)) for t in range(5, 10)
     ]
     for step, (a, b) in enumerate(steps):
         err = rel_err(a, b)
@@ -72,18 +71,14 @@ def test_prefill_in_small_groups_equals_resident(checkpoint, seed):
     tokens = mx.random.randint(0, resident.args.vocab_size, (2, 7))
     err = rel_err(model(tokens), resident(tokens))
     assert err < TOLERANCE, f"rel err {err:.3g} (seed {seed})"
-    assert model.report.stream_stats.prefill.calls == len(
-        model.moe_layers
-    )  # one call per layer, many reads
+    assert model.report.stream_stats.prefill.calls == len(model.moe_layers)  # one call per layer, many reads
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_plain_bf16_experts_stream_too(tmp_path, layout, seed):
     source = write_checkpoint(tmp_path / "plain", "qwen3_moe", quantize=False)
     directory = (
-        source
-        if layout == "safetensors"
-        else repack(source, tmp_path / "packed", log=lambda *_: None)
+        source if layout == "safetensors" else repack(source, tmp_path / "packed", log=lambda *_: None)
     )
     tokens = mx.random.randint(0, 256, (1, 6))
     err = rel_err(streamed(directory)(tokens), load_model(source, backend="mlx")(tokens))
@@ -97,9 +92,7 @@ def test_lru_serves_repeats_with_the_same_logits(checkpoint, seed):
     first, second = model(token), model(token)
     assert rel_err(second, first) == 0 and rel_err(first, resident(token)) < TOLERANCE
     decode = model.report.stream_stats.summary()["decode"]
-    assert decode["lru_hit_rate"] == pytest.approx(
-        0.5
-    )  # the second call found all its experts cached
+    assert decode["lru_hit_rate"] == pytest.approx(0.5)  # the second call found all its experts cached
 
 
 @pytest.mark.parametrize("layout, reads_per_expert", [("safetensors", 9), ("repacked", 1)])
@@ -138,9 +131,7 @@ def test_repack_cli_writes_the_manifest_and_can_delete_the_source(tmp_path):
     layer = manifest["layers"]["model.layers.0.mlp"]
     assert len(layer["experts"]) == CONFIGS["qwen3_moe"]["num_experts"]
     assert set(layer["tensors"]) == {
-        f"{p}.{k}"
-        for p in ("gate_proj", "up_proj", "down_proj")
-        for k in ("weight", "scales", "biases")
+        f"{p}.{k}" for p in ("gate_proj", "up_proj", "down_proj") for k in ("weight", "scales", "biases")
     }
     assert not list(source.glob("*.safetensors"))
     assert (tmp_path / "dst" / "config.json").is_file()
@@ -167,9 +158,7 @@ def test_interrupted_repack_resumes(tmp_path, monkeypatch):
         repack(source, tmp_path / "dst", log=lambda *_: None)
     repack(source, tmp_path / "dst", delete_source=True, resume=True, log=lambda *_: None)
     tokens = mx.arange(1, 9)[None]
-    reference = load_model(write_checkpoint(tmp_path / "again", "qwen3_next"), backend="mlx")(
-        tokens
-    )
+    reference = load_model(write_checkpoint(tmp_path / "again", "qwen3_next"), backend="mlx")(tokens)
     assert rel_err(streamed(tmp_path / "dst")(tokens), reference) < TOLERANCE
 
 
@@ -177,9 +166,7 @@ def test_repack_refuses_to_start_what_the_disk_cannot_hold(tmp_path, monkeypatch
     import shutil
 
     source = write_checkpoint(tmp_path / "src", "qwen3_moe")
-    monkeypatch.setattr(
-        shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000)
-    )
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(FlashMoeError, match=r"needs 0\.\d GB free.*--delete-source"):
         repack(source, tmp_path / "dst", log=lambda *_: None)
 
@@ -195,16 +182,12 @@ def test_truncated_expert_file_names_file_and_tensor(tmp_path):
     packed = repack(source, tmp_path / "dst", log=lambda *_: None)
     layer_file = packed / "experts" / "layer-003.bin"
     os.truncate(layer_file, layer_file.stat().st_size - 5000)  # past the last block's padding
-    with pytest.raises(
-        FlashMoeError, match=r"layer-003\.bin.*model\.layers\.3\.mlp\.switch_mlp\.\w+\.\w+"
-    ):
+    with pytest.raises(FlashMoeError, match=r"layer-003\.bin.*model\.layers\.3\.mlp\.switch_mlp\.\w+\.\w+"):
         streamed(packed)
 
 
 def test_manifest_missing_tensor_is_named(tmp_path):
-    packed = repack(
-        write_checkpoint(tmp_path / "src", "qwen3_moe"), tmp_path / "dst", log=lambda *_: None
-    )
+    packed = repack(write_checkpoint(tmp_path / "src", "qwen3_moe"), tmp_path / "dst", log=lambda *_: None)
     manifest = json.loads((packed / MANIFEST).read_text())
     del manifest["layers"]["model.layers.2.mlp"]["tensors"]["up_proj.scales"]
     (packed / MANIFEST).write_text(json.dumps(manifest))
@@ -223,9 +206,7 @@ def test_experts_stored_one_by_one_are_refused(tmp_path):
         [("model.layers.0.mlp.experts.0.up_proj.weight", "BF16", (4, 4))],
     ) as writer:
         writer.write("model.layers.0.mlp.experts.0.up_proj.weight", np.zeros(16, np.uint16))
-    with pytest.raises(
-        FlashMoeError, match=r"extra\.safetensors.*experts\.0\.up_proj\.weight.*convert"
-    ):
+    with pytest.raises(FlashMoeError, match=r"extra\.safetensors.*experts\.0\.up_proj\.weight.*convert"):
         streamed(source)
 
 

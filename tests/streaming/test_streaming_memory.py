@@ -85,7 +85,5 @@ def test_streaming_peak_rss_is_bounded_and_independent_of_depth(depths):
     )
     print(report)
     assert streamed[6] < bound, report
-    assert streamed[6] - streamed[2] < 100e6, (
-        report
-    )  # 4 more layers add only their ~45 MB of attention
+    assert streamed[6] - streamed[2] < 100e6, report  # 4 more layers add only their ~45 MB of attention
     assert resident > bound, report  # the bound can fail

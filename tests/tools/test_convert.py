@@ -34,15 +34,12 @@ def test_routers_at_8_bits_everything_else_at_4_in_both_sections(converted):
     assert (section["bits"], section["group_size"]) == (4, 64)
     entries = {k: v for k, v in section.items() if isinstance(v, dict)}
     assert entries and all(
-        k.endswith(("mlp.gate", "shared_expert_gate")) and v["bits"] == 8
-        for k, v in entries.items()
+        k.endswith(("mlp.gate", "shared_expert_gate")) and v["bits"] == 8 for k, v in entries.items()
     )
     plan, resolved = check_checkpoint(converted)
     assert {r.spec for m, r in resolved.items() if "switch_mlp" in m} == {QuantSpec(4, 64)}
     scales = mx.load(str(next(converted.glob("*.safetensors"))))
-    assert all(
-        v.dtype == mx.bfloat16 for k, v in scales.items() if k.endswith((".scales", ".biases"))
-    )
+    assert all(v.dtype == mx.bfloat16 for k, v in scales.items() if k.endswith((".scales", ".biases")))
 
 
 def test_mlx_lm_loads_the_conversion_and_agrees(converted, seed):

@@ -24,9 +24,7 @@ def quantized_checkpoint(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("quantized"), "qwen3_moe")
 
 
-@pytest.mark.parametrize(
-    "tool", [convert, repack, synth], ids=lambda t: t.__name__.rsplit(".", 1)[-1]
-)
+@pytest.mark.parametrize("tool", [convert, repack, synth], ids=lambda t: t.__name__.rsplit(".", 1)[-1])
 def test_every_option_has_help(tool, monkeypatch):
     parsers = []
 
@@ -62,20 +60,13 @@ def test_convert_refuses_a_non_empty_output_unless_forced(float_checkpoint, tmp_
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
 
 
-def test_force_does_not_delete_a_directory_that_holds_no_checkpoint(
-    float_checkpoint, tmp_path, capsys
-):
+def test_force_does_not_delete_a_directory_that_holds_no_checkpoint(float_checkpoint, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert convert.main([str(float_checkpoint), str(tmp_path), "--force"]) == 1
-    assert (
-        "refusing to delete" in capsys.readouterr().err
-        and (tmp_path / "notes.txt").read_text() == "mine"
-    )
+    assert "refusing to delete" in capsys.readouterr().err and (tmp_path / "notes.txt").read_text() == "mine"
 
 
-def test_convert_leaves_nothing_behind_when_it_fails(
-    float_checkpoint, tmp_path, monkeypatch, capsys
-):
+def test_convert_leaves_nothing_behind_when_it_fails(float_checkpoint, tmp_path, monkeypatch, capsys):
     def broken(directory):
         raise FlashMoeError("checked: broken")
 

@@ -66,9 +66,7 @@ def test_quantization_section_has_8_bit_gates_in_both_copies(preset):
 
 @pytest.fixture(scope="module", params=sorted(PRESETS))
 def small(request, tmp_path_factory):
-    overrides = {
-        k: v for k, v in SMALL.items() if k in PRESETS[request.param]
-    }  # narrower, same structure
+    overrides = {k: v for k, v in SMALL.items() if k in PRESETS[request.param]}  # narrower, same structure
     return write_synthetic(
         request.param,
         tmp_path_factory.mktemp(request.param),
@@ -90,9 +88,8 @@ def test_routers_have_hot_experts(small):
     model(mx.random.randint(0, SMALL["vocab_size"], (1, 256)))
     k, experts = model.args.num_experts_per_tok, model.args.num_experts
     for layer, routing in model.routing().items():
-        share = (
-            np.bincount(np.array(routing.experts).ravel(), minlength=experts) / 256
-        )  # tokens choosing each
+        # share of the tokens choosing each expert
+        share = np.bincount(np.array(routing.experts).ravel(), minlength=experts) / 256
         assert share.max() > 2 * k / experts, f"layer {layer}: no hot expert ({share.max():.2f})"
 
 
@@ -100,6 +97,4 @@ def test_tokenizer_round_trips_and_ids_fit_the_vocab(small):
     _, tokenizer = load(small)
     ids = tokenizer.encode("def fibonacci(n):")
     assert ids and max(ids) < SMALL["vocab_size"] and tokenizer.decode(ids) == "def fibonacci(n):"
-    assert (
-        json.loads((small / "config.json").read_text())["eos_token_id"] in tokenizer.eos_token_ids
-    )
+    assert json.loads((small / "config.json").read_text())["eos_token_id"] in tokenizer.eos_token_ids
