@@ -6,12 +6,12 @@ python benchmarks/gated_delta_step.py [--steps 48] [--repeats 9]
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import mlx.core as mx
 
 from flashmoe import kernels
+from flashmoe.analysis.bench import interleaved, seconds_per_call, spread
+from flashmoe.analysis.parity import rel_err
 from flashmoe.kernels import gated_delta
 
 N_K, N_V, D_K, D_V, W = 16, 32, 128, 128, 4
@@ -52,27 +52,21 @@ def main():
     res = {k: run(f) for k, f in paths.items()}
     mx.eval(res)
     a, b = list(res.values())
-    err = max(
-        (
-            mx.abs(x.astype(mx.float32) - y.astype(mx.float32)).max() / mx.abs(x.astype(mx.float32)).max()
-        ).item()
-        for x, y in zip(a, b)
+    err = max(rel_err(y, x) for x, y in zip(a, b))
+    # microseconds per step, the two paths timed in turns (A, B, B, A...)
+    samples = interleaved(
+        {k: lambda f=f: 1e6 * seconds_per_call(lambda: run(f)) / args.steps for k, f in paths.items()},
+        repeats=args.repeats,
     )
-    samples = {k: [] for k in paths}
-    for _ in range(args.repeats):
-        for k, f in paths.items():
-            t = time.perf_counter()
-            mx.eval(run(f))
-            samples[k].append((time.perf_counter() - t) / args.steps * 1e6)
     print(
         f"gated delta step B={B} H_k={N_K} H_v={N_V} d={D_K}, bf16, {args.steps} chained steps per eval; "
         f"max rel diff over steps {err:.2e}"
     )
-    base = statistics.median(samples["pure MLX (reference)"])
-    for k, s in samples.items():
+    base = spread(samples["pure MLX (reference)"]).median
+    for k, values in samples.items():
+        s = spread(values)
         print(
-            f"{k:>24}: {statistics.median(s):8.1f} us/step (min {min(s):.1f}, max {max(s):.1f}) "
-            f"speedup {base / statistics.median(s):.2f}x"
+            f"{k:>24}: {s.median:8.1f} us/step (min {s.lo:.1f}, max {s.hi:.1f}) speedup {base / s.median:.2f}x"
         )
 
 

@@ -19,12 +19,12 @@ two launches for all experts.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import mlx.core as mx
 
 from flashmoe import kernels
+from flashmoe.analysis.bench import interleaved, seconds_per_call, spread
+from flashmoe.analysis.parity import rel_err
 from flashmoe.kernels import moe
 
 D, E, K, I = 2048, 512, 10, 512
@@ -107,9 +107,7 @@ def main():
     x0 = mx.random.normal((1, D)).astype(mx.bfloat16)
     # agreement on one layer (bf16 both ways)
     a, b = mlx_layer(x0, layers[0]), fused_layer(x0, layers[0], args.backend)
-    err = (
-        mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max() / mx.abs(a.astype(mx.float32)).max()
-    ).item()
+    err = rel_err(b, a)
 
     def step(fn):
         x = x0
@@ -121,23 +119,23 @@ def main():
         "mlx gather_qmm": mlx_layer,
         f"flashmoe fused ({args.backend})": lambda x, L: fused_layer(x, L, args.backend),
     }
-    samples = {name: [] for name in paths}
-    for fn in paths.values():
-        mx.eval(step(fn))  # warm-up, compiles
-    for _ in range(args.repeats):
-        for name, fn in paths.items():
-            t = time.perf_counter()
-            mx.eval(step(fn))
-            samples[name].append((time.perf_counter() - t) / args.layers * 1e6)
+    # microseconds per layer, the two paths timed in turns (A, B, B, A...) after a compiling warm-up
+    samples = interleaved(
+        {
+            name: lambda fn=fn: 1e6 * seconds_per_call(lambda: step(fn)) / args.layers
+            for name, fn in paths.items()
+        },
+        repeats=args.repeats,
+    )
     print(
         f"MoE layer D={D} E={E} K={K} I={I} + shared expert, experts 4-bit g64, router 8-bit, bf16; "
         f"{args.layers} layers per eval, {args.repeats} repeats; rel diff of outputs {err:.2e}"
     )
-    base = statistics.median(samples["mlx gather_qmm"])
-    for name, s in samples.items():
-        med = statistics.median(s)
+    base = spread(samples["mlx gather_qmm"]).median
+    for name, values in samples.items():
+        s = spread(values)
         print(
-            f"{name:>26}: {med:8.1f} us/layer (min {min(s):.1f}, max {max(s):.1f})  speedup {base / med:.2f}x"
+            f"{name:>26}: {s.median:8.1f} us/layer (min {s.lo:.1f}, max {s.hi:.1f})  speedup {base / s.median:.2f}x"
         )
 
 

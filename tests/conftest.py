@@ -9,7 +9,7 @@ import mlx.core as mx
 import pytest
 
 from flashmoe.tokenizer import Tokenizer
-from tests.helpers import write_tiny_tokenizer
+from tests.helpers import write_checkpoint, write_tiny_tokenizer
 
 
 @pytest.fixture
@@ -28,3 +28,15 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def tok(tiny_dir) -> Tokenizer:
     return Tokenizer.from_dir(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def float_checkpoint(tmp_path_factory) -> Path:
+    """A tiny unquantized qwen3_moe checkpoint written by mlx-lm (the tools' tests convert and repack it)."""
+    return write_checkpoint(tmp_path_factory.mktemp("float"), "qwen3_moe", quantize=False)
+
+
+@pytest.fixture(scope="session")
+def quantized_checkpoint(tmp_path_factory) -> Path:
+    """The same, quantized by mlx-lm (4-bit, 8-bit routers)."""
+    return write_checkpoint(tmp_path_factory.mktemp("quantized"), "qwen3_moe")

@@ -6,13 +6,11 @@ import io
 import sys
 
 import mlx.core as mx
-import pytest
 
 import flashmoe.loader as loader
 from flashmoe import progress
 from flashmoe.loader import load_model
 from flashmoe.tools import convert, repack, synth
-from tests.helpers import write_checkpoint
 
 SYNTH = ["--preset", "qwen3-moe-small", "--layers", "1"]
 
@@ -22,16 +20,6 @@ class Terminal(io.StringIO):
 
     def isatty(self) -> bool:
         return True
-
-
-@pytest.fixture(scope="module")
-def float_checkpoint(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("float"), "qwen3_moe", quantize=False)
-
-
-@pytest.fixture(scope="module")
-def quantized_checkpoint(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("quantized"), "qwen3_moe")
 
 
 def no_bar(text: str) -> bool:

@@ -59,3 +59,14 @@ def worst_error(backend: str, bits: int) -> tuple[float, float]:
     plain = max(matvec_error(backend, bits, g, o, i) for g in GROUP_SIZES for o, i in SHAPES if i % g == 0)
     gathered = max(gathered_error(backend, bits, g, shared) for g in GROUP_SIZES for shared in (True, False))
     return plain, gathered
+
+
+def kernel_errors(
+    bits: int, group_size: int, out_dim: int = 256, in_dim: int = 512, seed: int = 0
+) -> dict[str, float]:
+    """matvec_error per backend available here, every backend on the same seeded weights and inputs."""
+    errors = {}
+    for backend in kernels.available_backends():
+        mx.random.seed(seed)
+        errors[backend] = matvec_error(backend, bits, group_size, out_dim, in_dim)
+    return errors

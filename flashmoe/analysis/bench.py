@@ -284,19 +284,6 @@ def time_kernel(
     return time_kernels([backend], bits, group_size, out_dim, in_dim, repeats, number=1)[0]
 
 
-def kernel_errors(
-    bits: int, group_size: int, out_dim: int = 256, in_dim: int = 512, seed: int = 0
-) -> dict[str, float]:
-    """Per available backend, max|kernel - mx.dequantize @ x| / max|mx.dequantize @ x| (float32)."""
-    _, (w, scales, biases), x = random_quantized(out_dim, in_dim, bits, group_size, seed)
-    ref = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits) @ x  # (out,)
-    errors = {}
-    for backend in kernels.available_backends():
-        y = kernels.dequant_matvec(x, w, scales, biases, bits=bits, group_size=group_size, backend=backend)
-        errors[backend] = rel_err(y, ref)
-    return errors
-
-
 # --------------------------------------------------------------------------- the two formulas
 
 

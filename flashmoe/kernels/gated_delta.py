@@ -31,6 +31,7 @@ INPUTS = (
     "state",
     "eps",
 )
+OUTPUTS = ("out", "state_out", "conv_out")
 QK_L2_EPS = 1e-6  # mlx-lm's l2norm eps, added to sum(x^2) (models.gated_delta uses it too)
 SIMDS = 8
 
@@ -82,7 +83,7 @@ def gated_delta_step(
         "gated_delta_step.inc",
         "flashmoe_gated_delta_step",
         INPUTS,
-        ("out", "state_out", "conv_out"),
+        OUTPUTS,
     )(
         inputs=[qkv, conv_state, conv_w, z, b, a, A_log, dt_bias, norm_w, state, eps],
         template=[

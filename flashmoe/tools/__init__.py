@@ -36,6 +36,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def add_output_options(parser: argparse.ArgumentParser, dst: str) -> None:
+    """--force and --quiet, which every tool takes; `dst` names the output in the help ("DST", "--out")."""
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help=f"replace an earlier checkpoint in a non-empty {dst} (its files are deleted first)",
+    )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print nothing but errors (the progress bar is drawn only on a terminal anyway)",
+    )
+
+
 def check_output(dst: str | Path, force: bool, sources: tuple[str | Path, ...] = ()) -> None:
     """Refuse what must not be written over: DST a file, DST the source or inside-out with it, or DST
     non-empty without `force` (and with it, non-empty but not an earlier checkpoint)."""

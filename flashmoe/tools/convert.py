@@ -28,7 +28,7 @@ from ..loader import check_checkpoint, read_config
 from ..progress import progress_bar, shown
 from ..quant import QuantSpec, quantization_section, resolve, with_section
 from ..safetensors import read_tensors, save_shards
-from . import HelpFormatter, output_directory
+from . import HelpFormatter, add_output_options, output_directory
 
 ROUTERS = (r"mlp\.gate$", r"shared_expert_gate$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -209,16 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "e.g. switch_mlp=2 (2-bit experts) or mlp.gate=4 (the all-4-bit router); repeatable, "
         "later ones win; a pattern matching no module is refused",
     )
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="replace an earlier checkpoint in a non-empty DST (its files are deleted first)",
-    )
-    parser.add_argument(
-        "--quiet",
-        action="store_true",
-        help="print nothing but errors (the progress bar is drawn only on a terminal anyway)",
-    )
+    add_output_options(parser, "DST")
     args = parser.parse_args(argv)
     try:
         out = convert(

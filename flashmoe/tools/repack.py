@@ -53,7 +53,7 @@ from ..streaming.layout import (
     is_expert_tensor,
     open_layout,
 )
-from . import HelpFormatter, output_directory
+from . import HelpFormatter, add_output_options, output_directory
 
 SLICE_ALIGN, BLOCK_ALIGN = 64, 4096
 COPY_CHUNK = 64 << 20  # bytes per read when copying non-expert tensors
@@ -365,21 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run into the same DST")
     parser.add_argument(
-        "--force",
-        action="store_true",
-        help="replace an earlier checkpoint in a non-empty DST (its files are deleted first)",
-    )
-    parser.add_argument(
         "--chunk-experts",
         type=_positive_int,
         default=64,
         help="experts rewritten per step (bounds the memory used)",
     )
-    parser.add_argument(
-        "--quiet",
-        action="store_true",
-        help="print nothing but errors (the progress bar is drawn only on a terminal anyway)",
-    )
+    add_output_options(parser, "DST")
     options = parser.parse_args(argv)
     try:
         tic = time.perf_counter()

@@ -33,7 +33,7 @@ from ..models.args import ModelArgs, param_shapes
 from ..progress import progress_bar, shown
 from ..quant import QuantSpec, quantization_section, with_section
 from ..safetensors import SafetensorsWriter
-from . import HelpFormatter, output_directory
+from . import HelpFormatter, add_output_options, output_directory
 
 PRESETS = {
     "qwen3-coder-next": dict(  # Qwen3-Coder-Next / Qwen3-Next-80B-A3B
@@ -352,16 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", required=True, help="a new (or empty) output directory")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the weights")
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="replace an earlier checkpoint in a non-empty --out (its files are deleted first)",
-    )
-    parser.add_argument(
-        "--quiet",
-        action="store_true",
-        help="print nothing but errors (the progress bar is drawn only on a terminal anyway)",
-    )
+    add_output_options(parser, "--out")
     options = parser.parse_args(argv)
     if options.layers is not None and not 1 <= options.layers <= 4096:
         parser.error(f"--layers must be in [1, 4096], got {options.layers}")

@@ -11,7 +11,7 @@ import pytest
 
 import flashmoe
 from flashmoe import kernels
-from flashmoe.analysis import bench, parity
+from flashmoe.analysis import accuracy, bench, parity
 from flashmoe.loader import default_model_dir
 
 PROMPT = "def parse(line):\n    return"
@@ -31,7 +31,7 @@ def test_bandwidth_and_kernel_timings_are_positive_and_consistent():
 
 @pytest.mark.parametrize("bits", kernels.KERNEL_BITS)
 def test_every_backend_matches_mx_dequantize(bits):
-    errors = bench.kernel_errors(bits, 64, 64, 256, seed=1)
+    errors = accuracy.kernel_errors(bits, 64, 64, 256, seed=1)
     assert set(errors) == set(kernels.available_backends())
     assert all(e < 1e-4 for e in errors.values()), errors
 

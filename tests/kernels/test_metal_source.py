@@ -1,8 +1,7 @@
-"""The Metal kernel, as MLX's metal_kernel would assemble it, read by g++ through a small MSL shim.
-
-Metal cannot run on Linux; this catches typos in prelude.metal and in the common body before
-the Apple Silicon workflow (.github/workflows/metal.yml) compiles and runs it for real.
-"""
+"""Every kernel body as MLX's metal_kernel would assemble it, read by g++ through a small MSL shim
+(tests/shims/metal_as_cpp.h). Metal cannot run on Linux; this catches typos in prelude.metal and in the
+common bodies before the Apple Silicon workflow (.github/workflows/metal.yml) compiles and runs them.
+The argument names are the launchers' own (kernels.gpu, kernels.moe, kernels.gated_delta)."""
 
 from __future__ import annotations
 
@@ -12,34 +11,76 @@ from pathlib import Path
 
 import pytest
 
-from flashmoe.kernels import sources
+from flashmoe.kernels import gated_delta, gpu, moe
 
 SHIM = Path(__file__).resolve().parents[1] / "shims" / "metal_as_cpp.h"
-SIGNATURE = """
-template <typename T, int BITS, int GROUP_SIZE, int SIMDS, int RPS, int UNROLL, int TILE>
-void flashmoe_dequant_matvec(
-    const device T* x, const device uint32_t* w, const device T* scales, const device T* biases,
-    const device uint32_t* idx, const device int32_t* dims, device T* y,
-    uint thread_index_in_simdgroup, uint simdgroup_index_in_threadgroup,
-    uint thread_index_in_threadgroup, uint3 threadgroup_position_in_grid) {
-"""
+ATTRS = (
+    "uint thread_index_in_simdgroup, uint simdgroup_index_in_threadgroup, "
+    "uint thread_index_in_threadgroup, uint3 threadgroup_position_in_grid"
+)
+IN_F, IN_U, IN_I, OUT_F = (
+    "const device float*",
+    "const device uint32_t*",
+    "const device int32_t*",
+    "device float*",
+)
+UINT_INPUTS = {"w", "gw", "uw", "idx", "ids"}  # packed words and expert ids; dims is int32; the rest float
+
+
+def arguments(inputs, outputs) -> list[tuple[str, str]]:
+    """(name, MSL type) of a kernel's parameters, inputs in the launcher's order, then outputs."""
+    kind = {**{n: IN_U for n in UINT_INPUTS}, "dims": IN_I}
+    return [(n, kind.get(n, IN_F)) for n in inputs] + [(n, OUT_F) for n in outputs]
+
+
+KERNELS = {
+    "dequant_matvec.inc": (
+        "typename T, int BITS, int GROUP_SIZE, int SIMDS, int RPS, int UNROLL, int TILE",
+        arguments(gpu.INPUT_NAMES, ["y"]),
+        [
+            "float, {bits}, 64, 8, 2, 4 | 5 << 4 | 1 << 8, 4096",
+            "float, {bits}, 32, 8, 1, 2 | 2 << 4, 96",
+        ],
+    ),
+    "moe_gate_up.inc": (
+        "typename T, int BITS, int GROUP_SIZE, int RPS, int SIMDS, int LPR, int VEC, int U, int TILE",
+        arguments(moe.GATE_UP_INPUTS, ["y"]),
+        ["float, {bits}, 64, 1, 8, 32, 4, 2, 2048"],
+    ),
+    "moe_down.inc": (
+        "typename T, int BITS, int GROUP_SIZE, int K, int SIMDS, int LPR, int VEC, int U, int TILE",
+        arguments(moe.DOWN_INPUTS, ["y"]),
+        ["float, {bits}, 64, 10, 8, 16, 4, 1, 768"],
+    ),
+    "gated_delta_step.inc": (
+        "typename T, int DK, int DV, int W, int HV, int HK, int SIMDS",
+        arguments(gated_delta.INPUTS, gated_delta.OUTPUTS),
+        ["float, 128, 128, 4, 32, 16, 8"],
+    ),
+}
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_metal_kernel_source_parses(bits, tmp_path):
+@pytest.mark.parametrize("body", sorted(KERNELS))
+def test_metal_kernel_sources_parse(body, bits, tmp_path):
     if shutil.which("g++") is None:
         pytest.skip("g++ is not installed")
-    header, body = sources.compose("metal", "dequant_matvec.inc")
+    tparams, args, instances = KERNELS[body]
+    header, text = gpu.compose("metal", body)
+    assert gpu.CORE_MARKER not in text
+    params = ", ".join(f"{t} {n}" for n, t in args) + ", " + ATTRS
+    types = ", ".join(t for _, t in args) + ", uint, uint, uint, uint3"
+    lines = [
+        f'#include "{SHIM}"',
+        header,
+        f"template <{tparams}>\nvoid kern({params}) {{\n{text}\n}}",
+    ]
+    lines += [f"template void kern<{inst.format(bits=bits)}>({types});" for inst in instances]
     unit = tmp_path / "kernel.cpp"
-    unit.write_text(
-        f'#include "{SHIM}"\n{header}\n{SIGNATURE}{body}\n}}\n'
-        f"template void flashmoe_dequant_matvec<float, {bits}, 64, 8, 2, 4, 2048>("
-        "const float*, const uint32_t*, const float*, const float*, const uint32_t*, const int32_t*,"
-        " float*, uint, uint, uint, uint3);\n"
-    )
+    unit.write_text("\n".join(lines) + "\n")
     run = subprocess.run(
         ["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-Werror", str(unit)],
         capture_output=True,
         text=True,
     )
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 0, run.stderr[-4000:]

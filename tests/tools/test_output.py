@@ -9,19 +9,8 @@ import pytest
 
 from flashmoe.errors import FlashMoeError
 from flashmoe.tools import convert, repack, synth
-from tests.helpers import write_checkpoint
 
 SYNTH = ["--preset", "qwen3-moe-small", "--layers", "1", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def float_checkpoint(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("float"), "qwen3_moe", quantize=False)
-
-
-@pytest.fixture(scope="module")
-def quantized_checkpoint(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("quantized"), "qwen3_moe")
 
 
 @pytest.mark.parametrize("tool", [convert, repack, synth], ids=lambda t: t.__name__.rsplit(".", 1)[-1])
