@@ -79,8 +79,8 @@ def mlx_layer(x, L):
 
 
 @mx.compile
-def _route(logits):
-    ids, w = moe.route(logits[..., :E], K, True)
+def _with_shared(ids, w, logits):
+    """The shared expert as expert E of the stacks, weighted by its gate."""
     ids = mx.concatenate([ids, mx.full((*ids.shape[:-1], 1), E, dtype=mx.uint32)], axis=-1)
     w = mx.concatenate([w, mx.sigmoid(logits[..., E:].astype(mx.float32))], axis=-1)
     return ids, w
@@ -88,7 +88,8 @@ def _route(logits):
 
 def fused_layer(x, L, backend):
     logits = kernels.dequant_matvec(x, *L["router_plus"], bits=8, group_size=G, backend=backend)  # (1, E + 1)
-    ids, w = _route(logits)
+    ids, w = moe.route(logits[..., :E], K, True, backend=backend)  # one launch on a GPU
+    ids, w = _with_shared(ids, w, logits)
     h = moe.moe_gate_up(x, L["gate_plus"], L["up_plus"], ids, bits=4, group_size=G, backend=backend)
     return moe.moe_down(h, L["down_plus"], ids, w, bits=4, group_size=G, backend=backend)
 

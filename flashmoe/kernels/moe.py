@@ -4,7 +4,8 @@
         silu(gate[e] @ x) * (up[e] @ x) for the K experts e = ids (..., K), one launch
     moe_down(h, down, ids, weights, bits=, group_size=)         h (..., K, I) -> (..., D)
         sum_k weights[k] * down[ids[k]] @ h[k], one launch, no atomics
-    route(logits, top_k, norm_topk_prob)                        -> ids (..., K) uint32, weights (..., K)
+    route(logits, top_k, norm_topk_prob, backend=)              -> ids (..., K) uint32, weights (..., K)
+        softmax, top-K and renormalisation of the router's logits, one launch on a GPU
 
 gate, up, down are mlx-lm's switch_mlp stacks (w, scales, biases): w (E, out, in * bits / 32)
 uint32, scales / biases (E, out, in / group_size). Streamed experts work the same: a buffer
@@ -24,6 +25,8 @@ from . import backend_available, gpu, reference
 
 GATE_UP_INPUTS = ("x", "gw", "gs", "gb", "uw", "us", "ub", "ids", "dims")
 DOWN_INPUTS = ("h", "w", "scales", "biases", "ids", "rw", "dims")
+ROUTE_INPUTS, ROUTE_OUTPUTS = ("logits", "dims"), ("ids", "w")
+MAX_ROUTE_EXPERTS = 32 * 64  # experts the routing kernel holds in registers (64 per lane)
 MAX_DOWN_K = 16  # experts per token the fused down kernel takes (one register slot each)
 
 
@@ -92,15 +95,51 @@ def moe_down(h, down, ids, weights, *, bits: int, group_size: int, backend: str 
     return y
 
 
-def route(logits: mx.array, top_k: int, norm_topk_prob: bool = True) -> tuple[mx.array, mx.array]:
+def route(
+    logits: mx.array,
+    top_k: int,
+    norm_topk_prob: bool = True,
+    *,
+    backend: str = "reference",
+    out_dtype: mx.Dtype = mx.float32,
+) -> tuple[mx.array, mx.array]:
     """Softmax in float32 over the experts, the top_k of them, renormalised when norm_topk_prob:
-    ids (..., K) uint32 and weights (..., K) float32 (mlx-lm's qwen3_next / qwen3_moe routing)."""
-    probs = mx.softmax(logits.astype(mx.float32), axis=-1)
+    ids (..., K) uint32 and weights (..., K) in out_dtype (mlx-lm's qwen3_next / qwen3_moe routing).
+
+    On a GPU backend one launch (src/moe_route.inc), the ids in descending order of probability;
+    the reference gives them in argpartition's order. The kernel has no gradient: training
+    (many tokens) routes through the reference.
+    """
+    experts = logits.shape[-1]
+    if backend not in ("metal", "cuda") or experts > MAX_ROUTE_EXPERTS or top_k > experts:
+        return route_reference(logits, top_k, norm_topk_prob, out_dtype)
+    rows = logits.size // experts
+    ids, weights = gpu.kernel(backend, "moe_route.inc", "flashmoe_moe_route", ROUTE_INPUTS, ROUTE_OUTPUTS)(
+        inputs=[logits, gpu.int_array(experts)],
+        template=[
+            ("T", logits.dtype),
+            ("OUT_T", out_dtype),
+            ("EPL", -(-experts // 32)),
+            ("K", top_k),
+            ("NORM", int(norm_topk_prob)),
+        ],
+        grid=(rows * 32, 1, 1),
+        threadgroup=(32, 1, 1),
+        output_shapes=[(*logits.shape[:-1], top_k)] * 2,
+        output_dtypes=[mx.uint32, out_dtype],
+        **gpu.output_init(),
+    )
+    return ids, weights
+
+
+def route_reference(logits, top_k: int, norm_topk_prob: bool = True, out_dtype=mx.float32):
+    """route() in MLX ops: softmax, argpartition, take, renormalise."""
+    probs = mx.softmax(logits.astype(mx.float32), axis=-1, precise=True)
     ids = mx.argpartition(-probs, kth=top_k - 1, axis=-1)[..., :top_k]
     weights = mx.take_along_axis(probs, ids, axis=-1)
     if norm_topk_prob:
         weights = weights / weights.sum(axis=-1, keepdims=True)
-    return ids.astype(mx.uint32), weights
+    return ids.astype(mx.uint32), weights.astype(out_dtype)
 
 
 # ---- pure-MLX references (float32 inside)

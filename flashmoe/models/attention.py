@@ -15,6 +15,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..errors import FlashMoeError
+from ..kernels.attention import decode_attention
 from .args import ModelArgs
 from .cache import KVCache
 from .layers import Linear
@@ -88,6 +89,34 @@ class Attention:
             out = out * mx.sigmoid(gate)
         return self.o_proj(out)
 
+    def decode(self, x: mx.array, keys: mx.array, values: mx.array, pos: mx.array) -> list[mx.array]:
+        """One new token per sequence as a pure function of the cache buffers, for a compiled step.
+
+        x (B, 1, D); keys, values (B, H_kv, capacity, hd) with positions [0, pos) filled and room
+        at pos; pos (1,) int32. Returns [out (B, 1, D), keys, values], the new token written at pos.
+        The shapes do not change as pos grows, so the step is traced once per buffer capacity.
+        """
+        B = x.shape[0]
+        queries, gate = self._queries(x)  # (B, 1, H, hd)
+        k = self.k_proj(x).reshape(B, 1, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, 1, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            queries = mx.fast.rms_norm(queries, self.q_norm, self.eps)
+            k = mx.fast.rms_norm(k, self.k_norm, self.eps)
+        queries = self._rope(queries.transpose(0, 2, 1, 3), pos)  # (B, H, 1, hd)
+        k = self._rope(k.transpose(0, 2, 1, 3), pos)  # (B, H_kv, 1, hd)
+        keys = mx.slice_update(keys, k, pos, axes=(2,))
+        values = mx.slice_update(values, v.transpose(0, 2, 1, 3), pos, axes=(2,))
+        out = decode_attention(queries, keys, values, pos + 1, scale=self.scale, backend=self.o_proj.backend)
+        out = out.transpose(0, 2, 1, 3).reshape(B, 1, -1)  # (B, 1, H * hd)
+        if gate is not None:
+            out = out * mx.sigmoid(gate)
+        return [self.o_proj(out), keys, values]
+
+    def reserve(self, cache: KVCache, n: int, x: mx.array) -> None:
+        """Room in cache for n positions of x's batch (in the dtype the projections give)."""
+        cache.reserve(n, x.shape[0], self.n_kv_heads, self.head_dim, x.dtype)
+
     def _queries(self, x: mx.array) -> tuple[mx.array, mx.array | None]:
         """Per-head queries, and for the gated variants the output gate that q_proj interleaves."""
         B, T, _ = x.shape
@@ -97,7 +126,7 @@ class Attention:
         queries, gate = mx.split(q, 2, axis=-1)  # (B, T, H, hd) each
         return queries, gate.reshape(B, T, -1)  # gate (B, T, H * hd)
 
-    def _rope(self, x: mx.array, offset: int) -> mx.array:
+    def _rope(self, x: mx.array, offset: int | mx.array) -> mx.array:
         return mx.fast.rope(
             x,
             self.rope_dims,

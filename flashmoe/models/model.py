@@ -23,10 +23,11 @@ from .store import TensorStore
 class DecoderLayer:
     """One transformer block: a token mixer and a feed-forward, each with a pre-norm and a residual.
 
-    On a GPU backend a decode token (T = 1) runs through mx.compile'd functions, which fuse the
-    elementwise work and drop Python from the step: the Gated DeltaNet layer whole (its cache in and
-    out), or the feed-forward half after full attention (whose KV cache grows every token). Streamed
-    experts read from disk mid-layer, so their feed-forward is never compiled.
+    On a GPU backend a decode token (T = 1) runs through an mx.compile'd function of the whole
+    layer, which fuses the elementwise work and drops Python from the step: the Gated DeltaNet
+    layer with its conv and recurrent state in and out, or the full-attention layer with its KV
+    buffers and the write position in and out (traced again only when the buffers grow).
+    Streamed experts read from disk mid-layer, so their layers are never compiled.
     """
 
     def __init__(self, store: TensorStore, prefix: str, index: int, args: ModelArgs, k: int | None, experts):
@@ -52,16 +53,20 @@ class DecoderLayer:
         resident = not isinstance(self.mlp, MoE) or isinstance(self.mlp.experts, ResidentExperts)
         self.compiled = store.backend in kernels.GPU_BACKENDS and resident
         self._linear_step = mx.compile(self._pure_linear_step)
-        self._feed_step = mx.compile(self._pure_feed_step)
+        self._attention_step = mx.compile(self._pure_attention_step)
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         if not (self.compiled and x.shape[1] == 1 and cache is not None and not timer.enabled):
             return self._feed(self._mix(x, cache))
         if self.is_linear and cache.state_ is not None:
             out, cache.conv, cache.state_, *routing = self._linear_step(x, cache.conv, cache.state_)
-            cache.offset += 1
+        elif self.is_linear:  # the first token of a Gated DeltaNet layer (no state yet): uncompiled
+            return self._feed(self._mix(x, cache))
         else:
-            out, *routing = self._feed_step(self._mix(x, cache))
+            self.mixer.reserve(cache, cache.offset + 1, x)
+            pos = mx.array([cache.offset], dtype=mx.int32)
+            out, cache.keys, cache.values, *routing = self._attention_step(x, cache.keys, cache.values, pos)
+        cache.offset += 1
         if routing:
             self.mlp.last_routing = Routing(*routing)
         return out
@@ -83,9 +88,10 @@ class DecoderLayer:
         cache.conv, cache.state_ = conv, state
         return [self._feed(self._mix(x, cache)), cache.conv, cache.state_, *self._routing()]
 
-    def _pure_feed_step(self, h: mx.array) -> list[mx.array]:
-        """The feed-forward half as a pure function (compiled)."""
-        return [self._feed(h), *self._routing()]
+    def _pure_attention_step(self, x: mx.array, keys: mx.array, values: mx.array, pos: mx.array) -> list[mx.array]:
+        """A full-attention layer's decode token as a pure function (compiled): KV buffers in and out."""
+        mixed, keys, values = self.mixer.decode(mx.fast.rms_norm(x, self.input_layernorm, self.eps), keys, values, pos)
+        return [self._feed(x + mixed), keys, values, *self._routing()]
 
     def _routing(self) -> list[mx.array]:
         """The MoE layer's routing arrays, returned by the compiled functions for model.routing()."""

@@ -108,3 +108,32 @@ def test_reference_backend_runs_anywhere(seed):
         backend="reference",
     )
     assert y.shape == (200,) and not mx.any(mx.isnan(y)).item()
+
+
+def distinct_logits(rows, experts, dtype):
+    """Logits without ties (a permutation of a grid exact in bf16), so every backend picks one set."""
+    perm = mx.stack([mx.random.permutation(experts) for _ in range(rows)])
+    return ((perm.astype(mx.float32) - experts / 2) / 64).astype(dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("experts, k", [(60, 4), (128, 8), (512, 10), (33, 33)])
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_route_kernel_matches_reference(experts, k, norm, dtype, seed):
+    logits = distinct_logits(3, experts, dtype)
+    ids, weights = moe.route(logits, k, norm, backend=BACKEND, out_dtype=mx.float32)
+    ref_ids, ref_weights = moe.route_reference(logits, k, norm)
+    assert ids.dtype == mx.uint32 and ids.shape == ref_ids.shape == (3, k)
+    order, ref_order = mx.argsort(ids, axis=-1), mx.argsort(ref_ids, axis=-1)
+    assert mx.array_equal(mx.take_along_axis(ids, order, -1), mx.take_along_axis(ref_ids, ref_order, -1))
+    w, ref_w = mx.take_along_axis(weights, order, -1), mx.take_along_axis(ref_weights, ref_order, -1)
+    assert rel_err(w, ref_w) < 1e-6, f"seed {seed}"
+    probs = mx.take_along_axis(mx.softmax(logits.astype(mx.float32), axis=-1), ids.astype(mx.int32), -1)
+    assert mx.all(probs[:, :-1] >= probs[:, 1:]).item()  # the kernel lists them most probable first
+
+
+@needs_cuda
+def test_route_kernel_writes_the_requested_dtype(seed):
+    ids, weights = moe.route(distinct_logits(1, 512, mx.bfloat16), 10, backend=BACKEND, out_dtype=mx.bfloat16)
+    assert weights.dtype == mx.bfloat16 and abs(weights.astype(mx.float32).sum().item() - 1) < 1e-2

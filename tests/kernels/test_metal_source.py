@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flashmoe.kernels import gated_delta, gpu, moe
+from flashmoe.kernels import attention, gated_delta, gpu, moe
 
 SHIM = Path(__file__).resolve().parents[1] / "shims" / "metal_as_cpp.h"
 ATTRS = (
@@ -24,13 +24,14 @@ IN_F, IN_U, IN_I, OUT_F = (
     "const device int32_t*",
     "device float*",
 )
-UINT_INPUTS = {"w", "gw", "uw", "idx", "ids"}  # packed words and expert ids; dims is int32; the rest float
+UINT_INPUTS = {"w", "gw", "uw", "idx", "ids"}  # packed words and expert ids; dims, length int32; the rest float
+OUT_U = "device uint32_t*"
 
 
 def arguments(inputs, outputs) -> list[tuple[str, str]]:
     """(name, MSL type) of a kernel's parameters, inputs in the launcher's order, then outputs."""
-    kind = {**{n: IN_U for n in UINT_INPUTS}, "dims": IN_I}
-    return [(n, kind.get(n, IN_F)) for n in inputs] + [(n, OUT_F) for n in outputs]
+    kind = {**{n: IN_U for n in UINT_INPUTS}, "dims": IN_I, "length": IN_I}
+    return [(n, kind.get(n, IN_F)) for n in inputs] + [(n, OUT_U if n == "ids" else OUT_F) for n in outputs]
 
 
 KERNELS = {
@@ -56,6 +57,16 @@ KERNELS = {
         "typename T, int DK, int DV, int W, int HV, int HK, int SIMDS",
         arguments(gated_delta.INPUTS, gated_delta.OUTPUTS),
         ["float, 128, 128, 4, 32, 16, 8"],
+    ),
+    "attention_decode.inc": (
+        "typename T, int HD, int SIMDS",
+        arguments(attention.INPUTS, ["y"]),
+        ["float, 128, 4", "float, 64, 8"],
+    ),
+    "moe_route.inc": (
+        "typename T, typename OUT_T, int EPL, int K, int NORM",
+        arguments(moe.ROUTE_INPUTS, moe.ROUTE_OUTPUTS),
+        ["float, float, 16, 10, 1", "float, float, 2, 4, 0"],
     ),
 }
 

@@ -11,6 +11,7 @@ import pytest
 from flashmoe import kernels
 from flashmoe.analysis.parity import forced_decode_logits
 from flashmoe.loader import load_model
+from flashmoe.models.cache import KVCache
 from tests.helpers import CONFIGS, rel_err, write_checkpoint
 
 PROMPT, TOKENS = [3, 17, 42, 9, 77], [5, 61, 12, 250]
@@ -18,7 +19,9 @@ PROMPT, TOKENS = [3, 17, 42, 9, 77], [5, 61, 12, 250]
 
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
 @pytest.mark.parametrize("stream", [False, True], ids=["resident", "streamed"])
-def test_fused_moe_path_matches_the_gathered_path(model_type, stream, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kv_step", [256, 4], ids=["kv-room", "kv-grows"])
+def test_fused_moe_path_matches_the_gathered_path(model_type, stream, kv_step, tmp_path, monkeypatch):
+    monkeypatch.setattr(KVCache, "STEP", kv_step)  # 4: the KV buffers grow (and the step retraces) mid-decode
     directory = write_checkpoint(tmp_path / model_type, model_type)
     load = dict(backend="reference", stream_experts=stream, dtype=mx.float32)  # float32 on any device
     gathered = forced_decode_logits(load_model(directory, **load), PROMPT, TOKENS)

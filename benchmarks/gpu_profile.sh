@@ -1,0 +1,16 @@
+#!/bin/bash
+# H200: where a decode step goes (benchmarks/step_profile.py) under MLX's CUDA graph settings,
+# and the GPU tests. Run after `source /tmp/gpu/env.sh`; results in $OUT.
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+python3 -m flashmoe.tools.synth --preset qwen3-30b-a3b --layers 8 --out /tmp/q30 > /dev/null &
+python3 -m flashmoe.tools.synth --preset qwen3-coder-next --layers 8 --out /tmp/cn8 > /dev/null &
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/models/test_engine.py \
+  tests/models/test_fused_path.py 2>&1 | tail -15 > $OUT/tests.txt
+wait
+M="--model /tmp/q30 --model /tmp/cn8"
+timeout 120 python3 benchmarks/step_profile.py --launches $M 2>&1 | tee $OUT/profile_default.txt
+MLX_USE_CUDA_GRAPHS=0 timeout 90 python3 benchmarks/step_profile.py --launches $M 2>&1 | tee $OUT/profile_nographs.txt
+MLX_MAX_OPS_PER_BUFFER=400 MLX_MAX_MB_PER_BUFFER=4000 timeout 90 python3 benchmarks/step_profile.py $M 2>&1 \
+  | tee $OUT/profile_bigbuffers.txt
+cat $OUT/tests.txt
