@@ -79,7 +79,9 @@ TRIVIAL = "if (threadIdx.x == 0) { out[0] = inp[0] + 1.0f; }"
 def launch_costs(calls: int) -> None:
     """Microseconds per call for `calls` independent calls evaluated together (build | eval)."""
     one = mx.ones((1,), dtype=mx.float32)
-    trivial = mx.fast.cuda_kernel(name="fm_trivial", input_names=["inp"], output_names=["out"], source=TRIVIAL)
+    trivial = mx.fast.cuda_kernel(
+        name="fm_trivial", input_names=["inp"], output_names=["out"], source=TRIVIAL
+    )
     q, s, b = mx.quantize(mx.random.normal((512, 512)), group_size=64, bits=4)
     s, b = s.astype(mx.bfloat16), b.astype(mx.bfloat16)
     xs = [mx.random.normal((1, 512)).astype(mx.bfloat16) + i for i in range(calls)]
@@ -93,8 +95,12 @@ def launch_costs(calls: int) -> None:
             output_dtypes=[mx.float32],
         )[0],
         "add, one element": lambda i: one + float(i),
-        "quantized_matmul 512x512 4-bit": lambda i: mx.quantized_matmul(xs[i], q, s, b, group_size=64, bits=4),
-        "flashmoe matvec 512x512 4-bit": lambda i: kernels.dequant_matvec(xs[i], q, s, b, bits=4, group_size=64),
+        "quantized_matmul 512x512 4-bit": lambda i: mx.quantized_matmul(
+            xs[i], q, s, b, group_size=64, bits=4
+        ),
+        "flashmoe matvec 512x512 4-bit": lambda i: kernels.dequant_matvec(
+            xs[i], q, s, b, bits=4, group_size=64
+        ),
     }
     for label, fn in cases.items():
         rows = []

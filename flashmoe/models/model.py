@@ -88,9 +88,13 @@ class DecoderLayer:
         cache.conv, cache.state_ = conv, state
         return [self._feed(self._mix(x, cache)), cache.conv, cache.state_, *self._routing()]
 
-    def _pure_attention_step(self, x: mx.array, keys: mx.array, values: mx.array, pos: mx.array) -> list[mx.array]:
+    def _pure_attention_step(
+        self, x: mx.array, keys: mx.array, values: mx.array, pos: mx.array
+    ) -> list[mx.array]:
         """A full-attention layer's decode token as a pure function (compiled): KV buffers in and out."""
-        mixed, keys, values = self.mixer.decode(mx.fast.rms_norm(x, self.input_layernorm, self.eps), keys, values, pos)
+        mixed, keys, values = self.mixer.decode(
+            mx.fast.rms_norm(x, self.input_layernorm, self.eps), keys, values, pos
+        )
         return [self._feed(x + mixed), keys, values, *self._routing()]
 
     def _routing(self) -> list[mx.array]:

@@ -18,7 +18,8 @@ import mlx.core as mx
 
 from .. import kernels
 from ..errors import FlashMoeError
-from ..kernels.moe import moe_experts, route as route_kernel
+from ..kernels.moe import moe_experts
+from ..kernels.moe import route as route_kernel
 from ..timing import timer
 from .args import ModelArgs
 from .layers import silu
@@ -172,7 +173,9 @@ class MoE:
         """The router's choice for x (B, T, D): top-K experts and their weights."""
         logits = self.gate(x)  # (B, T, E)
         tokens = logits.size // logits.shape[-1]
-        if self.gate.backend in kernels.GPU_BACKENDS and tokens * self.k <= FUSED_MAX_SLOTS:  # decode: one launch
+        if (
+            self.gate.backend in kernels.GPU_BACKENDS and tokens * self.k <= FUSED_MAX_SLOTS
+        ):  # decode: one launch
             experts, weights = route_kernel(
                 logits, self.k, self.norm_topk_prob, backend=self.gate.backend, out_dtype=x.dtype
             )

@@ -22,9 +22,7 @@ def case(batch, heads, kv_heads, head_dim, capacity, dtype=mx.float32):
 def test_reference_is_attention_over_the_filled_positions(length, kv_heads, seed):
     q, keys, values = case(2, 8, kv_heads, 64, 40)
     got = attention.reference(q, keys, values, mx.array([length], dtype=mx.int32), scale=0.125)
-    want = mx.fast.scaled_dot_product_attention(
-        q, keys[:, :, :length], values[:, :, :length], scale=0.125
-    )
+    want = mx.fast.scaled_dot_product_attention(q, keys[:, :, :length], values[:, :, :length], scale=0.125)
     assert rel_err(got, want) < 1e-5, f"seed {seed}"
 
 

@@ -24,7 +24,13 @@ IN_F, IN_U, IN_I, OUT_F = (
     "const device int32_t*",
     "device float*",
 )
-UINT_INPUTS = {"w", "gw", "uw", "idx", "ids"}  # packed words and expert ids; dims, length int32; the rest float
+UINT_INPUTS = {
+    "w",
+    "gw",
+    "uw",
+    "idx",
+    "ids",
+}  # packed words and expert ids; dims, length int32; the rest float
 OUT_U = "device uint32_t*"
 
 
