@@ -56,9 +56,13 @@ class Attention:
         o_bias = args.attention_bias and not arch.qkv_bias
         q_width = self.n_heads * self.head_dim * (2 if self.gated else 1)
         kv_width = self.n_kv_heads * self.head_dim
-        self.q_proj = _projection(store, f"{prefix}.q_proj", qkv_bias, q_width)
-        self.k_proj = _projection(store, f"{prefix}.k_proj", qkv_bias, kv_width)
-        self.v_proj = _projection(store, f"{prefix}.v_proj", qkv_bias, kv_width)
+        q_proj = _projection(store, f"{prefix}.q_proj", qkv_bias, q_width)
+        k_proj = _projection(store, f"{prefix}.k_proj", qkv_bias, kv_width)
+        v_proj = _projection(store, f"{prefix}.v_proj", qkv_bias, kv_width)
+        # one matrix when the three are stored alike: one launch per decode token instead of three
+        self.qkv_proj = _stacked(q_proj, k_proj, v_proj)
+        self.projections = (q_proj, k_proj, v_proj) if self.qkv_proj is None else None
+        self.qkv_splits = [q_width, q_width + kv_width]
         self.o_proj = _projection(store, f"{prefix}.o_proj", o_bias, args.hidden_size)
         if self.qk_norm:
             self.q_norm = store.take(f"{prefix}.q_norm.weight")  # (hd,)
@@ -66,9 +70,10 @@ class Attention:
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
         B, T, _ = x.shape
-        queries, gate = self._queries(x)  # (B, T, H, hd), (B, T, H * hd) or None
-        keys = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, hd)
-        values = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = self._project(x)
+        queries, gate = self._queries(q)  # (B, T, H, hd), (B, T, H * hd) or None
+        keys = k.reshape(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, hd)
+        values = v.reshape(B, T, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
             queries = mx.fast.rms_norm(queries, self.q_norm, self.eps)
             keys = mx.fast.rms_norm(keys, self.k_norm, self.eps)
@@ -97,9 +102,10 @@ class Attention:
         The shapes do not change as pos grows, so the step is traced once per buffer capacity.
         """
         B = x.shape[0]
-        queries, gate = self._queries(x)  # (B, 1, H, hd)
-        k = self.k_proj(x).reshape(B, 1, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, 1, self.n_kv_heads, self.head_dim)
+        q, k, v = self._project(x)
+        queries, gate = self._queries(q)  # (B, 1, H, hd)
+        k = k.reshape(B, 1, self.n_kv_heads, self.head_dim)
+        v = v.reshape(B, 1, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
             queries = mx.fast.rms_norm(queries, self.q_norm, self.eps)
             k = mx.fast.rms_norm(k, self.k_norm, self.eps)
@@ -117,10 +123,16 @@ class Attention:
         """Room in cache for n positions of x's batch (in the dtype the projections give)."""
         cache.reserve(n, x.shape[0], self.n_kv_heads, self.head_dim, x.dtype)
 
-    def _queries(self, x: mx.array) -> tuple[mx.array, mx.array | None]:
-        """Per-head queries, and for the gated variants the output gate that q_proj interleaves."""
-        B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.n_heads, -1)  # (B, T, H, hd or 2 * hd)
+    def _project(self, x: mx.array) -> list[mx.array]:
+        """q_proj(x), k_proj(x), v_proj(x): (B, T, q_width), (B, T, H_kv * hd) twice."""
+        if self.qkv_proj is None:
+            return [proj(x) for proj in self.projections]
+        return mx.split(self.qkv_proj(x), self.qkv_splits, axis=-1)
+
+    def _queries(self, q: mx.array) -> tuple[mx.array, mx.array | None]:
+        """Per-head queries from q_proj's output, and for the gated variants the output gate it interleaves."""
+        B, T, _ = q.shape
+        q = q.reshape(B, T, self.n_heads, -1)  # (B, T, H, hd or 2 * hd)
         if not self.gated:
             return q, None
         queries, gate = mx.split(q, 2, axis=-1)  # (B, T, H, hd) each
@@ -135,6 +147,34 @@ class Attention:
             scale=self.rope_scale,
             offset=offset,
         )
+
+
+def _stacked(*layers: Linear) -> Linear | None:
+    """The quantized layers as one, their output rows stacked (exact: each row is computed alone);
+    None unless all are quantized alike (bits, group size, mode, scale dtype, bias or none)."""
+    first = layers[0]
+    alike = all(
+        layer.spec is not None
+        and layer.spec == first.spec
+        and layer.scales.dtype == first.scales.dtype
+        and (layer.bias is None) == (first.bias is None)
+        for layer in layers
+    )
+    if not alike:
+        return None
+
+    def stack(name: str) -> mx.array | None:
+        parts = [getattr(layer, name) for layer in layers]
+        return None if parts[0] is None else mx.concatenate(parts, axis=0)
+
+    return Linear(
+        stack("weight"),
+        stack("scales"),
+        stack("biases"),
+        bias=stack("bias"),
+        spec=first.spec,
+        backend=first.backend,
+    )
 
 
 def _projection(store: TensorStore, prefix: str, bias: bool, out_features: int) -> Linear:

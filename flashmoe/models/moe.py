@@ -173,11 +173,10 @@ class MoE:
         """The router's choice for x (B, T, D): top-K experts and their weights."""
         logits = self.gate(x)  # (B, T, E)
         tokens = logits.size // logits.shape[-1]
-        if (
-            self.gate.backend in kernels.GPU_BACKENDS and tokens * self.k <= FUSED_MAX_SLOTS
-        ):  # decode: one launch
+        backend = getattr(self.gate, "backend", None)  # (analysis may wrap the gate in a function)
+        if backend in kernels.GPU_BACKENDS and tokens * self.k <= FUSED_MAX_SLOTS:  # decode: one launch
             experts, weights = route_kernel(
-                logits, self.k, self.norm_topk_prob, backend=self.gate.backend, out_dtype=x.dtype
+                logits, self.k, self.norm_topk_prob, backend=backend, out_dtype=x.dtype
             )
             return Routing(logits, experts, weights)
         probs = mx.softmax(logits.astype(mx.float32), axis=-1, precise=True)
