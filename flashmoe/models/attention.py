@@ -15,7 +15,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..errors import FlashMoeError
-from ..kernels.attention import decode_attention, qk_norm_rope
+from ..kernels.attention import decode_attention
 from .args import ModelArgs
 from .cache import KVCache
 from .layers import Linear
@@ -106,23 +106,11 @@ class Attention:
         queries, gate = self._queries(q)  # (B, 1, H, hd)
         k = k.reshape(B, 1, self.n_kv_heads, self.head_dim)
         v = v.reshape(B, 1, self.n_kv_heads, self.head_dim)
-        if self.qk_norm:  # both norms and both rotations in one launch on a GPU
-            queries, k = qk_norm_rope(
-                queries,
-                k,
-                self.q_norm,
-                self.k_norm,
-                pos,
-                eps=self.eps,
-                rope_dims=self.rope_dims,
-                traditional=self.rope_traditional,
-                base=self.rope_base,
-                scale=self.rope_scale,
-                backend=self.o_proj.backend,
-            )  # (B, H, 1, hd), (B, H_kv, 1, hd)
-        else:
-            queries = self._rope(queries.transpose(0, 2, 1, 3), pos)  # (B, H, 1, hd)
-            k = self._rope(k.transpose(0, 2, 1, 3), pos)  # (B, H_kv, 1, hd)
+        if self.qk_norm:
+            queries = mx.fast.rms_norm(queries, self.q_norm, self.eps)
+            k = mx.fast.rms_norm(k, self.k_norm, self.eps)
+        queries = self._rope(queries.transpose(0, 2, 1, 3), pos)  # (B, H, 1, hd)
+        k = self._rope(k.transpose(0, 2, 1, 3), pos)  # (B, H_kv, 1, hd)
         keys = mx.slice_update(keys, k, pos, axes=(2,))
         values = mx.slice_update(values, v.transpose(0, 2, 1, 3), pos, axes=(2,))
         out = decode_attention(queries, keys, values, pos + 1, scale=self.scale, backend=self.o_proj.backend)
