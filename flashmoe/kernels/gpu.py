@@ -15,6 +15,7 @@ MAX_LOADS loads in flight per lane, two rows per row group for tall matrices.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -119,7 +120,21 @@ def build(backend: str, body_file: str, name: str, inputs: tuple, outputs: tuple
     """A new kernel object for `body_file` on `backend`."""
     header, body = compose(backend, body_file)
     make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
-    return make(name=name, input_names=list(inputs), output_names=list(outputs), source=body, header=header)
+    return make(
+        name=versioned_name(name, header, body),
+        input_names=list(inputs),
+        output_names=list(outputs),
+        source=body,
+        header=header,
+    )
+
+
+def versioned_name(name: str, header: str, body: str) -> str:
+    """`name` with a hash of the kernel's source. MLX's CUDA backend keeps compiled kernels on disk
+    (/tmp/mlx/<mlx version>/ptx) under their name alone: without the hash, a changed body (a new
+    flashmoe) would silently run the old compiled code."""
+    digest = hashlib.sha256((header + "\0" + body).encode()).hexdigest()[:12]
+    return f"{name}_{digest}"
 
 
 @functools.cache

@@ -120,3 +120,14 @@ def test_fp_modes_gathered_run_through_gather_qmm(mode, bits, group_size, seed):
     )
     ref = exact_matmul(dense[indices], x[:, None, :, None]).squeeze(-1)
     assert y.shape == (2, 2, 24) and rel_err(y, ref) < TOLERANCE
+
+
+def test_kernel_names_change_with_their_source():
+    """MLX's CUDA backend caches compiled kernels on disk by name: a changed body must get a new name."""
+    from flashmoe.kernels import gpu
+
+    header, body = gpu.compose("cuda", "dequant_matvec.inc")
+    name = gpu.versioned_name("flashmoe_dequant_matvec", header, body)
+    assert name == gpu.versioned_name("flashmoe_dequant_matvec", header, body)
+    assert name != gpu.versioned_name("flashmoe_dequant_matvec", header, body + "\n// edited")
+    assert name != gpu.versioned_name("flashmoe_dequant_matvec", header + " ", body)
