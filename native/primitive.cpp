@@ -71,6 +71,12 @@ FLASHMOE_CLONES void bf16_to_f32(const uint16_t* p, int n, float* dst) {
   for (int i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(p[i]) << 16;
 }
 
+// Prefetches (into L2) the cache lines of [p, p + bytes).
+void prefetch_lines(const void* p, int64_t bytes) {
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(p), end = begin + bytes;
+  for (uintptr_t a = begin & ~uintptr_t{63}; a < end; a += 64) __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 2);
+}
+
 // Scales or biases: a raw view of one input, read as float a tile at a time.
 struct FloatRows {
   const char* data;
@@ -93,11 +99,7 @@ struct FloatRows {
   }
 
   // Prefetches (into L2) the cache lines of elements [offset, offset + n).
-  void prefetch(int64_t offset, int n) const {
-    const uintptr_t begin = reinterpret_cast<uintptr_t>(data + offset * itemsize);
-    const uintptr_t end = begin + n * itemsize;
-    for (uintptr_t p = begin & ~uintptr_t{63}; p < end; p += 64) __builtin_prefetch(reinterpret_cast<const void*>(p), 0, 2);
-  }
+  void prefetch(int64_t offset, int n) const { prefetch_lines(data + offset * itemsize, n * itemsize); }
 };
 
 struct Problem {
@@ -169,6 +171,8 @@ void compute(const Problem& P, const mx::array& x, const mx::array& w, const mx:
     sf.resize(run_units * kMaxRows * ngroups + 16);
     bf.resize(run_units * kMaxRows * ngroups);
     Run cur = run_at(begin, end);
+    // The first run's weights have had no prefetch along the way: ask for them all at once.
+    if (cur.row >= 0) prefetch_lines(wp + cur.row * words, static_cast<int64_t>(cur.n) * words * 4);
     for (int64_t u = begin; u < end;) {
       const int64_t u_next = u + (cur.n + kMaxRows - 1) / kMaxRows;
       const Run nxt = u_next < end ? run_at(u_next, end) : Run{0, 0, -1, 0, 0};
