@@ -9,13 +9,20 @@
 
 namespace flashmoe_native {
 
-// For each of nrows (1..kMaxRows) rows w + r*row_stride: out[r] = sum over the row's words of
-// scale(word) * dot(q(word), x(word)), with xp permuted for block width `width` (in words)
-// and the row's scales as float at sf + r*sf_stride (each padded by 16 floats).
-// wpg: words per quantization group. The bias term is added by the caller.
+// For each of nrows consecutive rows r of one matrix (row r at w + r*words):
+//   out[r] = sum over the row's words of scale(word) * dot(q(word), x(word))
+//          + sum over groups g of bias[r][g] * xsum[g]
+// with xp permuted for block width `width` (in words) and xsum the per-group sums of x.
+// sf, bf: the rows' scales and biases as float, rows ngroups = words / wpg apart, sf readable
+// 16 floats past its last row (the AVX-512 kernel loads 16 scales from any group).
+// wpg: words per quantization group, a power of two (group sizes 32/64/128, 2/4/8 bits).
+// next: where this thread's reading goes on after these rows (rows of `words` from there), or
+// null: the AVX-512 kernel prefetches a few KB ahead along that path.
+// kMaxRows: rows per tile (the AVX-512 kernel computes a tile per pass over x); the caller's
+// unit of work is a tile too.
 constexpr int kMaxRows = 4;
-using RowsFn = void (*)(const uint32_t* w, int64_t row_stride, int nrows, const float* xp, const float* sf,
-                        int sf_stride, int words, int wpg, float* out);
+using RowsFn = void (*)(const uint32_t* w, int nrows, const uint32_t* next, const float* sf, const float* bf,
+                        const float* xp, const float* xsum, int words, int wpg, float* out);
 
 struct Isa {
   const char* name;  // "avx512", "avx2", "neon", "scalar"

@@ -71,30 +71,36 @@ FLASHMOE_CLONES void bf16_to_f32(const uint16_t* p, int n, float* dst) {
   for (int i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(p[i]) << 16;
 }
 
-FLASHMOE_CLONES float dot(const float* a, const float* b, int n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
+// Prefetches (into L2) the cache lines of [p, p + bytes).
+void prefetch_lines(const void* p, int64_t bytes) {
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(p), end = begin + bytes;
+  for (uintptr_t a = begin & ~uintptr_t{63}; a < end; a += 64) __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 2);
 }
 
-void load_row(const mx::array& a, int64_t offset, int n, float* dst) {
-  switch (a.dtype()) {
-    case mx::float32: {
-      const float* p = a.data<float>() + offset;
-      for (int i = 0; i < n; ++i) dst[i] = p[i];
-      break;
-    }
-    case mx::bfloat16: {
-      bf16_to_f32(reinterpret_cast<const uint16_t*>(a.data<mx::bfloat16_t>()) + offset, n, dst);
-      break;
-    }
-    default: {
-      const mx::float16_t* p = a.data<mx::float16_t>() + offset;
-      for (int i = 0; i < n; ++i) dst[i] = static_cast<float>(p[i]);
+// Scales or biases: a raw view of one input, read as float a tile at a time.
+struct FloatRows {
+  const char* data;
+  mx::Dtype dtype;
+  int64_t itemsize;
+  explicit FloatRows(const mx::array& a)
+      : data(static_cast<const char*>(a.data<void>())), dtype(a.dtype()), itemsize(a.itemsize()) {}
+
+  // dst[0, n) = elements [offset, offset + n) as float.
+  void load(int64_t offset, int n, float* dst) const {
+    const char* p = data + offset * itemsize;
+    switch (dtype) {
+      case mx::float32: std::memcpy(dst, p, sizeof(float) * n); break;
+      case mx::bfloat16: bf16_to_f32(reinterpret_cast<const uint16_t*>(p), n, dst); break;
+      default: {
+        const mx::float16_t* h = reinterpret_cast<const mx::float16_t*>(p);
+        for (int i = 0; i < n; ++i) dst[i] = static_cast<float>(h[i]);
+      }
     }
   }
-}
+
+  // Prefetches (into L2) the cache lines of elements [offset, offset + n).
+  void prefetch(int64_t offset, int n) const { prefetch_lines(data + offset * itemsize, n * itemsize); }
+};
 
 struct Problem {
   int bits, group_size, in, out_dim, experts;
@@ -130,40 +136,65 @@ void compute(const Problem& P, const mx::array& x, const mx::array& w, const mx:
   const int64_t pairs = indices ? static_cast<int64_t>(indices->size()) : 1;
   const int64_t tiles = (P.out_dim + kMaxRows - 1) / kMaxRows;  // row tiles per matrix
   const int64_t units = pairs * tiles;
-  const int sf_stride = ngroups + 16;  // the AVX-512 kernel reads 16 scales from any group
+  const FloatRows scale_rows(scales), bias_rows(biases);
+
+  // Unit u is tile t = u % tiles of pair p = u / tiles. Its first weight row in w viewed as
+  // (experts * out_dim, words), or -1 for an out-of-range expert:
+  auto first_row = [&](int64_t p, int64_t t) -> int64_t {
+    if (!idx) return t * kMaxRows;
+    const uint32_t e = idx[p];
+    return e < static_cast<uint32_t>(P.experts) ? static_cast<int64_t>(e) * P.out_dim + t * kMaxRows : -1;
+  };
+  // A chunk is walked in runs: consecutive units of one pair, about kRunBytes of weights (at
+  // least one unit), each one kernel call, so that the per-call costs (scale conversion,
+  // kernel setup) are shared by several tiles of short rows. While a run is computed, the
+  // scales and biases of the next are prefetched here and its weights by the kernel.
+  constexpr int64_t kRunBytes = 8 << 10;
+  const int64_t run_units = std::max<int64_t>(1, kRunBytes / (static_cast<int64_t>(kMaxRows) * words * 4));
+  struct Run {
+    int64_t p, t, row;  // pair, first tile, first weight row (-1: out-of-range expert)
+    int o, n;           // first output row within the pair, rows
+  };
+  auto run_at = [&](int64_t u, int64_t end) {
+    Run r;
+    r.p = u / tiles, r.t = u % tiles, r.row = first_row(r.p, r.t);
+    r.o = static_cast<int>(r.t) * kMaxRows;
+    const int64_t len = std::min({end - u, tiles - r.t, run_units});
+    r.n = static_cast<int>(std::min<int64_t>(P.out_dim - r.o, len * kMaxRows));
+    return r;
+  };
 
   auto body = [&](int64_t begin, int64_t end) {
-    // Scales and biases of the current rows as float; kept per thread across calls.
+    // Scales and biases of the current rows as float, rows ngroups apart (the kernel may read
+    // 16 floats past the last scale); kept per thread across calls.
     thread_local std::vector<float> sf, bf;
-    sf.assign(kMaxRows * sf_stride, 0.f);
-    bf.assign(kMaxRows * ngroups, 0.f);
-    float acc[kMaxRows];
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t p = u / tiles;
-      const int o = static_cast<int>(u % tiles) * kMaxRows;
-      const int n = std::min(kMaxRows, P.out_dim - o);
-      int64_t wrow = o;
-      if (idx) {
-        const uint32_t e = idx[p];
-        if (e >= static_cast<uint32_t>(P.experts)) {  // out-of-range expert: make it visible
-          std::fill_n(y + p * P.out_dim + o, n, std::numeric_limits<float>::quiet_NaN());
-          continue;
+    sf.resize(run_units * kMaxRows * ngroups + 16);
+    bf.resize(run_units * kMaxRows * ngroups);
+    Run cur = run_at(begin, end);
+    // The first run's weights have had no prefetch along the way: ask for them all at once.
+    if (cur.row >= 0) prefetch_lines(wp + cur.row * words, static_cast<int64_t>(cur.n) * words * 4);
+    for (int64_t u = begin; u < end;) {
+      const int64_t u_next = u + (cur.n + kMaxRows - 1) / kMaxRows;
+      const Run nxt = u_next < end ? run_at(u_next, end) : Run{0, 0, -1, 0, 0};
+      if (nxt.row >= 0) {
+        scale_rows.prefetch(nxt.row * ngroups, nxt.n * ngroups);
+        bias_rows.prefetch(nxt.row * ngroups, nxt.n * ngroups);
+      }
+      if (cur.row < 0) {  // out-of-range expert: make it visible
+        std::fill_n(y + cur.p * P.out_dim + cur.o, cur.n, std::numeric_limits<float>::quiet_NaN());
+      } else {
+        scale_rows.load(cur.row * ngroups, cur.n * ngroups, sf.data());
+        bias_rows.load(cur.row * ngroups, cur.n * ngroups, bf.data());
+        const uint32_t* next = nxt.row >= 0 ? wp + nxt.row * words : nullptr;
+        const int64_t r0 = idx ? (P.shared_x ? cur.p / K : cur.p) : 0;
+        const int64_t r1 = idx ? r0 + 1 : xrows;
+        for (int64_t r = r0; r < r1; ++r) {  // further x rows reuse the weights from cache
+          rows(wp + cur.row * words, cur.n, r == r0 ? next : nullptr, sf.data(), bf.data(), xp.data() + r * in,
+               xsum.data() + r * ngroups, words, wpg, y + (idx ? cur.p : r) * P.out_dim + cur.o);
         }
-        wrow = static_cast<int64_t>(e) * P.out_dim + o;
       }
-      for (int i = 0; i < n; ++i) {
-        load_row(scales, (wrow + i) * ngroups, ngroups, sf.data() + i * sf_stride);
-        load_row(biases, (wrow + i) * ngroups, ngroups, bf.data() + i * ngroups);
-      }
-      const uint32_t* wr = wp + wrow * words;
-      const int64_t r0 = idx ? (P.shared_x ? p / K : p) : 0;
-      const int64_t r1 = idx ? r0 + 1 : xrows;
-      for (int64_t r = r0; r < r1; ++r) {
-        rows(wr, words, n, xp.data() + r * in, sf.data(), sf_stride, words, wpg, acc);
-        const float* xs = xsum.data() + r * ngroups;
-        float* yr = y + (idx ? p : r) * P.out_dim + o;
-        for (int i = 0; i < n; ++i) yr[i] = acc[i] + dot(bf.data() + i * ngroups, xs, ngroups);
-      }
+      u = u_next;
+      cur = nxt;
     }
   };
   // Chunks of about kChunkBytes of weights: small enough to balance threads that a shared
