@@ -5,9 +5,9 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 python3 -m flashmoe.tools.synth --preset qwen3-30b-a3b --layers 8 --out /tmp/q30 > /dev/null &
 python3 -m flashmoe.tools.synth --preset qwen3-coder-next --layers 8 --out /tmp/cn8 > /dev/null &
-timeout 100 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_attention_decode.py \
-  tests/kernels/test_fused_moe.py 2>&1 | tail -25 > $OUT/tests.txt
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_attention_decode.py \
+  tests/kernels/test_fused_moe.py tests/models/test_gpu_path.py 2>&1 | tail -25 > $OUT/tests.txt
 wait
-timeout 170 python3 benchmarks/decode.py --models bundled,/tmp/cn8,/tmp/q30 --runs 3 --tokens 32 2>&1 | tee $OUT/decode.txt
+timeout 280 python3 benchmarks/decode.py --models bundled,/tmp/cn8,/tmp/q30 --runs 3 --tokens 32 2>&1 | tee $OUT/decode.txt
 timeout 40 python3 benchmarks/moe_layer.py --layers 24 --distinct 3 --repeats 5 2>&1 | tee $OUT/moe.txt
 cat $OUT/tests.txt
