@@ -34,6 +34,14 @@ def backend_available(backend: str) -> bool:
     return backend in BACKENDS
 
 
+def fused_backend(backend: str) -> str:
+    """Where the fused decode kernels (moe, gated_delta, attention) run for `backend`: "metal" or
+    "cuda" as asked (for "auto", whichever runs here), else "reference", their pure-MLX form."""
+    if backend == "auto":
+        return next((b for b in GPU_BACKENDS if backend_available(b)), "reference")
+    return backend if backend in GPU_BACKENDS else "reference"
+
+
 def available_backends() -> list[str]:
     """The backends that can run on this machine, fastest first."""
     return [b for b in BACKENDS if backend_available(b)]

@@ -18,18 +18,18 @@ import functools
 
 import mlx.core as mx
 
-from . import GPU_BACKENDS, gpu
+from . import fused_backend, gpu
 
 INPUTS = ("q", "k", "v", "length", "dims", "scale")
 SIMDS = 4  # SIMD groups per (sequence, head): each takes every 4th cached position
 
 
-def decode_attention(q, keys, values, length, *, scale: float, backend: str = "reference") -> mx.array:
+def decode_attention(q, keys, values, length, *, scale: float, backend: str = "auto") -> mx.array:
     B, H, T, hd = q.shape
-    if backend not in GPU_BACKENDS or T != 1 or hd % 32:
+    if fused_backend(backend) == "reference" or T != 1 or hd % 32:
         return reference(q, keys, values, length, scale=scale)
     _, n_kv, cap, _ = keys.shape
-    (y,) = gpu.kernel(backend, "attention_decode.inc", "flashmoe_attention_decode", INPUTS)(
+    (y,) = gpu.kernel(fused_backend(backend), "attention_decode.inc", "flashmoe_attention_decode", INPUTS)(
         inputs=[q, keys, values, length, gpu.int_array(H, n_kv, cap), _scale(scale)],
         template=[("T", q.dtype), ("HD", hd), ("SIMDS", SIMDS)],
         grid=(B * H * SIMDS * 32, 1, 1),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from . import backend_available, gpu
+from . import fused_backend, gpu
 
 INPUTS = (
     "qkv",
@@ -55,8 +55,7 @@ def gated_delta_step(
     rms_eps: float,
     backend: str = "auto",
 ):
-    if backend == "auto":
-        backend = next((x for x in ("metal", "cuda") if backend_available(x)), "reference")
+    backend = fused_backend(backend)
     if backend == "reference":
         return reference(
             qkv,

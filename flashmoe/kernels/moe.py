@@ -21,7 +21,7 @@ import math
 
 import mlx.core as mx
 
-from . import backend_available, gpu, reference
+from . import fused_backend, gpu, reference
 
 GATE_UP_INPUTS = ("x", "gw", "gs", "gb", "uw", "us", "ub", "ids", "dims")
 DOWN_INPUTS = ("h", "w", "scales", "biases", "ids", "rw", "dims")
@@ -30,17 +30,11 @@ MAX_ROUTE_EXPERTS = 32 * 64  # experts the routing kernel holds in registers (64
 MAX_DOWN_K = 16  # experts per token the fused down kernel takes (one register slot each)
 
 
-def _backend(backend: str) -> str:
-    if backend == "auto":
-        return next((b for b in ("metal", "cuda") if backend_available(b)), "reference")
-    return backend
-
-
 def moe_gate_up(x, gate, up, ids, *, bits: int, group_size: int, backend: str = "auto") -> mx.array:
     """x (..., D), ids (..., K) -> silu(gate[ids] @ x) * (up[ids] @ x) of shape (..., K, I), x's dtype."""
     gw, gs, gb = gate
     uw, us, ub = up
-    backend = _backend(backend)
+    backend = fused_backend(backend)
     if backend == "reference":
         return moe_gate_up_reference(x, gate, up, ids, bits=bits, group_size=group_size)
     out_dim, in_dim = gw.shape[-2], x.shape[-1]
@@ -69,7 +63,7 @@ def moe_gate_up(x, gate, up, ids, *, bits: int, group_size: int, backend: str = 
 def moe_down(h, down, ids, weights, *, bits: int, group_size: int, backend: str = "auto") -> mx.array:
     """h (..., K, I), ids and weights (..., K) -> sum_k weights[k] * down[ids[k]] @ h[k] of shape (..., D)."""
     w, scales, biases = down
-    backend = _backend(backend)
+    backend = fused_backend(backend)
     k = ids.shape[-1]
     if backend == "reference" or k > MAX_DOWN_K:
         return moe_down_reference(h, down, ids, weights, bits=bits, group_size=group_size)
@@ -100,7 +94,7 @@ def route(
     top_k: int,
     norm_topk_prob: bool = True,
     *,
-    backend: str = "reference",
+    backend: str = "auto",
     out_dtype: mx.Dtype = mx.float32,
 ) -> tuple[mx.array, mx.array]:
     """Softmax in float32 over the experts, the top_k of them, renormalised when norm_topk_prob:
@@ -111,7 +105,8 @@ def route(
     (many tokens) routes through the reference.
     """
     experts = logits.shape[-1]
-    if backend not in ("metal", "cuda") or experts > MAX_ROUTE_EXPERTS or top_k > experts:
+    backend = fused_backend(backend)
+    if backend == "reference" or experts > MAX_ROUTE_EXPERTS or top_k > experts:
         return route_reference(logits, top_k, norm_topk_prob, out_dtype)
     rows = logits.size // experts
     ids, weights = gpu.kernel(backend, "moe_route.inc", "flashmoe_moe_route", ROUTE_INPUTS, ROUTE_OUTPUTS)(
@@ -133,9 +128,10 @@ def route(
 
 
 def route_reference(logits, top_k: int, norm_topk_prob: bool = True, out_dtype=mx.float32):
-    """route() in MLX ops: softmax, argpartition, take, renormalise."""
+    """route() in MLX ops, as mlx-lm routes: softmax, argpartition, take, renormalise. The weights
+    carry gradients (training), the ids none."""
     probs = mx.softmax(logits.astype(mx.float32), axis=-1, precise=True)
-    ids = mx.argpartition(-probs, kth=top_k - 1, axis=-1)[..., :top_k]
+    ids = mx.stop_gradient(mx.argpartition(probs, kth=-top_k, axis=-1)[..., -top_k:])
     weights = mx.take_along_axis(probs, ids, axis=-1)
     if norm_topk_prob:
         weights = weights / weights.sum(axis=-1, keepdims=True)

@@ -70,18 +70,8 @@ class Attention:
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
         B, T, _ = x.shape
-        q, k, v = self._project(x)
-        queries, gate = self._queries(q)  # (B, T, H, hd), (B, T, H * hd) or None
-        keys = k.reshape(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, hd)
-        values = v.reshape(B, T, self.n_kv_heads, self.head_dim)
-        if self.qk_norm:
-            queries = mx.fast.rms_norm(queries, self.q_norm, self.eps)
-            keys = mx.fast.rms_norm(keys, self.k_norm, self.eps)
-        queries = queries.transpose(0, 2, 1, 3)  # (B, H, T, hd)
-        keys, values = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)  # (B, H_kv, T, hd)
-
         offset = 0 if cache is None else cache.offset
-        queries, keys = self._rope(queries, offset), self._rope(keys, offset)
+        queries, keys, values, gate = self._heads(x, offset)
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)  # (B, H_kv, S, hd)
 
@@ -89,10 +79,7 @@ class Attention:
         # sees the whole prefix (as mlx-lm's KVCache.make_mask); one new token sees everything
         mask = "causal" if T > 1 else None
         out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
-        out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # (B, T, H * hd)
-        if gate is not None:
-            out = out * mx.sigmoid(gate)
-        return self.o_proj(out)
+        return self._output(out, gate)
 
     def decode(self, x: mx.array, keys: mx.array, values: mx.array, pos: mx.array) -> list[mx.array]:
         """One new token per sequence as a pure function of the cache buffers, for a compiled step.
@@ -101,23 +88,34 @@ class Attention:
         at pos; pos (1,) int32. Returns [out (B, 1, D), keys, values], the new token written at pos.
         The shapes do not change as pos grows, so the step is traced once per buffer capacity.
         """
-        B = x.shape[0]
+        queries, k, v, gate = self._heads(x, pos)
+        keys = mx.slice_update(keys, k, pos, axes=(2,))
+        values = mx.slice_update(values, v, pos, axes=(2,))
+        out = decode_attention(queries, keys, values, pos + 1, scale=self.scale, backend=self.o_proj.backend)
+        return [self._output(out, gate), keys, values]
+
+    def _heads(self, x: mx.array, offset: int | mx.array) -> tuple:
+        """x (B, T, D) at positions offset.. -> queries (B, H, T, hd), keys and values (B, H_kv, T, hd),
+        normed and rotated as the architecture asks, and the output gate (B, T, H * hd) or None."""
+        B, T, _ = x.shape
         q, k, v = self._project(x)
-        queries, gate = self._queries(q)  # (B, 1, H, hd)
-        k = k.reshape(B, 1, self.n_kv_heads, self.head_dim)
-        v = v.reshape(B, 1, self.n_kv_heads, self.head_dim)
+        queries, gate = self._queries(q)  # (B, T, H, hd)
+        keys = k.reshape(B, T, self.n_kv_heads, self.head_dim)
+        values = v.reshape(B, T, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
             queries = mx.fast.rms_norm(queries, self.q_norm, self.eps)
-            k = mx.fast.rms_norm(k, self.k_norm, self.eps)
-        queries = self._rope(queries.transpose(0, 2, 1, 3), pos)  # (B, H, 1, hd)
-        k = self._rope(k.transpose(0, 2, 1, 3), pos)  # (B, H_kv, 1, hd)
-        keys = mx.slice_update(keys, k, pos, axes=(2,))
-        values = mx.slice_update(values, v.transpose(0, 2, 1, 3), pos, axes=(2,))
-        out = decode_attention(queries, keys, values, pos + 1, scale=self.scale, backend=self.o_proj.backend)
-        out = out.transpose(0, 2, 1, 3).reshape(B, 1, -1)  # (B, 1, H * hd)
+            keys = mx.fast.rms_norm(keys, self.k_norm, self.eps)
+        queries = self._rope(queries.transpose(0, 2, 1, 3), offset)
+        keys = self._rope(keys.transpose(0, 2, 1, 3), offset)
+        return queries, keys, values.transpose(0, 2, 1, 3), gate
+
+    def _output(self, out: mx.array, gate: mx.array | None) -> mx.array:
+        """Attention's (B, H, T, hd) back to (B, T, D): heads side by side, gated, o_proj."""
+        B, _, T, _ = out.shape
+        out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # (B, T, H * hd)
         if gate is not None:
             out = out * mx.sigmoid(gate)
-        return [self.o_proj(out), keys, values]
+        return self.o_proj(out)
 
     def reserve(self, cache: KVCache, n: int, x: mx.array) -> None:
         """Room in cache for n positions of x's batch (in the dtype the projections give)."""

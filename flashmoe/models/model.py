@@ -56,12 +56,13 @@ class DecoderLayer:
         self._attention_step = mx.compile(self._pure_attention_step)
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
-        if not (self.compiled and x.shape[1] == 1 and cache is not None and not timer.enabled):
+        # compiled: one decode token with a cache to carry (a Gated DeltaNet layer's first token
+        # has no state yet) and no --timing (which syncs between phases)
+        step = self.compiled and x.shape[1] == 1 and cache is not None and not timer.enabled
+        if not step or (self.is_linear and cache.state_ is None):
             return self._feed(self._mix(x, cache))
-        if self.is_linear and cache.state_ is not None:
+        if self.is_linear:
             out, cache.conv, cache.state_, *routing = self._linear_step(x, cache.conv, cache.state_)
-        elif self.is_linear:  # the first token of a Gated DeltaNet layer (no state yet): uncompiled
-            return self._feed(self._mix(x, cache))
         else:
             self.mixer.reserve(cache, cache.offset + 1, x)
             pos = mx.array([cache.offset], dtype=mx.int32)

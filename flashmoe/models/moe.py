@@ -18,8 +18,7 @@ import mlx.core as mx
 
 from .. import kernels
 from ..errors import FlashMoeError
-from ..kernels.moe import moe_experts
-from ..kernels.moe import route as route_kernel
+from ..kernels.moe import moe_experts, route
 from ..timing import timer
 from .args import ModelArgs
 from .layers import silu
@@ -172,20 +171,14 @@ class MoE:
     def route(self, x: mx.array) -> Routing:
         """The router's choice for x (B, T, D): top-K experts and their weights."""
         logits = self.gate(x)  # (B, T, E)
-        tokens = logits.size // logits.shape[-1]
-        backend = getattr(self.gate, "backend", None)  # (analysis may wrap the gate in a function)
-        if backend in kernels.GPU_BACKENDS and tokens * self.k <= FUSED_MAX_SLOTS:  # decode: one launch
-            experts, weights = route_kernel(
-                logits, self.k, self.norm_topk_prob, backend=backend, out_dtype=x.dtype
-            )
-            return Routing(logits, experts, weights)
-        probs = mx.softmax(logits.astype(mx.float32), axis=-1, precise=True)
-        # Expert ids carry no gradient (training differentiates through the weights only).
-        experts = mx.stop_gradient(mx.argpartition(probs, kth=-self.k, axis=-1)[..., -self.k :])  # (B, T, K)
-        weights = mx.take_along_axis(probs, experts, axis=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(axis=-1, keepdims=True)
-        return Routing(logits, experts, weights.astype(x.dtype))
+        # A decode token on a GPU backend: one launch; many tokens (prefill, training, whose weights
+        # need gradients) or other backends: MLX's ops.
+        decode = logits.size // logits.shape[-1] * self.k <= FUSED_MAX_SLOTS
+        backend = (
+            getattr(self.gate, "backend", "reference") if decode else "reference"
+        )  # (analysis may wrap the gate)
+        experts, weights = route(logits, self.k, self.norm_topk_prob, backend=backend, out_dtype=x.dtype)
+        return Routing(logits, experts, weights)
 
     def __call__(self, x: mx.array) -> mx.array:
         routing = self.last_routing = self.route(x)
