@@ -10,7 +10,7 @@ import argparse
 import mlx.core as mx
 
 from flashmoe import kernels
-from flashmoe.analysis.bench import interleaved, seconds_per_call, spread
+from flashmoe.analysis.bench import interleaved, print_speedups, seconds_per_call
 from flashmoe.analysis.parity import rel_err
 from flashmoe.kernels import gated_delta
 
@@ -62,12 +62,7 @@ def main():
         f"gated delta step B={B} H_k={N_K} H_v={N_V} d={D_K}, bf16, {args.steps} chained steps per eval; "
         f"max rel diff over steps {err:.2e}"
     )
-    base = spread(samples["pure MLX (reference)"]).median
-    for k, values in samples.items():
-        s = spread(values)
-        print(
-            f"{k:>24}: {s.median:8.1f} us/step (min {s.lo:.1f}, max {s.hi:.1f}) speedup {base / s.median:.2f}x"
-        )
+    print_speedups(samples, "pure MLX (reference)", "us/step")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import argparse
 import mlx.core as mx
 
 from flashmoe import kernels
-from flashmoe.analysis.bench import interleaved, seconds_per_call, spread
+from flashmoe.analysis.bench import interleaved, print_speedups, seconds_per_call
 from flashmoe.analysis.parity import rel_err
 from flashmoe.kernels import moe
 
@@ -132,12 +132,7 @@ def main():
         f"MoE layer D={D} E={E} K={K} I={I} + shared expert, experts 4-bit g64, router 8-bit, bf16; "
         f"{args.layers} layers per eval, {args.repeats} repeats; rel diff of outputs {err:.2e}"
     )
-    base = spread(samples["mlx gather_qmm"]).median
-    for name, values in samples.items():
-        s = spread(values)
-        print(
-            f"{name:>26}: {s.median:8.1f} us/layer (min {s.lo:.1f}, max {s.hi:.1f})  speedup {base / s.median:.2f}x"
-        )
+    print_speedups(samples, "mlx gather_qmm", "us/layer")
 
 
 if __name__ == "__main__":

@@ -98,6 +98,18 @@ def interleaved(
     return results
 
 
+def print_speedups(samples: dict[str, Sequence[float]], base: str, unit: str) -> None:
+    """One line per measurement of times `samples` (in `unit`): median, min-max, speed-up over `base`."""
+    reference = spread(samples[base]).median
+    width = max(len(name) for name in samples)
+    for name, values in samples.items():
+        s = spread(values)
+        print(
+            f"{name:>{width}}: {s.median:8.1f} {unit} (min {s.lo:.1f}, max {s.hi:.1f})  "
+            f"speedup {reference / s.median:.2f}x"
+        )
+
+
 def compare(
     a: Sequence[float] | Spread, b: Sequence[float] | Spread, *, higher_is_faster: bool = True
 ) -> str:
