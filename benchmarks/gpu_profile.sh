@@ -1,10 +1,7 @@
 #!/bin/bash
 # H200: where a decode step goes (benchmarks/step_profile.py) under MLX's CUDA graph settings,
 # and the GPU tests. Run after `source /tmp/gpu/env.sh`; results in $OUT.
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-python3 -m flashmoe.tools.synth --preset qwen3-30b-a3b --layers 8 --out /tmp/q30 > /dev/null &
-python3 -m flashmoe.tools.synth --preset qwen3-coder-next --layers 8 --out /tmp/cn8 > /dev/null &
+source benchmarks/gpu_setup.sh
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/models/test_engine.py \
   tests/models/test_fused_path.py 2>&1 | tail -15 > $OUT/tests.txt
 wait

@@ -2,11 +2,8 @@
 # One H200 session (run from the repository root through the device tool, after `source /tmp/gpu/env.sh`):
 # GPU tests, the decode benchmark, --timing (before/after when an older tree is carried as .gpuold),
 # and the kernel tables. Everything lands in $OUT.
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+source benchmarks/gpu_setup.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee $OUT/device.txt
-python3 -m flashmoe.tools.synth --preset qwen3-coder-next --layers 8 --out /tmp/cn8 > /dev/null &
-python3 -m flashmoe.tools.synth --preset qwen3-30b-a3b --layers 8 --out /tmp/q30 > /dev/null &
 timeout 200 python3 -m pytest -q -p no:cacheprovider -x tests/kernels tests/models tests/test_misread.py \
   tests/streaming/test_streaming.py 2>&1 | tail -15 | tee $OUT/tests.txt
 wait

@@ -1,10 +1,7 @@
 #!/bin/bash
 # H200, one call after `source /tmp/gpu/env.sh`: the decode-path kernels' tests, decode.py on the
 # three checkpoints, and the one-layer MoE comparison. Results in $OUT.
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-python3 -m flashmoe.tools.synth --preset qwen3-30b-a3b --layers 8 --out /tmp/q30 > /dev/null &
-python3 -m flashmoe.tools.synth --preset qwen3-coder-next --layers 8 --out /tmp/cn8 > /dev/null &
+source benchmarks/gpu_setup.sh
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_attention_decode.py \
   tests/kernels/test_fused_moe.py tests/models/test_gpu_path.py 2>&1 | tail -25 > $OUT/tests.txt
 wait
