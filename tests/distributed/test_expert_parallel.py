@@ -144,19 +144,18 @@ def test_streamed_ranks_read_only_their_experts(launched, arch):
 
 
 def test_cli_distributed_prints_on_rank_zero_only(launched):
-    model = launched.base / "qwen3_moe"
+    generate = [
+        "-m",
+        "flashmoe",
+        "--model",
+        str(launched.base / "qwen3_moe"),
+        "--prompt",
+        "x",
+        "--max-tokens",
+        "8",
+    ]
     single = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flashmoe",
-            "--model",
-            str(model),
-            "--prompt",
-            "x",
-            "--max-tokens",
-            "8",
-        ],
+        [sys.executable, *generate],
         check=False,
         capture_output=True,
         text=True,
@@ -165,19 +164,7 @@ def test_cli_distributed_prints_on_rank_zero_only(launched):
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )
     assert single.returncode == 0, single.stderr
-    done = _launch(
-        [
-            "-m",
-            "flashmoe",
-            "--model",
-            str(model),
-            "--prompt",
-            "x",
-            "--max-tokens",
-            "8",
-            "--distributed",
-        ]
-    )
+    done = _launch([*generate, "--distributed"])
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout == single.stdout  # one rank's text, the same text
     assert done.stderr.count("Generation:") == 1
