@@ -14,8 +14,6 @@ mx.fast.scaled_dot_product_attention), which also serves head dims that are not 
 
 from __future__ import annotations
 
-import functools
-
 import mlx.core as mx
 
 from . import fused_backend, gpu
@@ -26,11 +24,12 @@ SIMDS = 4  # SIMD groups per (sequence, head): each takes every 4th cached posit
 
 def decode_attention(q, keys, values, length, *, scale: float, backend: str = "auto") -> mx.array:
     B, H, T, hd = q.shape
-    if fused_backend(backend) == "reference" or T != 1 or hd % 32:
+    backend = fused_backend(backend)
+    if backend == "reference" or T != 1 or hd % 32:
         return reference(q, keys, values, length, scale=scale)
     _, n_kv, cap, _ = keys.shape
-    (y,) = gpu.kernel(fused_backend(backend), "attention_decode.inc", "flashmoe_attention_decode", INPUTS)(
-        inputs=[q, keys, values, length, gpu.int_array(H, n_kv, cap), _scale(scale)],
+    (y,) = gpu.kernel(backend, "attention_decode.inc", "flashmoe_attention_decode", INPUTS)(
+        inputs=[q, keys, values, length, gpu.int_array(H, n_kv, cap), gpu.float_array(scale)],
         template=[("T", q.dtype), ("HD", hd), ("SIMDS", SIMDS)],
         grid=(B * H * SIMDS * 32, 1, 1),
         threadgroup=(SIMDS * 32, 1, 1),
@@ -45,8 +44,3 @@ def reference(q, keys, values, length, *, scale: float) -> mx.array:
     """mx.fast.scaled_dot_product_attention over the first `length` positions (a boolean mask)."""
     filled = mx.arange(keys.shape[2]) < length  # (S,)
     return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=filled)
-
-
-@functools.lru_cache(maxsize=64)
-def _scale(scale: float) -> mx.array:
-    return mx.array([scale], dtype=mx.float32)

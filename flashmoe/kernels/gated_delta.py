@@ -76,7 +76,7 @@ def gated_delta_step(
         )
     B, C = qkv.shape
     W = conv_w.shape[0]
-    eps = mx.array([QK_L2_EPS, rms_eps], dtype=mx.float32)
+    eps = gpu.float_array(QK_L2_EPS, rms_eps)
     out, new_state, new_conv = gpu.kernel(
         backend,
         "gated_delta_step.inc",

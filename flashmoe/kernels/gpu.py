@@ -151,7 +151,14 @@ def _kernel(backend: str):
 
 @functools.lru_cache(maxsize=256)
 def int_array(*values: int) -> mx.array:
+    """A kernel's int32 parameters as an input array, made once per distinct tuple."""
     return mx.array(values, dtype=mx.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def float_array(*values: float) -> mx.array:
+    """A kernel's float32 parameters as an input array, made once per distinct tuple."""
+    return mx.array(values, dtype=mx.float32)
 
 
 @functools.lru_cache(maxsize=64)
