@@ -15,7 +15,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..errors import FlashMoeError
-from ..kernels.attention import decode_attention
+from ..kernels.attention import decode_attention, qk_norm_rope
 from .args import ModelArgs
 from .cache import KVCache
 from .layers import Linear
@@ -84,15 +84,35 @@ class Attention:
     def decode(self, x: mx.array, keys: mx.array, values: mx.array, pos: mx.array) -> list[mx.array]:
         """One new token per sequence as a pure function of the cache buffers, for a compiled step.
 
-        x (B, 1, D); keys, values (B, H_kv, capacity, hd) with positions [0, pos) filled and room
-        at pos; pos (1,) int32. Returns [out (B, 1, D), keys, values], the new token written at pos.
-        The shapes do not change as pos grows, so the step is traced once per buffer capacity.
+        x (B, 1, D); keys, values (B, H_kv, capacity, hd) with positions [0, pos) filled; pos (1,)
+        int32. Returns [out (B, 1, D), k_new, v_new (B, H_kv, 1, hd)]: the caller writes the new
+        key and value at pos (KVCache.write). The shapes do not change as pos grows, so the step
+        is traced once per buffer capacity. Norms and rotary embeddings of q and k take one
+        launch (qk_norm_rope), attention another.
         """
-        queries, k, v, gate = self._heads(x, pos)
-        keys = mx.slice_update(keys, k, pos, axes=(2,))
-        values = mx.slice_update(values, v, pos, axes=(2,))
-        out = decode_attention(queries, keys, values, pos + 1, scale=self.scale, backend=self.o_proj.backend)
-        return [self._output(out, gate), keys, values]
+        B = x.shape[0]
+        q, k, v = self._project(x)
+        gate = None
+        if self.gated:
+            gate = q.reshape(B, 1, self.n_heads, 2, self.head_dim)[..., 1, :].reshape(B, 1, -1)
+        queries, k_new = qk_norm_rope(
+            q.reshape(B, 1, self.n_heads, -1),
+            k.reshape(B, 1, self.n_kv_heads, self.head_dim),
+            self.q_norm if self.qk_norm else None,
+            self.k_norm if self.qk_norm else None,
+            pos,
+            eps=self.eps,
+            rope_dims=self.rope_dims,
+            traditional=self.rope_traditional,
+            base=self.rope_base,
+            scale=self.rope_scale,
+            backend=self.o_proj.backend,
+        )  # (B, H, 1, hd), (B, H_kv, 1, hd)
+        v_new = v.reshape(B, 1, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        out = decode_attention(
+            queries, keys, values, k_new, v_new, pos, scale=self.scale, backend=self.o_proj.backend
+        )
+        return [self._output(out, gate), k_new, v_new]
 
     def _heads(self, x: mx.array, offset: int | mx.array) -> tuple:
         """x (B, T, D) at positions offset.. -> queries (B, H, T, hd), keys and values (B, H_kv, T, hd),

@@ -49,6 +49,14 @@ class KVCache:
         self.offset += T
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
+    def write(self, keys: mx.array, values: mx.array) -> None:
+        """Store one decode token's (B, H_kv, 1, hd) key and value at `offset` (room reserved) and
+        count it: a plain slice write (the buffers are updated in place when nothing else holds them)."""
+        at = self.offset
+        self.keys[..., at : at + 1, :] = keys
+        self.values[..., at : at + 1, :] = values
+        self.offset += 1
+
     @property
     def state(self) -> list[mx.array]:
         return [a for a in (self.keys, self.values) if a is not None]

@@ -8,6 +8,8 @@ attention or (hybrid models) Gated DeltaNet, and the mlp is an MoE block or a de
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 
 from .. import kernels
@@ -20,13 +22,21 @@ from .moe import MLP, RESIDENT, MoE, ResidentExperts, Routing
 from .store import TensorStore
 
 
+@functools.lru_cache(maxsize=4)
+def position(offset: int) -> mx.array:
+    """A decode token's position as the (1,) int32 array the compiled step takes, made once per
+    token for all the layers."""
+    return mx.array([offset], dtype=mx.int32)
+
+
 class DecoderLayer:
     """One transformer block: a token mixer and a feed-forward, each with a pre-norm and a residual.
 
     On a GPU backend a decode token (T = 1) runs through an mx.compile'd function of the whole
     layer, which fuses the elementwise work and drops Python from the step: the Gated DeltaNet
     layer with its conv and recurrent state in and out, or the full-attention layer with its KV
-    buffers and the write position in and out (traced again only when the buffers grow).
+    buffers and the position in, the new key and value out (traced again only when the buffers
+    grow); the layer then writes those into the buffers with a plain slice write.
     Streamed experts read from disk mid-layer, so their layers are never compiled.
     """
 
@@ -63,11 +73,13 @@ class DecoderLayer:
             return self._feed(self._mix(x, cache))
         if self.is_linear:
             out, cache.conv, cache.state_, *routing = self._linear_step(x, cache.conv, cache.state_)
+            cache.offset += 1
         else:
             self.mixer.reserve(cache, cache.offset + 1, x)
-            pos = mx.array([cache.offset], dtype=mx.int32)
-            out, cache.keys, cache.values, *routing = self._attention_step(x, cache.keys, cache.values, pos)
-        cache.offset += 1
+            out, k_new, v_new, *routing = self._attention_step(
+                x, cache.keys, cache.values, position(cache.offset)
+            )
+            cache.write(k_new, v_new)
         if routing:
             self.mlp.last_routing = Routing(*routing)
         return out
@@ -92,11 +104,12 @@ class DecoderLayer:
     def _pure_attention_step(
         self, x: mx.array, keys: mx.array, values: mx.array, pos: mx.array
     ) -> list[mx.array]:
-        """A full-attention layer's decode token as a pure function (compiled): KV buffers in and out."""
-        mixed, keys, values = self.mixer.decode(
+        """A full-attention layer's decode token as a pure function (compiled): KV buffers in, the
+        new token's key and value out (the caller writes them)."""
+        mixed, k_new, v_new = self.mixer.decode(
             mx.fast.rms_norm(x, self.input_layernorm, self.eps), keys, values, pos
         )
-        return [self._feed(x + mixed), keys, values, *self._routing()]
+        return [self._feed(x + mixed), k_new, v_new, *self._routing()]
 
     def _routing(self) -> list[mx.array]:
         """The MoE layer's routing arrays, returned by the compiled functions for model.routing()."""

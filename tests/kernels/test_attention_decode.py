@@ -1,9 +1,12 @@
-"""Single-token attention over KV cache buffers (flashmoe.kernels.attention) on fresh random data:
-the kernel against its reference, and the reference against MLX's attention over the filled slice."""
+"""The decode step's attention kernels (flashmoe.kernels.attention) on fresh random data: each kernel
+against its reference, and each reference against MLX's own ops (attention over the filled positions;
+mx.fast.rms_norm then mx.fast.rope), with float64 arithmetic as the judge where float32 rounding of a
+large rotation angle makes two correct float32 answers differ."""
 
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from flashmoe.kernels import attention
@@ -14,35 +17,127 @@ def case(batch, heads, kv_heads, head_dim, capacity, dtype=mx.float32):
     q = mx.random.normal((batch, heads, 1, head_dim)).astype(dtype)
     keys = mx.random.normal((batch, kv_heads, capacity, head_dim)).astype(dtype)
     values = mx.random.normal((batch, kv_heads, capacity, head_dim)).astype(dtype)
-    return q, keys, values
+    k_new = mx.random.normal((batch, kv_heads, 1, head_dim)).astype(dtype)
+    v_new = mx.random.normal((batch, kv_heads, 1, head_dim)).astype(dtype)
+    return q, keys, values, k_new, v_new
 
 
-@pytest.mark.parametrize("length", [1, 13, 40])
+@pytest.mark.parametrize("pos", [0, 12, 39])
 @pytest.mark.parametrize("kv_heads", [8, 2])
-def test_reference_is_attention_over_the_filled_positions(length, kv_heads, seed):
-    q, keys, values = case(2, 8, kv_heads, 64, 40)
-    got = attention.reference(q, keys, values, mx.array([length], dtype=mx.int32), scale=0.125)
-    want = mx.fast.scaled_dot_product_attention(q, keys[:, :, :length], values[:, :, :length], scale=0.125)
+def test_reference_is_attention_over_the_cache_and_the_new_token(pos, kv_heads, seed):
+    q, keys, values, k_new, v_new = case(2, 8, kv_heads, 64, 40)
+    got = attention.reference(q, keys, values, k_new, v_new, mx.array([pos], dtype=mx.int32), scale=0.125)
+    k = mx.concatenate([keys[:, :, :pos], k_new], axis=2)
+    v = mx.concatenate([values[:, :, :pos], v_new], axis=2)
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125)
     assert rel_err(got, want) < 1e-5, f"seed {seed}"
 
 
 @needs_cuda
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("kv_heads", [8, 2])
-@pytest.mark.parametrize("length", [1, 3, 37, 300])
+@pytest.mark.parametrize("pos", [0, 2, 36, 299])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_kernel_matches_reference(head_dim, kv_heads, length, batch, seed):
-    q, keys, values = case(batch, 8, kv_heads, head_dim, 320)
-    n = mx.array([length], dtype=mx.int32)
-    y = attention.decode_attention(q, keys, values, n, scale=head_dim**-0.5, backend="cuda")
-    ref = attention.reference(q, keys, values, n, scale=head_dim**-0.5)
+def test_kernel_matches_reference(head_dim, kv_heads, pos, batch, seed):
+    q, keys, values, k_new, v_new = case(batch, 8, kv_heads, head_dim, 320)
+    at = mx.array([pos], dtype=mx.int32)
+    kw = dict(scale=head_dim**-0.5)
+    y = attention.decode_attention(q, keys, values, k_new, v_new, at, **kw, backend="cuda")
+    ref = attention.reference(q, keys, values, k_new, v_new, at, **kw)
     assert y.shape == q.shape and rel_err(y, ref) < 1e-5, f"seed {seed}"
 
 
 @needs_cuda
 def test_kernel_bfloat16_within_rounding(seed):
-    q, keys, values = case(1, 32, 4, 128, 256, mx.bfloat16)
-    n = mx.array([200], dtype=mx.int32)
-    y = attention.decode_attention(q, keys, values, n, scale=128**-0.5, backend="cuda")
-    ref = attention.reference(*(a.astype(mx.float32) for a in (q, keys, values)), n, scale=128**-0.5)
+    args = case(1, 32, 4, 128, 256, mx.bfloat16)
+    at = mx.array([199], dtype=mx.int32)
+    y = attention.decode_attention(*args, at, scale=128**-0.5, backend="cuda")
+    ref = attention.reference(*(a.astype(mx.float32) for a in args), at, scale=128**-0.5)
     assert y.dtype == mx.bfloat16 and rel_err(y, ref) < 1e-2, f"seed {seed}"
+
+
+# --- q/k RMSNorm + rotary embedding ----------------------------------------------------------------
+
+
+def norm_rope_case(batch, heads, kv_heads, head_dim, gated=False, dtype=mx.float32):
+    q = mx.random.normal((batch, 1, heads, head_dim * (2 if gated else 1))).astype(dtype)
+    k = mx.random.normal((batch, 1, kv_heads, head_dim)).astype(dtype)
+    q_w = (1 + 0.1 * mx.random.normal((head_dim,))).astype(dtype)
+    k_w = (1 + 0.1 * mx.random.normal((head_dim,))).astype(dtype)
+    return q, k, q_w, k_w
+
+
+def norm_rope_float64(x, w, position, *, eps, rope_dims, traditional, base, scale):
+    """One (B, 1, H, hd) input normalised and rotated in float64 numpy -> (B, H, 1, hd)."""
+    x = np.array(x.astype(mx.float32), dtype=np.float64)
+    if w is not None:
+        w = np.array(w.astype(mx.float32), dtype=np.float64)
+        x = x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * w
+    half = rope_dims // 2
+    theta = scale * position * base ** (-np.arange(half) / half)
+    c, s = np.cos(theta), np.sin(theta)
+    out = x.copy()
+    if traditional:
+        x1, x2 = x[..., 0:rope_dims:2], x[..., 1:rope_dims:2]
+        out[..., 0:rope_dims:2], out[..., 1:rope_dims:2] = x1 * c - x2 * s, x1 * s + x2 * c
+    else:
+        x1, x2 = x[..., :half], x[..., half:rope_dims]
+        out[..., :half], out[..., half:rope_dims] = x1 * c - x2 * s, x1 * s + x2 * c
+    return out.transpose(0, 2, 1, 3)
+
+
+def err64(y, truth) -> float:
+    return float(np.abs(np.array(y.astype(mx.float32), dtype=np.float64) - truth).max() / np.abs(truth).max())
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("norm", [True, False])
+def test_norm_rope_reference_is_the_separate_ops(gated, norm, seed):
+    q, k, q_w, k_w = norm_rope_case(1, 4, 2, 64, gated)
+    q_w, k_w = (q_w, k_w) if norm else (None, None)
+    kw = dict(eps=1e-6, rope_dims=32, traditional=False, base=10000.0, scale=1.0)
+    got_q, got_k = attention.qk_norm_rope_reference(q, k, q_w, k_w, mx.array([7], dtype=mx.int32), **kw)
+    query = mx.fast.rms_norm(q[..., :64], q_w, 1e-6) if norm else q[..., :64]
+    want_q = mx.fast.rope(query.transpose(0, 2, 1, 3), 32, traditional=False, base=1e4, scale=1.0, offset=7)
+    assert got_q.shape == (1, 4, 1, 64) and got_k.shape == (1, 2, 1, 64)
+    assert mx.array_equal(got_q, want_q)
+    truth = norm_rope_float64(k, k_w, 7, **kw)
+    assert err64(got_k, truth) < 1e-5, f"seed {seed}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("head_dim, rope_dims", [(128, 128), (64, 64), (256, 64), (128, 32)])
+@pytest.mark.parametrize("traditional", [False, True])
+@pytest.mark.parametrize("position", [0, 5, 3000])
+@pytest.mark.parametrize("gated, norm", [(False, True), (True, True), (False, False)])
+def test_norm_rope_kernel_matches_reference(head_dim, rope_dims, traditional, position, gated, norm, seed):
+    """Within 1e-5 of MLX's ops; where the angle is large (position 3000: theta up to 1500, whose
+    float32 rounding alone moves cos by ~1e-4) no farther from float64 than MLX's ops are."""
+    q, k, q_w, k_w = norm_rope_case(2, 8, 2, head_dim, gated)
+    q_w, k_w = (q_w, k_w) if norm else (None, None)
+    pos = mx.array([position], dtype=mx.int32)
+    kw = dict(eps=1e-6, rope_dims=rope_dims, traditional=traditional, base=1e6, scale=0.5)
+    got = attention.qk_norm_rope(q, k, q_w, k_w, pos, **kw, backend="cuda")
+    want = attention.qk_norm_rope_reference(q, k, q_w, k_w, pos, **kw)
+    truths = [norm_rope_float64(x[..., :head_dim], w, position, **kw) for x, w in ((q, q_w), (k, k_w))]
+    for name, g, w, truth in zip("qk", got, want, truths):
+        assert g.shape == w.shape
+        mine, theirs, apart = err64(g, truth), err64(w, truth), rel_err(g, w)
+        detail = (
+            f"{name}: kernel {mine:.2e} and MLX {theirs:.2e} from float64, {apart:.2e} apart (seed {seed})"
+        )
+        if position < 1000:
+            assert apart < 1e-5, detail
+        else:
+            assert mine <= 2 * theirs + 1e-6, detail
+
+
+@needs_cuda
+def test_norm_rope_kernel_bfloat16_within_rounding(seed):
+    q, k, q_w, k_w = norm_rope_case(1, 32, 4, 128, dtype=mx.bfloat16)
+    pos = mx.array([41], dtype=mx.int32)
+    kw = dict(eps=1e-6, rope_dims=128, traditional=False, base=1e6, scale=1.0)
+    got = attention.qk_norm_rope(q, k, q_w, k_w, pos, **kw, backend="cuda")
+    want = attention.qk_norm_rope_reference(q, k, q_w, k_w, pos, **kw)
+    for g, w in zip(got, want):
+        assert g.dtype == mx.bfloat16 and rel_err(g, w) < 1e-2, f"seed {seed}"

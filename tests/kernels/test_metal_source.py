@@ -36,7 +36,7 @@ OUT_U = "device uint32_t*"
 
 def arguments(inputs, outputs) -> list[tuple[str, str]]:
     """(name, MSL type) of a kernel's parameters, inputs in the launcher's order, then outputs."""
-    kind = {**{n: IN_U for n in UINT_INPUTS}, "dims": IN_I, "length": IN_I}
+    kind = {**{n: IN_U for n in UINT_INPUTS}, "dims": IN_I, "length": IN_I, "pos": IN_I}
     return [(n, kind.get(n, IN_F)) for n in inputs] + [(n, OUT_U if n == "ids" else OUT_F) for n in outputs]
 
 
@@ -68,6 +68,11 @@ KERNELS = {
         "typename T, int HD, int SIMDS",
         arguments(attention.INPUTS, ["y"]),
         ["float, 128, 4", "float, 64, 8"],
+    ),
+    "qk_norm_rope.inc": (
+        "typename T, int HD, int QW, int ROPE_DIMS, int TRADITIONAL, int NORM",
+        arguments(attention.NORM_ROPE_INPUTS, attention.NORM_ROPE_OUTPUTS),
+        ["float, 128, 128, 128, 0, 1", "float, 256, 512, 64, 1, 1", "float, 64, 64, 64, 0, 0"],
     ),
     "moe_route.inc": (
         "typename T, typename OUT_T, int EPL, int K, int NORM",

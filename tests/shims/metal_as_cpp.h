@@ -42,6 +42,9 @@ namespace precise {
 inline float exp(float v) { return std::exp(v); }
 inline float log(float v) { return std::log(v); }
 inline float rsqrt(float v) { return 1.0f / std::sqrt(v); }
+inline float exp2(float v) { return std::exp2(v); }
+inline float cos(float v) { return std::cos(v); }
+inline float sin(float v) { return std::sin(v); }
 }  // namespace precise
 }  // namespace metal
 using std::fabs;

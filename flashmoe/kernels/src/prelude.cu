@@ -22,6 +22,9 @@ __device__ __forceinline__ float fm_warp_sum(float v) {
 #define FM_EXP(v) expf(v)
 #define FM_LOG(v) logf(v)
 #define FM_RSQRT(v) rsqrtf(v)
+#define FM_EXP2(v) exp2f(v)
+#define FM_COS(v) cosf(v)
+#define FM_SIN(v) sinf(v)
 
 // @body
 const int fm_lane = int(threadIdx.x) & 31;   // lane in its warp, 0..31

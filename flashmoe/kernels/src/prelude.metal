@@ -16,6 +16,9 @@
 #define FM_EXP(v) metal::precise::exp(v)
 #define FM_LOG(v) metal::precise::log(v)
 #define FM_RSQRT(v) metal::precise::rsqrt(v)
+#define FM_EXP2(v) metal::precise::exp2(v)
+#define FM_COS(v) metal::precise::cos(v)
+#define FM_SIN(v) metal::precise::sin(v)
 
 // @body
 const int fm_lane = int(thread_index_in_simdgroup);        // lane in its SIMD group, 0..31
