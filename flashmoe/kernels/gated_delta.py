@@ -1,7 +1,8 @@
 """Gated DeltaNet decode step (T = 1) in one launch: conv update, gating, state update, gated norm.
 
     gated_delta_step(qkv, conv_state, conv_w, z, b, a, A_log, dt_bias, norm_w, state,
-                     n_k=, n_v=, d_k=, d_v=, rms_eps=) -> (out, state, conv_state)
+                     n_k=, n_v=, d_k=, d_v=, rms_eps=, key_heads=) -> (out, state, conv_state)
+    split_key_heads(qkvz, ba, n_k=, n_v=, d_k=, d_v=) -> qkv, z, b, a
 
 For B sequences: qkv (B, C) the in-projection's [q | k | v] (C = 2 n_k d_k + n_v d_v), before the
 conv; conv_state (B, W-1, C) the last W-1 inputs; conv_w (W, C) the depthwise kernel
@@ -10,6 +11,10 @@ norm_w (d_v,); state (B, n_v, d_v, d_k) float32. Returns out (B, n_v, d_v) in qk
 rmsnorm(o) * norm_w * silu(z), ready for out_proj; the new state (float32) and conv state.
 The math is flashmoe.models.gated_delta.GatedDeltaNet's (mlx-lm's qwen3_next); reference()
 below is that path in pure MLX.
+
+key_heads=True takes qwen3_next's projections as they come (split_key_heads' inputs): qkv = z =
+qkvz (B, n_k * (2 d_k + 2 r d_v)) and b = a = ba (B, n_k * 2 r), r = n_v / n_k; the kernel reads
+each value where it lies instead of copies splitting them first.
 """
 
 from __future__ import annotations
@@ -53,10 +58,13 @@ def gated_delta_step(
     d_k: int,
     d_v: int,
     rms_eps: float,
+    key_heads: bool = False,
     backend: str = "auto",
 ):
     backend = fused_backend(backend)
     if backend == "reference":
+        if key_heads:
+            qkv, z, b, a = (t[:, 0] for t in split_key_heads(qkv[:, None], b[:, None], n_k, n_v, d_k, d_v))
         return reference(
             qkv,
             conv_state,
@@ -74,7 +82,7 @@ def gated_delta_step(
             d_v=d_v,
             rms_eps=rms_eps,
         )
-    B, C = qkv.shape
+    B = qkv.shape[0]
     W = conv_w.shape[0]
     eps = gpu.float_array(QK_L2_EPS, rms_eps)
     out, new_state, new_conv = gpu.kernel(
@@ -93,6 +101,7 @@ def gated_delta_step(
             ("HV", n_v),
             ("HK", n_k),
             ("SIMDS", SIMDS),
+            ("LAYOUT", int(key_heads)),
         ],
         grid=(B * n_v * SIMDS * 32, 1, 1),
         threadgroup=(SIMDS * 32, 1, 1),
@@ -101,6 +110,20 @@ def gated_delta_step(
         **gpu.output_init(),
     )
     return out, new_state, new_conv
+
+
+def split_key_heads(qkvz, ba, n_k: int, n_v: int, d_k: int, d_v: int):
+    """qwen3_next's fused projections, grouped by key head, in the split form: qkvz (B, T, n_k *
+    (2 d_k + 2 r d_v)) = [q, k, v (r heads), z (r heads)] per key head and ba (B, T, n_k * 2 r) =
+    [b (r), a (r)] per key head -> qkv (B, T, C) in conv-channel order [q | k | v], z (B, T, n_v, d_v),
+    b and a (B, T, n_v)."""
+    B, T = qkvz.shape[:2]
+    r = n_v // n_k  # value heads per key head
+    qkvz = qkvz.reshape(B, T, n_k, -1)
+    q, k, v, z = mx.split(qkvz, [d_k, 2 * d_k, 2 * d_k + r * d_v], axis=-1)
+    b, a = mx.split(ba.reshape(B, T, n_k, 2 * r), [r], axis=-1)  # (B, T, n_k, r) each
+    qkv = mx.concatenate([t.reshape(B, T, -1) for t in (q, k, v)], axis=-1)  # (B, T, C)
+    return qkv, z.reshape(B, T, n_v, d_v), b.reshape(B, T, n_v), a.reshape(B, T, n_v)
 
 
 def reference(

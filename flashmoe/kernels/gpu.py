@@ -31,7 +31,7 @@ X_FLOATS = 8192  # float32 x values staged in shared memory at a time (32 KiB), 
 INPUT_NAMES = ["x", "w", "scales", "biases", "idx", "dims"]
 
 _poison: float | None = None
-_override: dict = {}  # benchmarks: force launch-shape fields (simds, rps, lpr, vec, u)
+_override: dict = {}  # benchmarks: force launch-shape fields (simds, rps, lpr, vec, u, xd)
 
 
 def set_output_poison(value: float | None) -> None:
@@ -52,6 +52,7 @@ class Plan:
     vec: int  # words per load: 4 (128-bit) or 1
     u: int  # loads in flight per lane and slot
     tile: int  # x values staged in shared memory at a time, per x slot
+    xd: int = 0  # 1: x read from device memory (cache) directly, no shared-memory staging
 
     @property
     def rows_per_group(self) -> int:
@@ -59,8 +60,8 @@ class Plan:
 
     @property
     def unroll_code(self) -> int:
-        """dequant_matvec.inc's UNROLL: u | log2(lpr) << 4 | (vec == 4) << 8."""
-        return self.u | (self.lpr.bit_length() - 1) << 4 | (self.vec == 4) << 8
+        """dequant_matvec.inc's UNROLL: u | log2(lpr) << 4 | (vec == 4) << 8 | xd << 9."""
+        return self.u | (self.lpr.bit_length() - 1) << 4 | (self.vec == 4) << 8 | self.xd << 9
 
     def template(self) -> list:
         return [
@@ -69,6 +70,7 @@ class Plan:
             ("VEC", self.vec),
             ("U", self.u),
             ("TILE", self.tile),
+            ("XD", self.xd),
         ]
 
 
@@ -99,7 +101,8 @@ def plan(
     cap = max(step, (X_FLOATS // x_slots) // step * step)
     tile = min(math.ceil(in_dim / step) * step, cap)
     simds = _override.get("simds", SIMDS_PER_GROUP)
-    return Plan(simds=simds, rps=rps, lpr=lpr, vec=vec, u=u, tile=tile)
+    xd = _override.get("xd", 0)
+    return Plan(simds=simds, rps=rps, lpr=lpr, vec=vec, u=u, tile=tile, xd=xd)
 
 
 def compose(backend: str, body_file: str) -> tuple[str, str]:

@@ -18,7 +18,7 @@ from ..errors import FlashMoeError
 from ..kernels.attention import decode_attention, qk_norm_rope
 from .args import ModelArgs
 from .cache import KVCache
-from .layers import Linear
+from .layers import Linear, stacked
 from .store import TensorStore
 
 
@@ -60,7 +60,7 @@ class Attention:
         k_proj = _projection(store, f"{prefix}.k_proj", qkv_bias, kv_width)
         v_proj = _projection(store, f"{prefix}.v_proj", qkv_bias, kv_width)
         # one matrix when the three are stored alike: one launch per decode token instead of three
-        self.qkv_proj = _stacked(q_proj, k_proj, v_proj)
+        self.qkv_proj = stacked(q_proj, k_proj, v_proj)
         self.projections = (q_proj, k_proj, v_proj) if self.qkv_proj is None else None
         self.qkv_splits = [q_width, q_width + kv_width]
         self.o_proj = _projection(store, f"{prefix}.o_proj", o_bias, args.hidden_size)
@@ -165,34 +165,6 @@ class Attention:
             scale=self.rope_scale,
             offset=offset,
         )
-
-
-def _stacked(*layers: Linear) -> Linear | None:
-    """The quantized layers as one, their output rows stacked (exact: each row is computed alone);
-    None unless all are quantized alike (bits, group size, mode, scale dtype, bias or none)."""
-    first = layers[0]
-    alike = all(
-        layer.spec is not None
-        and layer.spec == first.spec
-        and layer.scales.dtype == first.scales.dtype
-        and (layer.bias is None) == (first.bias is None)
-        for layer in layers
-    )
-    if not alike:
-        return None
-
-    def stack(name: str) -> mx.array | None:
-        parts = [getattr(layer, name) for layer in layers]
-        return None if parts[0] is None else mx.concatenate(parts, axis=0)
-
-    return Linear(
-        stack("weight"),
-        stack("scales"),
-        stack("biases"),
-        bias=stack("bias"),
-        spec=first.spec,
-        backend=first.backend,
-    )
 
 
 def _projection(store: TensorStore, prefix: str, bias: bool, out_features: int) -> Linear:

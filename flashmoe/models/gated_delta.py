@@ -18,10 +18,10 @@ import mlx.core as mx
 
 from .. import kernels
 from ..errors import FlashMoeError
-from ..kernels.gated_delta import QK_L2_EPS, gated_delta_step
+from ..kernels.gated_delta import QK_L2_EPS, gated_delta_step, split_key_heads
 from .args import ModelArgs
 from .cache import LinearAttentionCache
-from .layers import silu
+from .layers import silu, stacked
 from .store import TensorStore
 
 
@@ -49,8 +49,11 @@ class GatedDeltaNet:
             self.in_proj_b = store.linear(f"{prefix}.in_proj_b")
             self.in_proj_a = store.linear(f"{prefix}.in_proj_a")
         else:
-            self.in_proj_qkvz = store.linear(f"{prefix}.in_proj_qkvz")
-            self.in_proj_ba = store.linear(f"{prefix}.in_proj_ba")
+            qkvz, ba = store.linear(f"{prefix}.in_proj_qkvz"), store.linear(f"{prefix}.in_proj_ba")
+            # one matrix when the two are stored alike: one launch per decode token instead of two
+            self.in_proj = stacked(qkvz, ba)
+            self.in_proj_qkvz, self.in_proj_ba = (qkvz, ba) if self.in_proj is None else (None, None)
+            self.qkvz_width = qkvz.out_features
         self.conv_weight = self._conv_weight(store, f"{prefix}.conv1d.weight")  # (W, C)
         # kept as stored: the decay is computed in float32 from A_log, and a + dt_bias
         # promotes as mlx-lm's does when the checkpoint keeps these in float32
@@ -61,9 +64,9 @@ class GatedDeltaNet:
 
     def __call__(self, x: mx.array, cache: LinearAttentionCache | None = None) -> mx.array:
         B, T, _ = x.shape
-        qkv, z, b, a = self._project(x)  # (B, T, C), (B, T, H_v, d_v), (B, T, H_v) x2
         if T == 1 and cache is not None and self.backend in kernels.GPU_BACKENDS:
-            return self.out_proj(self._fused_step(qkv, z, b, a, cache).reshape(B, 1, -1))
+            return self.out_proj(self._fused_step(x, cache).reshape(B, 1, -1))
+        qkv, z, b, a = self._project(x)  # (B, T, C), (B, T, H_v, d_v), (B, T, H_v) x2
         conv = silu(self._conv(qkv, cache))  # (B, T, C)
         q, k, v = mx.split(conv, [self.key_dim, 2 * self.key_dim], axis=-1)
         q = q.reshape(B, T, self.n_k, self.d_k)  # (B, T, H_k, d_k)
@@ -82,23 +85,31 @@ class GatedDeltaNet:
         out = self._gated_norm(out, z)
         return self.out_proj(out.reshape(B, T, -1))  # (B, T, H_v * d_v) -> (B, T, D)
 
-    def _fused_step(self, qkv, z, b, a, cache: LinearAttentionCache) -> mx.array:
+    def _fused_step(self, x: mx.array, cache: LinearAttentionCache) -> mx.array:
         """One decode token in one launch (kernels.gated_delta): conv, gating, state update, gated norm.
 
         The same math as the lines of __call__ (its reference is that path); returns (B, H_v, d_v).
+        qwen3_next's projections go in as they come out (grouped by key head): no copies split them.
         """
-        B, _, C = qkv.shape
-        past = cache.conv if cache.conv is not None else mx.zeros((B, self.width - 1, C), dtype=qkv.dtype)
+        B = x.shape[0]
+        if self.split:
+            qkv, z, b, a = (t[:, 0] for t in self._project(x))
+        else:
+            qkvz, ba = (t[:, 0] for t in self._key_head_projections(x))
+            qkv, z, b, a = qkvz, qkvz, ba, ba
+        past = cache.conv
+        if past is None:
+            past = mx.zeros((B, self.width - 1, self.conv_dim), dtype=qkv.dtype)
         state = cache.state_
         if state is None:
             state = mx.zeros((B, self.n_v, self.d_v, self.d_k), dtype=mx.float32)
         out, cache.state_, cache.conv = gated_delta_step(
-            qkv[:, 0],
+            qkv,
             past,
             self.conv_weight,
-            z[:, 0],
-            b[:, 0],
-            a[:, 0],
+            z,
+            b,
+            a,
             self.A_log,
             self.dt_bias,
             self.norm,
@@ -108,6 +119,7 @@ class GatedDeltaNet:
             d_k=self.d_k,
             d_v=self.d_v,
             rms_eps=self.eps,
+            key_heads=not self.split,
             backend=self.backend,
         )
         cache.offset += 1
@@ -120,14 +132,15 @@ class GatedDeltaNet:
             z = self.in_proj_z(x).reshape(B, T, self.n_v, self.d_v)  # (B, T, H_v, d_v)
             return self.in_proj_qkv(x), z, self.in_proj_b(x), self.in_proj_a(x)
         # the fused layout groups everything by key head: [q, k, v (r heads), z (r heads)] per head
-        r = self.n_v // self.n_k  # value heads per key head
-        qkvz = self.in_proj_qkvz(x).reshape(B, T, self.n_k, -1)  # (B, T, H_k, 2 d_k + 2 r d_v)
-        ba = self.in_proj_ba(x).reshape(B, T, self.n_k, 2 * r)  # (B, T, H_k, 2 r)
-        q, k, v, z = mx.split(qkvz, [self.d_k, 2 * self.d_k, 2 * self.d_k + r * self.d_v], axis=-1)
-        b, a = mx.split(ba, [r], axis=-1)  # (B, T, H_k, r) each
-        qkv = mx.concatenate([t.reshape(B, T, -1) for t in (q, k, v)], axis=-1)  # (B, T, C)
-        z = z.reshape(B, T, self.n_v, self.d_v)  # (B, T, H_v, d_v)
-        return qkv, z, b.reshape(B, T, self.n_v), a.reshape(B, T, self.n_v)
+        qkvz, ba = self._key_head_projections(x)
+        return split_key_heads(qkvz, ba, self.n_k, self.n_v, self.d_k, self.d_v)
+
+    def _key_head_projections(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """in_proj_qkvz(x) (B, T, H_k * (2 d_k + 2 r d_v)) and in_proj_ba(x) (B, T, H_k * 2 r)."""
+        if self.in_proj is None:
+            return self.in_proj_qkvz(x), self.in_proj_ba(x)
+        y = self.in_proj(x)
+        return y[..., : self.qkvz_width], y[..., self.qkvz_width :]
 
     def _conv(self, qkv: mx.array, cache: LinearAttentionCache | None) -> mx.array:
         """Depthwise causal conv over the cached last W - 1 inputs and the new T: (B, T, C)."""

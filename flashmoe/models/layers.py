@@ -3,6 +3,7 @@
 Decode (one row of activations) goes through flashmoe's kernels on the chosen backend;
 prefill (many rows) through MLX's quantized_matmul / gather_qmm. Shapes:
     Linear            x (..., in) -> (..., out)
+    stacked(a, b, ..) one Linear whose output is [a(x) | b(x) | ..], when they are quantized alike
     ExpertLinear      x (..., in) or (..., K, in), indices (..., K) -> (..., K, out)
 """
 
@@ -52,6 +53,34 @@ class Linear:
 
     def _kw(self) -> dict:
         return dict(group_size=self.spec.group_size, bits=self.spec.bits, mode=self.spec.mode)
+
+
+def stacked(*layers: Linear) -> Linear | None:
+    """The quantized layers as one, their output rows stacked (exact: each row is computed alone);
+    None unless all are quantized alike (bits, group size, mode, scale dtype, bias or none)."""
+    first = layers[0]
+    alike = all(
+        layer.spec is not None
+        and layer.spec == first.spec
+        and layer.scales.dtype == first.scales.dtype
+        and (layer.bias is None) == (first.bias is None)
+        for layer in layers
+    )
+    if not alike:
+        return None
+
+    def stack(name: str) -> mx.array | None:
+        parts = [getattr(layer, name) for layer in layers]
+        return None if parts[0] is None else mx.concatenate(parts, axis=0)
+
+    return Linear(
+        stack("weight"),
+        stack("scales"),
+        stack("biases"),
+        bias=stack("bias"),
+        spec=first.spec,
+        backend=first.backend,
+    )
 
 
 @dataclass

@@ -45,3 +45,25 @@ def test_step_matches_reference(batch, dtype, tol, heads, seed):
     out2, _, _ = gated_delta.gated_delta_step(**args2, **dims, backend="cuda")
     r2, _, _ = gated_delta.reference(**{k: v.astype(mx.float32) for k, v in args2.items()}, **dims)
     assert rel_err(out2, r2) < tol, f"second step (seed {seed})"
+
+
+@needs_cuda
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("heads", [(2, 4, 64, 32), (16, 32, 128, 128)], ids=["small", "coder-next"])
+def test_key_head_layout_reads_the_projections_as_they_come(batch, heads, seed):
+    """qwen3_next's in_proj_qkvz / in_proj_ba outputs straight in (key_heads=True) against the
+    reference on split_key_heads' split of the same arrays."""
+    n_k, n_v, d_k, d_v = heads
+    r = n_v // n_k
+    args = inputs(batch, n_k, n_v, d_k, d_v, 4, mx.float32)
+    qkvz = mx.random.normal((batch, n_k * (2 * d_k + 2 * r * d_v)))
+    ba = mx.random.normal((batch, n_k * 2 * r))
+    dims = dict(n_k=n_k, n_v=n_v, d_k=d_k, d_v=d_v, rms_eps=1e-6)
+    fused = dict(args, qkv=qkvz, z=qkvz, b=ba, a=ba)
+    out, state, conv = gated_delta.gated_delta_step(**fused, **dims, key_heads=True, backend="cuda")
+    qkv, z, b, a = (
+        t[:, 0] for t in gated_delta.split_key_heads(qkvz[:, None], ba[:, None], n_k, n_v, d_k, d_v)
+    )
+    r_out, r_state, r_conv = gated_delta.reference(**dict(args, qkv=qkv, z=z, b=b, a=a), **dims)
+    errs = rel_err(out, r_out), rel_err(state, r_state), rel_err(conv, r_conv)
+    assert max(errs) < 1e-4, f"out/state/conv rel err {errs} (seed {seed})"

@@ -47,22 +47,23 @@ KERNELS = {
         [
             "float, {bits}, 64, 8, 2, 4 | 5 << 4 | 1 << 8, 4096",
             "float, {bits}, 32, 8, 1, 2 | 2 << 4, 96",
+            "float, {bits}, 64, 4, 4, 2 | 5 << 4 | 1 << 8 | 1 << 9, 2048",
         ],
     ),
     "moe_gate_up.inc": (
-        "typename T, int BITS, int GROUP_SIZE, int RPS, int SIMDS, int LPR, int VEC, int U, int TILE",
+        "typename T, int BITS, int GROUP_SIZE, int RPS, int SIMDS, int LPR, int VEC, int U, int TILE, int XD",
         arguments(moe.GATE_UP_INPUTS, ["y"]),
-        ["float, {bits}, 64, 1, 8, 32, 4, 2, 2048"],
+        ["float, {bits}, 64, 1, 8, 32, 4, 2, 2048, 0", "float, {bits}, 64, 1, 8, 32, 4, 2, 2048, 1"],
     ),
     "moe_down.inc": (
-        "typename T, int BITS, int GROUP_SIZE, int K, int SIMDS, int LPR, int VEC, int U, int TILE",
+        "typename T, int BITS, int GROUP_SIZE, int K, int SIMDS, int LPR, int VEC, int U, int TILE, int XD",
         arguments(moe.DOWN_INPUTS, ["y"]),
-        ["float, {bits}, 64, 10, 8, 16, 4, 1, 768"],
+        ["float, {bits}, 64, 10, 8, 16, 4, 1, 768, 0", "float, {bits}, 64, 10, 8, 16, 4, 1, 768, 1"],
     ),
     "gated_delta_step.inc": (
-        "typename T, int DK, int DV, int W, int HV, int HK, int SIMDS",
+        "typename T, int DK, int DV, int W, int HV, int HK, int SIMDS, int LAYOUT",
         arguments(gated_delta.INPUTS, gated_delta.OUTPUTS),
-        ["float, 128, 128, 4, 32, 16, 8"],
+        ["float, 128, 128, 4, 32, 16, 8, 0", "float, 128, 128, 4, 32, 16, 8, 1"],
     ),
     "attention_decode.inc": (
         "typename T, int HD, int SIMDS",

@@ -1,0 +1,198 @@
+"""Which launch shape makes each GPU matvec fastest: a sweep next to MLX's own kernels, in one run.
+
+    python benchmarks/matvec_sweep.py [--quick] [--json FILE]
+
+For the matrix shapes a decode step of the benchmark checkpoints runs (Qwen3-30B-A3B and
+Qwen3-Coder-Next widths: q/k/v, o_proj, routers, shared expert, lm_head; plus kernels.py's
+4096x4096 and 16384x4096), every launch shape in the grid below (x staged in shared memory or
+read from cache, SIMD groups per threadgroup, rows per row group), each timed as the median of
+`repeats` evaluations of `calls` calls, against mx.quantized_matmul on the same weights; then
+the fused MoE kernels of one token (gate+up, down) against mx.gather_qmm at both MoE widths.
+Prints us per call, GB/s of weight bytes, and the ratio to MLX per shape: the default plan's
+and the best in the grid. Finally, where it can, each compiled kernel's registers and spill
+bytes (CUDA driver attributes of MLX's cached cubins).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+
+import mlx.core as mx
+
+from flashmoe.analysis.bench import median_seconds
+from flashmoe.kernels import gpu, moe
+
+DENSE = [  # (out, in, bits, what)
+    (5120, 2048, 4, "q30 q/k/v"),
+    (2048, 4096, 4, "q30 o_proj"),
+    (128, 2048, 8, "q30 router"),
+    (151936, 2048, 4, "lm_head"),
+    (12288, 2048, 4, "cn linear-attn in_proj"),
+    (2048, 4096, 8, "8-bit 2048x4096"),
+    (512, 2048, 8, "cn router"),
+    (1024, 2048, 4, "cn shared gate+up"),
+    (2048, 512, 4, "cn shared down"),
+    (4096, 4096, 4, "kernels.py"),
+    (4096, 4096, 8, "kernels.py"),
+    (16384, 4096, 4, "kernels.py"),
+    (16384, 4096, 8, "kernels.py"),
+]
+GRID = [dict(xd=xd, simds=s, rps=r) for xd, s, r in itertools.product((0, 1), (4, 8), (1, 2, 4))]
+MOE = [  # (experts, K, D, I, what)
+    (128, 8, 2048, 768, "q30 experts"),
+    (512, 10, 2048, 512, "cn experts"),
+]
+MOE_GRID = [dict(xd=xd, simds=s) for xd, s in itertools.product((0, 1), (2, 4, 8))]
+GS = 64
+
+
+def timed(fn, calls: int, repeats: int) -> float:
+    return median_seconds(lambda: [fn() for _ in range(calls)], repeats=repeats, warmup=1) / calls
+
+
+def with_override(shape: dict, fn):
+    gpu._override.clear()
+    gpu._override.update(shape)
+    try:
+        return fn()
+    finally:
+        gpu._override.clear()
+
+
+def dense(calls: int, repeats: int, quick: bool) -> list[dict]:
+    rows = []
+    print(
+        f"{'shape':>12} {'bits':>4} {'what':<22} {'qmm us':>8} {'default':>8} {'best':>8} "
+        f"{'best shape':<22} {'GB/s':>7} {'x qmm':>6}"
+    )
+    for out_dim, in_dim, bits, what in DENSE[:4] if quick else DENSE:
+        w = mx.random.normal((out_dim, in_dim)).astype(mx.bfloat16)
+        q, s, b = mx.quantize(w, group_size=GS, bits=bits)
+        x = mx.random.normal((1, in_dim)).astype(mx.bfloat16)
+        mx.eval(q, s, b, x)
+        nbytes = q.nbytes + s.nbytes + b.nbytes
+        qmm = timed(lambda: mx.quantized_matmul(x, q, s, b, group_size=GS, bits=bits), calls, repeats)
+        times = {}
+        for shape in [{}] + GRID:
+            call = lambda: gpu.matvec("cuda", x, q, s, b, bits=bits, group_size=GS)  # noqa: E731
+            times[json.dumps(shape)] = with_override(shape, lambda: timed(call, calls, repeats))
+        best = min(times, key=times.get)
+        default = times["{}"]
+        row = dict(
+            shape=f"{out_dim}x{in_dim}",
+            bits=bits,
+            what=what,
+            qmm_us=qmm * 1e6,
+            default_us=default * 1e6,
+            best_us=times[best] * 1e6,
+            best=best,
+            all_us={k: v * 1e6 for k, v in times.items()},
+            bytes=nbytes,
+        )
+        rows.append(row)
+        print(
+            f"{row['shape']:>12} {bits:4d} {what:<22} {qmm * 1e6:8.2f} {default * 1e6:8.2f} "
+            f"{times[best] * 1e6:8.2f} {best:<22} {nbytes / times[best] / 1e9:7.0f} {qmm / times[best]:6.2f}"
+        )
+        sys.stdout.flush()
+    return rows
+
+
+def fused_moe(calls: int, repeats: int) -> list[dict]:
+    rows = []
+    print(f"\n{'MoE':<14} {'gather_qmm us':>13} {'default':>8} {'best':>8} {'best shape':<20} {'x gqmm':>6}")
+    for experts, k, d, inter, what in MOE:
+        stacks = [
+            mx.quantize(mx.random.normal((experts, o, i)).astype(mx.bfloat16), group_size=GS, bits=4)
+            for o, i in ((inter, d), (inter, d), (d, inter))
+        ]
+        x = mx.random.normal((1, d)).astype(mx.bfloat16)
+        ids = mx.array(sorted(range(0, experts, experts // k))[:k], dtype=mx.uint32)[None]
+        rw = mx.softmax(mx.random.normal((1, k)), axis=-1).astype(mx.bfloat16)
+        mx.eval(stacks, x, ids, rw)
+        gate, up, down = stacks
+
+        def theirs():
+            xe = x[:, None, None, :]
+            g = mx.gather_qmm(xe, *gate, rhs_indices=ids, transpose=True, group_size=GS, bits=4)
+            u = mx.gather_qmm(xe, *up, rhs_indices=ids, transpose=True, group_size=GS, bits=4)
+            h = g * mx.sigmoid(g) * u
+            y = mx.gather_qmm(h, *down, rhs_indices=ids, transpose=True, group_size=GS, bits=4)
+            return (y.squeeze(-2) * rw[..., None]).sum(axis=-2)
+
+        def ours():
+            h = moe.moe_gate_up(x, gate, up, ids, bits=4, group_size=GS, backend="cuda")
+            return moe.moe_down(h, down, ids, rw, bits=4, group_size=GS, backend="cuda")
+
+        base = timed(theirs, calls, repeats)
+        times = {
+            json.dumps(shape): with_override(shape, lambda: timed(ours, calls, repeats))
+            for shape in [{}] + MOE_GRID
+        }
+        best = min(times, key=times.get)
+        rows.append(dict(what=what, gather_qmm_us=base * 1e6, all_us={k: v * 1e6 for k, v in times.items()}))
+        print(
+            f"{what:<14} {base * 1e6:13.2f} {times['{}'] * 1e6:8.2f} {times[best] * 1e6:8.2f} {best:<20} "
+            f"{base / times[best]:6.2f}"
+        )
+        sys.stdout.flush()
+    return rows
+
+
+def register_report() -> None:
+    """Registers and local-memory (spill) bytes of flashmoe's compiled kernels, from MLX's cubin cache."""
+    import ctypes
+    import glob
+    import os
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        ctx = ctypes.c_void_p()
+        cuda.cuInit(0)
+        cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0)
+        cuda.cuCtxPushCurrent(ctx)
+    except OSError as exc:
+        print(f"no register report: {exc}")
+        return
+    print(f"\n{'regs':>5} {'local B':>7} {'shared B':>8}  kernel")
+    for path in sorted(glob.glob("/tmp/mlx/*/ptx/*flashmoe*.ptx")):
+        names = open(path[:-4] + ".txt").read().splitlines() if os.path.exists(path[:-4] + ".txt") else []
+        module = ctypes.c_void_p()
+        if cuda.cuModuleLoad(ctypes.byref(module), path.encode()) != 0:
+            continue
+        for line in names:
+            name, mangled = line.split("\t")
+            fn = ctypes.c_void_p()
+            if cuda.cuModuleGetFunction(ctypes.byref(fn), module, mangled.encode()) != 0:
+                continue
+            vals = []
+            for attr in (4, 3, 1):  # NUM_REGS, LOCAL_SIZE_BYTES, SHARED_SIZE_BYTES
+                v = ctypes.c_int()
+                cuda.cuFuncGetAttribute(ctypes.byref(v), attr, fn)
+                vals.append(v.value)
+            print(f"{vals[0]:5d} {vals[1]:7d} {vals[2]:8d}  {name[:110]}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--calls", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json")
+    p.add_argument("--no-moe", action="store_true")
+    args = p.parse_args()
+    print(f"mlx {mx.__version__} {mx.default_device()}, bf16, group size {GS}")
+    rows = dense(args.calls, args.repeats, args.quick)
+    moe_rows = [] if args.no_moe else fused_moe(args.calls, args.repeats)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(dense=rows, moe=moe_rows), f, indent=1)
+    register_report()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
