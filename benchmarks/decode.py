@@ -22,6 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from flashmoe import kernels
+from flashmoe.kernels import gpu
 from flashmoe.analysis.bench import measure_bandwidth, weight_bytes_per_token
 from flashmoe.analysis.parity import greedy_tokens_per_second, mlx_lm_cache, mlx_lm_model
 from flashmoe.loader import default_model_dir, load_model
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         f"device {mx.default_device()}, flashmoe backend {kernels.resolve_backend(args.backend)}, "
         f"dtype {'bf16 (as stored)' if ON_GPU else 'float32'}, measured bandwidth {bandwidth:.1f} GB/s"
     )
+    if ON_GPU:
+        print(f"GPU launch table: {len(gpu.launch_table())} measured shapes for {gpu.device_name()!r}")
     for name in args.models.split(","):
         with checkpoint(name.strip(), layers) as (directory, label):
             samples = measure(directory, args.backend, args.runs, args.tokens)

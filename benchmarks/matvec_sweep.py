@@ -1,6 +1,6 @@
 """Which launch shape makes each GPU matvec fastest: a sweep next to MLX's own kernels, in one run.
 
-    python benchmarks/matvec_sweep.py [--quick] [--json FILE]
+    python benchmarks/matvec_sweep.py [--quick] [--json FILE] [--table FILE]
 
 For the matrix shapes a decode step of the benchmark checkpoints runs (Qwen3-30B-A3B and
 Qwen3-Coder-Next widths: q/k/v, o_proj, routers, shared expert, lm_head; plus kernels.py's
@@ -10,14 +10,17 @@ read from cache, SIMD groups per threadgroup, rows per row group), each timed as
 the fused MoE kernels of one token (gate+up, down) against mx.gather_qmm at both MoE widths.
 Prints us per call, GB/s of weight bytes, and the ratio to MLX per shape: the default plan's
 and the best in the grid. Finally, where it can, each compiled kernel's registers and spill
-bytes (CUDA driver attributes of MLX's cached cubins).
+bytes (CUDA driver attributes of MLX's cached cubins). `--table FILE` writes the best shape of
+each as the launch table flashmoe.kernels.gpu.plan reads (FLASHMOE_LAUNCH_TABLE, or
+flashmoe/kernels/launch_table.json), under this GPU's name; the sweep itself runs with no table,
+so "default" is plan()'s rules.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
+import os
 import sys
 
 import mlx.core as mx
@@ -40,17 +43,24 @@ DENSE = [  # (out, in, bits, what)
     (16384, 4096, 4, "kernels.py"),
     (16384, 4096, 8, "kernels.py"),
 ]
-GRID = [dict(xd=xd, simds=s, rps=r) for xd, s, r in itertools.product((0, 1), (4, 8), (1, 2, 4))]
+GRID = gpu.LAUNCH_GRID
 MOE = [  # (experts, K, D, I, what)
     (128, 8, 2048, 768, "q30 experts"),
     (512, 10, 2048, 512, "cn experts"),
 ]
-MOE_GRID = [dict(xd=xd, simds=s) for xd, s in itertools.product((0, 1), (2, 4, 8))]
+MOE_GRID = gpu.MOE_GRID
 GS = 64
+MARGIN = 0.03  # a shape must beat the default by this much to enter the table
 
 
 def timed(fn, calls: int, repeats: int) -> float:
     return median_seconds(lambda: [fn() for _ in range(calls)], repeats=repeats, warmup=1) / calls
+
+
+def better(times: dict) -> str:
+    """The fastest shape, unless it beats plan()'s default ("{}") by less than MARGIN: noise."""
+    best = min(times, key=times.get)
+    return best if times[best] < times["{}"] * (1 - MARGIN) else "{}"
 
 
 def with_override(shape: dict, fn):
@@ -62,8 +72,7 @@ def with_override(shape: dict, fn):
         gpu._override.clear()
 
 
-def dense(calls: int, repeats: int, quick: bool) -> list[dict]:
-    rows = []
+def dense(calls: int, repeats: int, quick: bool, rows: list[dict], save) -> list[dict]:
     print(
         f"{'shape':>12} {'bits':>4} {'what':<22} {'qmm us':>8} {'default':>8} {'best':>8} "
         f"{'best shape':<22} {'GB/s':>7} {'x qmm':>6}"
@@ -79,7 +88,7 @@ def dense(calls: int, repeats: int, quick: bool) -> list[dict]:
         for shape in [{}] + GRID:
             call = lambda: gpu.matvec("cuda", x, q, s, b, bits=bits, group_size=GS)  # noqa: E731
             times[json.dumps(shape)] = with_override(shape, lambda: timed(call, calls, repeats))
-        best = min(times, key=times.get)
+        best = better(times)
         default = times["{}"]
         row = dict(
             shape=f"{out_dim}x{in_dim}",
@@ -93,6 +102,7 @@ def dense(calls: int, repeats: int, quick: bool) -> list[dict]:
             bytes=nbytes,
         )
         rows.append(row)
+        save()
         print(
             f"{row['shape']:>12} {bits:4d} {what:<22} {qmm * 1e6:8.2f} {default * 1e6:8.2f} "
             f"{times[best] * 1e6:8.2f} {best:<22} {nbytes / times[best] / 1e9:7.0f} {qmm / times[best]:6.2f}"
@@ -101,45 +111,74 @@ def dense(calls: int, repeats: int, quick: bool) -> list[dict]:
     return rows
 
 
-def fused_moe(calls: int, repeats: int) -> list[dict]:
-    rows = []
-    print(f"\n{'MoE':<14} {'gather_qmm us':>13} {'default':>8} {'best':>8} {'best shape':<20} {'x gqmm':>6}")
+def fused_moe(calls: int, repeats: int, rows: list[dict], save) -> list[dict]:
+    print(f"\n{'MoE':<14} {'kernel':<8} {'default':>8} {'best':>8} {'best shape':<20}   gather_qmm, all 3")
     for experts, k, d, inter, what in MOE:
         stacks = [
             mx.quantize(mx.random.normal((experts, o, i)).astype(mx.bfloat16), group_size=GS, bits=4)
             for o, i in ((inter, d), (inter, d), (d, inter))
         ]
         x = mx.random.normal((1, d)).astype(mx.bfloat16)
-        ids = mx.array(sorted(range(0, experts, experts // k))[:k], dtype=mx.uint32)[None]
+        ids = mx.array(list(range(0, experts, experts // k))[:k], dtype=mx.uint32)[None]
         rw = mx.softmax(mx.random.normal((1, k)), axis=-1).astype(mx.bfloat16)
-        mx.eval(stacks, x, ids, rw)
+        h = mx.random.normal((1, k, inter)).astype(mx.bfloat16)
+        mx.eval(stacks, x, ids, rw, h)
         gate, up, down = stacks
 
         def theirs():
             xe = x[:, None, None, :]
             g = mx.gather_qmm(xe, *gate, rhs_indices=ids, transpose=True, group_size=GS, bits=4)
             u = mx.gather_qmm(xe, *up, rhs_indices=ids, transpose=True, group_size=GS, bits=4)
-            h = g * mx.sigmoid(g) * u
-            y = mx.gather_qmm(h, *down, rhs_indices=ids, transpose=True, group_size=GS, bits=4)
+            hh = g * mx.sigmoid(g) * u
+            y = mx.gather_qmm(hh, *down, rhs_indices=ids, transpose=True, group_size=GS, bits=4)
             return (y.squeeze(-2) * rw[..., None]).sum(axis=-2)
 
-        def ours():
-            h = moe.moe_gate_up(x, gate, up, ids, bits=4, group_size=GS, backend="cuda")
+        def gate_up():
+            return moe.moe_gate_up(x, gate, up, ids, bits=4, group_size=GS, backend="cuda")
+
+        def down_sum():
             return moe.moe_down(h, down, ids, rw, bits=4, group_size=GS, backend="cuda")
 
         base = timed(theirs, calls, repeats)
-        times = {
-            json.dumps(shape): with_override(shape, lambda: timed(ours, calls, repeats))
-            for shape in [{}] + MOE_GRID
-        }
-        best = min(times, key=times.get)
-        rows.append(dict(what=what, gather_qmm_us=base * 1e6, all_us={k: v * 1e6 for k, v in times.items()}))
-        print(
-            f"{what:<14} {base * 1e6:13.2f} {times['{}'] * 1e6:8.2f} {times[best] * 1e6:8.2f} {best:<20} "
-            f"{base / times[best]:6.2f}"
-        )
+        for kind, out_dim, in_dim, fn in (("gate_up", inter, d, gate_up), ("down", d, inter, down_sum)):
+            times = {
+                json.dumps(shape): with_override(shape, lambda: timed(fn, calls, repeats))
+                for shape in [{}] + MOE_GRID
+            }
+            best = better(times)
+            rows.append(
+                dict(
+                    kind=kind,
+                    out=out_dim,
+                    inp=in_dim,
+                    bits=4,
+                    what=what,
+                    gather_qmm_us=base * 1e6,
+                    best=best,
+                    all_us={key: v * 1e6 for key, v in times.items()},
+                )
+            )
+            save()
+            print(
+                f"{what:<14} {kind:<8} {times['{}'] * 1e6:8.2f} {times[best] * 1e6:8.2f} {best:<20}   "
+                f"{base * 1e6:.2f}"
+            )
         sys.stdout.flush()
     return rows
+
+
+def write_table(path: str, dense_rows: list[dict], moe_rows: list[dict]) -> None:
+    """The best measured shape per (kind, shape, bits), under this GPU's name, merged into `path`."""
+    entries = {}
+    for row in dense_rows:
+        out_dim, in_dim = map(int, row["shape"].split("x"))
+        entries[gpu.table_key("matvec", out_dim, in_dim, row["bits"])] = json.loads(row["best"])
+    for row in moe_rows:
+        entries[gpu.table_key(row["kind"], row["out"], row["inp"], row["bits"])] = json.loads(row["best"])
+    table = json.loads(open(path).read()) if os.path.exists(path) else {}
+    table.setdefault(gpu.device_name(), {}).update(entries)
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
 
 
 def register_report() -> None:
@@ -183,13 +222,23 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json")
     p.add_argument("--no-moe", action="store_true")
+    p.add_argument("--table", help="write the best shapes as a launch table here")
     args = p.parse_args()
+    os.environ["FLASHMOE_LAUNCH_TABLE"] = os.devnull  # plan()'s own rules are the default measured
+    gpu.launch_table.cache_clear()
     print(f"mlx {mx.__version__} {mx.default_device()}, bf16, group size {GS}")
-    rows = dense(args.calls, args.repeats, args.quick)
-    moe_rows = [] if args.no_moe else fused_moe(args.calls, args.repeats)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(dense=rows, moe=moe_rows), f, indent=1)
+    rows, moe_rows = [], []
+
+    def save():  # after every row, so a run cut short keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(dense=rows, moe=moe_rows), f, indent=1)
+        if args.table:
+            write_table(args.table, rows, moe_rows)
+
+    dense(args.calls, args.repeats, args.quick, rows, save)
+    if not args.no_moe:
+        fused_moe(args.calls, args.repeats, moe_rows, save)
     register_report()
     return 0
 

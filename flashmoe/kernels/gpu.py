@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -32,6 +35,11 @@ INPUT_NAMES = ["x", "w", "scales", "biases", "idx", "dims"]
 
 _poison: float | None = None
 _override: dict = {}  # benchmarks: force launch-shape fields (simds, rps, lpr, vec, u, xd)
+# The launch shapes benchmarks/matvec_sweep.py tries (and tests/kernels/test_launch_shapes.py checks):
+# x staged in shared memory or read from cache, SIMD groups per threadgroup, rows per row group.
+LAUNCH_GRID = [dict(xd=xd, simds=s, rps=r) for xd in (0, 1) for s in (4, 8) for r in (1, 2, 4)]
+MOE_GRID = [dict(xd=xd, simds=s) for xd in (0, 1) for s in (2, 4, 8)]
+LAUNCH_TABLE = Path(__file__).with_name("launch_table.json")  # measured best shapes, per GPU
 
 
 def set_output_poison(value: float | None) -> None:
@@ -82,27 +90,55 @@ def plan(
     slots: int = 1,
     x_slots: int = 1,
     rps: int | None = None,
+    kind: str = "matvec",
 ) -> Plan:
     """The launch shape for rows of in_dim values: `slots` rows of weights per row group
-    (gate + up: 2, K experts: K) reading `x_slots` distinct inputs."""
+    (gate + up: 2, K experts: K) reading `x_slots` distinct inputs. Fields measured best for this
+    GPU and shape (launch_table.json, written by benchmarks/matvec_sweep.py) come first, then
+    the rules below; _override beats both."""
+    force = {**tuned(kind, out_dim, in_dim, bits), **_override}
     words = in_dim * bits // 32
-    vec = _override.get("vec", 4 if words % 4 == 0 else 1)
+    vec = force.get("vec", 4 if words % 4 == 0 else 1)
     units = words // vec
     lpr = 32
     while lpr > 1 and lpr > units:
         lpr //= 2
-    lpr = _override.get("lpr", lpr)
+    lpr = force.get("lpr", lpr)
     if rps is None:  # tall matrices: two rows share each x read (halves shared-memory traffic)
-        rps = _override.get("rps", 2 if out_dim >= 8192 and slots == 1 else 1)
+        rps = force.get("rps", 2 if out_dim >= 8192 and slots == 1 else 1)
     per_slot = max(1, MAX_LOADS // (slots * rps))
-    u = _override.get("u", max(1, min(math.ceil(units / lpr), per_slot)))
+    u = force.get("u", max(1, min(math.ceil(units / lpr), per_slot)))
     unit_vals = vec * 32 // bits
     step = max(unit_vals, 32)
     cap = max(step, (X_FLOATS // x_slots) // step * step)
     tile = min(math.ceil(in_dim / step) * step, cap)
-    simds = _override.get("simds", SIMDS_PER_GROUP)
-    xd = _override.get("xd", 0)
+    simds = force.get("simds", SIMDS_PER_GROUP)
+    xd = force.get("xd", 0)
     return Plan(simds=simds, rps=rps, lpr=lpr, vec=vec, u=u, tile=tile, xd=xd)
+
+
+def table_key(kind: str, out_dim: int, in_dim: int, bits: int) -> str:
+    """A launch_table.json entry: "matvec 5120x2048 4-bit" (kind: matvec, gate_up, down)."""
+    return f"{kind} {out_dim}x{in_dim} {bits}-bit"
+
+
+def tuned(kind: str, out_dim: int, in_dim: int, bits: int) -> dict:
+    """The measured best launch-shape fields for this GPU and shape, or {} when none were measured."""
+    return launch_table().get(table_key(kind, out_dim, in_dim, bits), {})
+
+
+@functools.cache
+def launch_table() -> dict:
+    """This GPU's entries of the launch table ($FLASHMOE_LAUNCH_TABLE, else launch_table.json
+    beside this file), keyed by mx.device_info()'s device name; {} for a GPU never measured."""
+    path = Path(os.environ.get("FLASHMOE_LAUNCH_TABLE", LAUNCH_TABLE))
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text()).get(device_name(), {})
+
+
+def device_name() -> str:
+    return str(mx.device_info().get("device_name", "unknown"))
 
 
 def compose(backend: str, body_file: str) -> tuple[str, str]:

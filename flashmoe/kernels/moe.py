@@ -41,7 +41,7 @@ def moe_gate_up(x, gate, up, ids, *, bits: int, group_size: int, backend: str = 
     k = ids.shape[-1]
     pairs = ids.size
     idx = ids if ids.dtype == mx.uint32 else ids.astype(mx.uint32)
-    p = gpu.plan(out_dim, in_dim, bits, slots=2, rps=1)
+    p = gpu.plan(out_dim, in_dim, bits, slots=2, rps=1, kind="gate_up")
     (y,) = gpu.kernel(backend, "moe_gate_up.inc", "flashmoe_moe_gate_up", GATE_UP_INPUTS)(
         inputs=[x, gw, gs, gb, uw, us, ub, idx, gpu.int_array(out_dim, in_dim, k)],
         template=[
@@ -70,7 +70,7 @@ def moe_down(h, down, ids, weights, *, bits: int, group_size: int, backend: str 
     out_dim, in_dim = w.shape[-2], h.shape[-1]
     tokens = ids.size // k
     idx = ids if ids.dtype == mx.uint32 else ids.astype(mx.uint32)
-    p = gpu.plan(out_dim, in_dim, bits, slots=k, x_slots=k, rps=1)
+    p = gpu.plan(out_dim, in_dim, bits, slots=k, x_slots=k, rps=1, kind="down")
     (y,) = gpu.kernel(backend, "moe_down.inc", "flashmoe_moe_down", DOWN_INPUTS)(
         inputs=[h, w, scales, biases, idx, weights, gpu.int_array(out_dim, in_dim)],
         template=[

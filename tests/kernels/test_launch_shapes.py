@@ -1,9 +1,11 @@
-"""Every launch shape benchmarks/matvec_sweep.py may choose (x staged in shared memory or read
-from cache, SIMD groups per threadgroup, rows per row group, loads in flight) gives the right
-answer: the dequant matvec and both fused MoE kernels against exact float32, on fresh random data.
-Runs on an NVIDIA GPU only."""
+"""Every launch shape benchmarks/matvec_sweep.py may choose (gpu.LAUNCH_GRID, gpu.MOE_GRID: x staged
+in shared memory or read from cache, SIMD groups per threadgroup, rows per row group) gives the right
+answer: the dequant matvec and both fused MoE kernels against exact float32, on fresh random data
+(NVIDIA GPU). And the launch table plan() reads holds only shapes from those grids."""
 
 from __future__ import annotations
+
+import json
 
 import mlx.core as mx
 import pytest
@@ -13,19 +15,27 @@ from flashmoe.analysis.accuracy import exact_matmul, quantized
 from flashmoe.kernels import gpu, moe
 from tests.helpers import needs_cuda, rel_err
 
-SHAPES = [
-    dict(xd=1),
-    dict(xd=1, simds=4, rps=4),
-    dict(xd=1, simds=2, rps=2, u=1),
-    dict(xd=0, simds=4, rps=4),
-    dict(xd=0, simds=2, rps=1),
-]
+
+def name(shape: dict) -> str:
+    return ",".join(f"{k}{v}" for k, v in shape.items())
+
+
+def test_launch_table_holds_only_tested_shapes():
+    if not gpu.LAUNCH_TABLE.is_file():
+        pytest.skip("no launch table in the package")
+    table = json.loads(gpu.LAUNCH_TABLE.read_text())
+    for device, entries in table.items():
+        for key, shape in entries.items():
+            grid = gpu.LAUNCH_GRID if key.startswith("matvec ") else gpu.MOE_GRID
+            assert shape == {} or shape in grid, f"{device}: {key} -> {shape} is not a tested launch shape"
 
 
 @needs_cuda
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: ",".join(f"{k}{v}" for k, v in s.items()))
-@pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("out_dim, in_dim, group_size", [(200, 256, 64), (1000, 2048, 64), (96, 8192, 32)])
+@pytest.mark.parametrize("shape", gpu.LAUNCH_GRID, ids=name)
+@pytest.mark.parametrize(
+    "bits, out_dim, in_dim, group_size",
+    [(2, 200, 256, 64), (4, 200, 256, 64), (8, 200, 256, 64), (4, 96, 8192 + 512, 32)],
+)
 def test_dequant_matvec_in_every_launch_shape(shape, bits, out_dim, in_dim, group_size, monkeypatch, seed):
     for key, value in shape.items():
         monkeypatch.setitem(gpu._override, key, value)
@@ -37,7 +47,7 @@ def test_dequant_matvec_in_every_launch_shape(shape, bits, out_dim, in_dim, grou
 
 
 @needs_cuda
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: ",".join(f"{k}{v}" for k, v in s.items()))
+@pytest.mark.parametrize("shape", gpu.MOE_GRID, ids=name)
 @pytest.mark.parametrize("bits", [4, 8])
 def test_moe_kernels_in_every_launch_shape(shape, bits, monkeypatch, seed):
     for key, value in shape.items():
