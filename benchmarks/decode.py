@@ -22,9 +22,9 @@ from pathlib import Path
 import mlx.core as mx
 
 from flashmoe import kernels
-from flashmoe.kernels import gpu
 from flashmoe.analysis.bench import measure_bandwidth, weight_bytes_per_token
 from flashmoe.analysis.parity import greedy_tokens_per_second, mlx_lm_cache, mlx_lm_model
+from flashmoe.kernels import gpu
 from flashmoe.loader import default_model_dir, load_model
 from flashmoe.tools.synth import PRESETS, write_synthetic
 
