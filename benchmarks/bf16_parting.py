@@ -21,21 +21,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flashmoe.analysis.parity import forced_decode_logits, greedy_tokens, mlx_lm_cache, mlx_lm_model  # noqa: E402
+from flashmoe.analysis.parity import (  # noqa: E402
+    WithCache,
+    forced_decode_logits,
+    greedy_tokens,
+    mlx_lm_cache,
+    mlx_lm_model,
+)
 from flashmoe.loader import load_model  # noqa: E402
 from tests.helpers import CONFIGS, write_checkpoint  # noqa: E402
 
 PROMPT = [1, 17, 42, 99, 3]  # as tests/models/test_gpu_path.py
-
-
-class WithCache:
-    """An mlx-lm model with the make_cache method forced_decode_logits calls."""
-
-    def __init__(self, model):
-        self.model, self.make_cache = model, mlx_lm_cache(model)
-
-    def __call__(self, tokens, cache):
-        return self.model(tokens, cache)
 
 
 def distance(logits: np.ndarray, truth: np.ndarray) -> np.ndarray:

@@ -78,6 +78,16 @@ def mlx_lm_cache(model: Any) -> Callable[[], list]:
     return lambda: make_prompt_cache(model)
 
 
+class WithCache:
+    """An mlx-lm model with the make_cache() method forced_decode_logits calls (flashmoe's models have one)."""
+
+    def __init__(self, model: Any):
+        self.model, self.make_cache = model, mlx_lm_cache(model)
+
+    def __call__(self, tokens: mx.array, cache: list) -> mx.array:
+        return self.model(tokens, cache)
+
+
 def rel_err(y: mx.array, ref: mx.array) -> float:
     """max |y - ref| / max |ref| in float32 (NaN when y has NaN, e.g. a poisoned row left unwritten)."""
     y, ref = np.array(y.astype(mx.float32)), np.array(ref.astype(mx.float32))

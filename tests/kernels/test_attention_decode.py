@@ -111,25 +111,24 @@ def test_norm_rope_reference_is_the_separate_ops(gated, norm, seed):
 @pytest.mark.parametrize("position", [0, 5, 3000])
 @pytest.mark.parametrize("gated, norm", [(False, True), (True, True), (False, False)])
 def test_norm_rope_kernel_matches_reference(head_dim, rope_dims, traditional, position, gated, norm, seed):
-    """Within 1e-5 of MLX's ops; where the angle is large (position 3000: theta up to 1500, whose
-    float32 rounding alone moves cos by ~1e-4) no farther from float64 than MLX's ops are."""
+    """Judged by float64 arithmetic (norm_rope_float64): within 1e-5 where the angle is small; at
+    position 3000 (theta up to 1500, whose float32 rounding alone moves cos by ~1e-4) within 3e-4.
+
+    Not judged by MLX's own ops here: on the H200 (MLX 0.32.4 CUDA), qk_norm_rope_reference
+    (mx.fast.rms_norm, then mx.fast.rope with this (1,) position array) on B=2 came out 1.46
+    (relative) from float64 at position 5 while this kernel was 1.4e-7 from it; not investigated
+    (MLX may read an array offset per sequence). The model passes positions that way only with
+    B=1; the CPU test above holds the reference to float64."""
     q, k, q_w, k_w = norm_rope_case(2, 8, 2, head_dim, gated)
     q_w, k_w = (q_w, k_w) if norm else (None, None)
     pos = mx.array([position], dtype=mx.int32)
     kw = dict(eps=1e-6, rope_dims=rope_dims, traditional=traditional, base=1e6, scale=0.5)
     got = attention.qk_norm_rope(q, k, q_w, k_w, pos, **kw, backend="cuda")
-    want = attention.qk_norm_rope_reference(q, k, q_w, k_w, pos, **kw)
     truths = [norm_rope_float64(x[..., :head_dim], w, position, **kw) for x, w in ((q, q_w), (k, k_w))]
-    for name, g, w, truth in zip("qk", got, want, truths):
-        assert g.shape == w.shape
-        mine, theirs, apart = err64(g, truth), err64(w, truth), rel_err(g, w)
-        detail = (
-            f"{name}: kernel {mine:.2e} and MLX {theirs:.2e} from float64, {apart:.2e} apart (seed {seed})"
-        )
-        if position < 1000:
-            assert apart < 1e-5, detail
-        else:
-            assert mine <= 2 * theirs + 1e-6, detail
+    tolerance = 1e-5 if position < 1000 else 3e-4
+    for name, g, truth in zip("qk", got, truths):
+        assert g.shape == truth.shape
+        assert err64(g, truth) < tolerance, f"{name}: {err64(g, truth):.2e} from float64 (seed {seed})"
 
 
 @needs_cuda
@@ -138,6 +137,6 @@ def test_norm_rope_kernel_bfloat16_within_rounding(seed):
     pos = mx.array([41], dtype=mx.int32)
     kw = dict(eps=1e-6, rope_dims=128, traditional=False, base=1e6, scale=1.0)
     got = attention.qk_norm_rope(q, k, q_w, k_w, pos, **kw, backend="cuda")
-    want = attention.qk_norm_rope_reference(q, k, q_w, k_w, pos, **kw)
-    for g, w in zip(got, want):
-        assert g.dtype == mx.bfloat16 and rel_err(g, w) < 1e-2, f"seed {seed}"
+    truths = [norm_rope_float64(x, w, 41, **kw) for x, w in ((q, q_w), (k, k_w))]
+    for g, truth in zip(got, truths):
+        assert g.dtype == mx.bfloat16 and err64(g, truth) < 1e-2, f"seed {seed}"

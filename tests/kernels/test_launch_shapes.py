@@ -17,7 +17,7 @@ from tests.helpers import needs_cuda, rel_err
 
 
 def name(shape: dict) -> str:
-    return ",".join(f"{k}{v}" for k, v in shape.items())
+    return "_".join(f"{k}{v}" for k, v in shape.items())
 
 
 def test_launch_table_holds_only_tested_shapes():
