@@ -107,12 +107,15 @@ def qk_norm_rope(
 
 def qk_norm_rope_reference(q, k, q_norm, k_norm, pos, *, eps, rope_dims, traditional, base, scale):
     """mx.fast.rms_norm per head (when weights are given), then mx.fast.rope at pos, on (B, H, 1, hd)."""
-    hd = k.shape[-1]
+    B, hd = k.shape[0], k.shape[-1]
+    # one position per sequence: mx.fast.rope reads an array offset per sequence, and on the H200 a
+    # (1,) offset with B = 2 gave wrong rotations (the CPU broadcasts it)
+    offset = pos if B == 1 else mx.repeat(pos, B)
 
     def one(x, w):
         if w is not None:
             x = mx.fast.rms_norm(x, w, eps)
         x = x.transpose(0, 2, 1, 3)
-        return mx.fast.rope(x, rope_dims, traditional=traditional, base=base, scale=scale, offset=pos)
+        return mx.fast.rope(x, rope_dims, traditional=traditional, base=base, scale=scale, offset=offset)
 
     return one(q[..., :hd], q_norm), one(k, k_norm)

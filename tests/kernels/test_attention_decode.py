@@ -105,6 +105,16 @@ def test_norm_rope_reference_is_the_separate_ops(gated, norm, seed):
     assert err64(got_k, truth) < 1e-5, f"seed {seed}"
 
 
+@pytest.mark.parametrize("traditional", [False, True])
+def test_norm_rope_reference_matches_float64_for_two_sequences(traditional, seed):
+    q, k, q_w, k_w = norm_rope_case(2, 8, 2, 128, gated=True)
+    kw = dict(eps=1e-6, rope_dims=64, traditional=traditional, base=1e6, scale=0.5)
+    got = attention.qk_norm_rope_reference(q, k, q_w, k_w, mx.array([5], dtype=mx.int32), **kw)
+    truths = [norm_rope_float64(x[..., :128], w, 5, **kw) for x, w in ((q, q_w), (k, k_w))]
+    for g, truth in zip(got, truths):
+        assert err64(g, truth) < 1e-5, f"seed {seed}"
+
+
 @needs_cuda
 @pytest.mark.parametrize("head_dim, rope_dims", [(128, 128), (64, 64), (256, 64), (128, 32)])
 @pytest.mark.parametrize("traditional", [False, True])
@@ -114,11 +124,11 @@ def test_norm_rope_kernel_matches_reference(head_dim, rope_dims, traditional, po
     """Judged by float64 arithmetic (norm_rope_float64): within 1e-5 where the angle is small; at
     position 3000 (theta up to 1500, whose float32 rounding alone moves cos by ~1e-4) within 3e-4.
 
-    Not judged by MLX's own ops here: on the H200 (MLX 0.32.4 CUDA), qk_norm_rope_reference
-    (mx.fast.rms_norm, then mx.fast.rope with this (1,) position array) on B=2 came out 1.46
-    (relative) from float64 at position 5 while this kernel was 1.4e-7 from it; not investigated
-    (MLX may read an array offset per sequence). The model passes positions that way only with
-    B=1; the CPU test above holds the reference to float64."""
+    Not judged by MLX's own ops here: on the H200 (MLX 0.32.4 CUDA), mx.fast.rms_norm then
+    mx.fast.rope with a (1,) position array on B=2 came out 1.46 (relative) from float64 at
+    position 5 while this kernel was 1.4e-7 from it. mx.fast.rope reads an array offset per
+    sequence (the CPU broadcasts a (1,) one); the reference now repeats it per sequence, not yet
+    re-run on a GPU. The CPU test above holds the reference to float64."""
     q, k, q_w, k_w = norm_rope_case(2, 8, 2, head_dim, gated)
     q_w, k_w = (q_w, k_w) if norm else (None, None)
     pos = mx.array([position], dtype=mx.int32)
