@@ -42,6 +42,11 @@ inline float bias_dot(const float* bf, const float* xsum, int ngroups) {
   return acc;
 }
 
+// Whether the AVX-512 kernel unpacks value k of a BITS-bit word by table permute (as q) rather
+// than masked in place (as q * 2^(BITS*k)): 2 and 4 bits, the values in the word's low 16 bits
+// (see tile_avx512); permute_x scales xp to match.
+constexpr bool table_unpack(int bits, int k) { return (bits == 2 || bits == 4) && bits * k < 16; }
+
 template <int BITS>
 float row_scalar(const uint32_t* w, const float* xp, const float* sf, int words, int wpg) {
   return scalar_tail<BITS>(w, xp, sf, 0, words, wpg);
@@ -78,11 +83,8 @@ __attribute__((target("avx2,fma"))) float row_avx2(
   return _mm_cvtss_f32(r) + scalar_tail<BITS>(w, xp, sf, nb * 8, words, wpg);
 }
 
-// AVX-512: each value is masked in place, (v & (mask << BITS*k)) = q * 2^(BITS*k), converted
-// unsigned (exact: at most BITS significant bits), and the 2^(-BITS*k) is folded into xp.
-// A tile of R consecutive rows shares every load of x, so a value costs one AND, one convert
-// and one FMA per row (the vector unit's throughput is the limit from cache: ~16 GB/s of
-// 4-bit weights per Zen 4 core); one accumulator per row per block, R independent chains.
+// AVX-512: a tile of R consecutive rows shares every load of x, so a value costs its unpacking
+// (below) and one FMA per row; one accumulator per row per block, R independent chains.
 //
 // Prefetching: each line of w loaded goes with a prefetch (into L2) of the same line of the
 // tile kAheadBytes further along the thread's path (the rows of this call, then `next`). The
@@ -92,6 +94,66 @@ __attribute__((target("avx2,fma"))) float row_avx2(
 // instead: 12.1 -> 11.2 and 18.7 -> 14.5; the old 2048 bytes ahead within each row: 8.3 and
 // 10.2). At least one tile ahead; 4 KB ahead for short rows (4 rows of 256 bytes).
 constexpr int kAheadBytes = 4 << 10;
+
+// AVX-512, unpacking the k-th value of each of 16 words into floats, one of two ways:
+//  - masked in place: (v & (mask << BITS*k)) = q * 2^(BITS*k), converted unsigned (exact: at
+//    most BITS significant bits), the 2^(-BITS*k) folded into xp (permute_x). AND + convert.
+//  - table permute (2 and 4 bits): vpermps (_mm512_permutexvar_ps) reads only the low 4 bits
+//    of each 32-bit index lane, so with the word shifted right to put the value's field in
+//    bits 0-3 (no shift for the lowest nibble), permuting a 16-float table whose entry i is
+//    the value those 4 bits hold gives q as a float with no mask and no convert (4 bits: entry
+//    i = i; 2 bits: one shift serves two values, tables i & 3 and i >> 2). Exact: the tables
+//    hold the integers 0..2^BITS-1, the same floats the convert makes, and q * x is the same
+//    exact product as (q * 2^(BITS*k)) * (x * 2^(-BITS*k)), so results are bit-identical.
+// Neither way alone is best on Zen 4: per 16 values AND + convert + FMA ran at 1.5 FMA-times
+// and shift + permute + FMA at 1.67 (permute + FMA, the lowest nibble: 1.39), but the two
+// load different FP pipes, so a mix is faster than either: 2 and 4 bits take the values in
+// each word's low 16 bits by table and those in its high 16 bits in place. From L2 on one Zen 4 core (GB/s of weights, best of 6):
+// 4-bit 128x4096 18.7 -> 19.4, 512x2048 18.3 -> 18.9, 2048x512 16.3 -> 16.6; 2-bit 10.2 ->
+// 11.4 (all values by table: 4-bit 17.2, 2-bit 10.8; 8-bit stays in place: a 256-entry
+// table does not fit a permute).
+
+// The table for value k of a BITS-bit word: entry i = value of field k's bits that sit in
+// bits 0-3 of i once the word is shifted right by 4 * (BITS*k / 4).
+template <int BITS, int K>
+__attribute__((target("avx512f"), always_inline)) inline __m512 unpack_table() {
+  constexpr int sub = (BITS * K) % 4;  // the field's bit offset within the 4 index bits
+  constexpr int m = (1 << BITS) - 1;
+  return _mm512_setr_ps((0 >> sub) & m, (1 >> sub) & m, (2 >> sub) & m, (3 >> sub) & m, (4 >> sub) & m,
+                        (5 >> sub) & m, (6 >> sub) & m, (7 >> sub) & m, (8 >> sub) & m, (9 >> sub) & m,
+                        (10 >> sub) & m, (11 >> sub) & m, (12 >> sub) & m, (13 >> sub) & m, (14 >> sub) & m,
+                        (15 >> sub) & m);
+}
+
+// The shifted word whose low 4 bits index value k's table (shared by the values of one nibble).
+template <int BITS, int K>
+__attribute__((target("avx512f"), always_inline)) inline __m512i unpack_index(__m512i v) {
+  constexpr int shift = 4 * ((BITS * K) / 4);
+  if constexpr (shift == 0) return v;
+  else return _mm512_srli_epi32(v, shift);
+}
+
+// Value k of each of the 16 words in v as floats: q (table) or q * 2^(BITS*k) (masked).
+template <int BITS, int K>
+__attribute__((target("avx512f"), always_inline)) inline __m512 unpack(__m512i v) {
+  if constexpr (table_unpack(BITS, K)) {
+    return _mm512_permutexvar_ps(unpack_index<BITS, K>(v), unpack_table<BITS, K>());
+  } else {
+    const __m512i m = _mm512_set1_epi32(static_cast<int>(((1u << BITS) - 1) << (BITS * K)));
+    return _mm512_cvtepu32_ps(_mm512_and_si512(v, m));
+  }
+}
+
+// d[r] += unpack<K>(v[r]) * xk for values K.., one x load per K shared by the R rows.
+template <int BITS, int R, int K = 0>
+__attribute__((target("avx512f"), always_inline)) inline void dot_block(const __m512i* v, const float* xb,
+                                                                      __m512* d) {
+  if constexpr (K < 32 / BITS) {
+    const __m512 xk = _mm512_loadu_ps(xb + 16 * K);
+    for (int r = 0; r < R; ++r) d[r] = _mm512_fmadd_ps(unpack<BITS, K>(v[r]), xk, d[r]);
+    dot_block<BITS, R, K + 1>(v, xb, d);
+  }
+}
 
 // One tile: out[r] for rows w + r*words, r < R; pf[r]: the row to prefetch alongside (or null).
 template <int BITS, int R>
@@ -112,12 +174,7 @@ __attribute__((target("avx512f,avx2,fma"), always_inline)) inline void tile_avx5
     const float* xb = xp + 16 * VPW * b;
     __m512 d[R];
     for (int r = 0; r < R; ++r) d[r] = _mm512_setzero_ps();
-#pragma GCC unroll 16
-    for (int k = 0; k < VPW; ++k) {
-      const __m512i m = _mm512_set1_epi32(static_cast<int>(((1u << BITS) - 1) << (BITS * k)));
-      const __m512 xk = _mm512_loadu_ps(xb + 16 * k);
-      for (int r = 0; r < R; ++r) d[r] = _mm512_fmadd_ps(_mm512_cvtepu32_ps(_mm512_and_si512(v[r], m)), xk, d[r]);
-    }
+    dot_block<BITS, R>(v, xb, d);
     for (int r = 0; r < R; ++r) {
       const __m512 s = _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(sf + r * ngroups + ((16 * b) >> group_shift)));
       acc[r] = _mm512_fmadd_ps(d[r], s, acc[r]);
@@ -263,8 +320,9 @@ void permute_x(const float* x, float* xp, int in, int bits, int width) {
   const int vpw = 32 / bits;
   const int block = width * vpw;
   const int whole = (in / block) * block;
-  float unit[32];  // 2^(-bits*k) for the AVX-512 kernel (exact powers of two), else 1
-  for (int k = 0; k < vpw; ++k) unit[k] = width == 16 ? std::ldexp(1.f, -bits * k) : 1.f;
+  // 2^(-bits*k) for the AVX-512 kernel's values masked in place (exact powers of two), else 1.
+  float unit[32];
+  for (int k = 0; k < vpw; ++k) unit[k] = width == 16 && !table_unpack(bits, k) ? std::ldexp(1.f, -bits * k) : 1.f;
   for (int base = 0; base < whole; base += block)
     for (int j = 0; j < width; ++j)
       for (int k = 0; k < vpw; ++k)
