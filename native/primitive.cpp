@@ -163,8 +163,11 @@ void compute(const Problem& P, const mx::array& x, const mx::array& w, const mx:
     r.n = static_cast<int>(std::min<int64_t>(P.out_dim - r.o, len * kMaxRows));
     return r;
   };
+  auto first_run_of = [&](ThreadPool::Range r) {
+    return r.begin < r.end ? run_at(r.begin, r.end) : Run{0, 0, -1, 0, 0};
+  };
 
-  auto body = [&](int64_t begin, int64_t end) {
+  auto body = [&](int64_t begin, int64_t end, const ThreadPool::Next& next_chunk) {
     // Scales and biases of the current rows as float, rows ngroups apart (the kernel may read
     // 16 floats past the last scale); kept per thread across calls.
     thread_local std::vector<float> sf, bf;
@@ -176,16 +179,19 @@ void compute(const Problem& P, const mx::array& x, const mx::array& w, const mx:
     for (int64_t u = begin; u < end;) {
       const int64_t u_next = u + (cur.n + kMaxRows - 1) / kMaxRows;
       const Run nxt = u_next < end ? run_at(u_next, end) : Run{0, 0, -1, 0, 0};
-      if (nxt.row >= 0) {
-        scale_rows.prefetch(nxt.row * ngroups, nxt.n * ngroups);
-        bias_rows.prefetch(nxt.row * ngroups, nxt.n * ngroups);
+      // Where this thread reads next: the next run, or in the chunk's last run, the first run
+      // of the chunk it claims next (thread_pool.cpp: prefetched, it does not start cold).
+      const Run ahead = u_next < end ? nxt : first_run_of(next_chunk());
+      if (ahead.row >= 0) {
+        scale_rows.prefetch(ahead.row * ngroups, ahead.n * ngroups);
+        bias_rows.prefetch(ahead.row * ngroups, ahead.n * ngroups);
       }
       if (cur.row < 0) {  // out-of-range expert: make it visible
         std::fill_n(y + cur.p * P.out_dim + cur.o, cur.n, std::numeric_limits<float>::quiet_NaN());
       } else {
         scale_rows.load(cur.row * ngroups, cur.n * ngroups, sf.data());
         bias_rows.load(cur.row * ngroups, cur.n * ngroups, bf.data());
-        const uint32_t* next = nxt.row >= 0 ? wp + nxt.row * words : nullptr;
+        const uint32_t* next = ahead.row >= 0 ? wp + ahead.row * words : nullptr;
         const int64_t r0 = idx ? (P.shared_x ? cur.p / K : cur.p) : 0;
         const int64_t r1 = idx ? r0 + 1 : xrows;
         for (int64_t r = r0; r < r1; ++r) {  // further x rows reuse the weights from cache
@@ -203,7 +209,7 @@ void compute(const Problem& P, const mx::array& x, const mx::array& w, const mx:
   const int64_t unit_bytes = static_cast<int64_t>(kMaxRows) * words * 4 * (idx ? 1 : xrows);
   auto& pool = ThreadPool::instance();
   if (units * unit_bytes < kChunkBytes) {
-    body(0, units);
+    body(0, units, [units] { return ThreadPool::Range{units, units}; });
   } else {
     const int64_t grain = std::min((kChunkBytes + unit_bytes - 1) / unit_bytes, std::max<int64_t>(1, units / (4 * pool.size())));
     pool.parallel_for(units, grain, body);
