@@ -21,7 +21,7 @@ from ..errors import FlashMoeError
 from ..kernels.moe import moe_experts, route
 from ..timing import timer
 from .args import ModelArgs
-from .layers import silu
+from .layers import silu, stacked
 from .store import TensorStore
 
 
@@ -29,12 +29,20 @@ class MLP:
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); dense layers and the shared expert."""
 
     def __init__(self, store: TensorStore, prefix: str):
-        self.gate_proj = store.linear(f"{prefix}.gate_proj")
-        self.up_proj = store.linear(f"{prefix}.up_proj")
+        gate_proj, up_proj = store.linear(f"{prefix}.gate_proj"), store.linear(f"{prefix}.up_proj")
+        # one matrix [gate | up] when the two are stored alike: one launch per decode token, not two
+        self.gate_up_proj = stacked(gate_proj, up_proj)
+        self.gate_proj, self.up_proj = (gate_proj, up_proj) if self.gate_up_proj is None else (None, None)
+        self.width = gate_proj.out_features  # I
         self.down_proj = store.linear(f"{prefix}.down_proj")
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            both = self.gate_up_proj(x)  # (..., 2 I)
+            gate, up = both[..., : self.width], both[..., self.width :]
+        return self.down_proj(silu(gate) * up)
 
 
 def switch_mlp(gate_proj, up_proj, down_proj, x: mx.array, experts: mx.array) -> mx.array:
