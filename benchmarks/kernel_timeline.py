@@ -27,7 +27,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from flashmoe.analysis.parity import _greedy_decode, mlx_lm_cache, mlx_lm_model
+from flashmoe.analysis.parity import greedy_decode, mlx_lm_cache, mlx_lm_model
 from flashmoe.loader import load_model
 
 PROMPT = [11, 23, 5, 87, 42, 7, 19, 3]
@@ -45,7 +45,7 @@ def import_torch():
 
 def traced_decode(model, make_cache, tokens: int, profile, activity) -> tuple[float, list[dict]]:
     """(wall seconds for `tokens` pipelined greedy tokens, the kernel events recorded meanwhile)."""
-    loop = _greedy_decode(model, make_cache, PROMPT, tokens + 4)
+    loop = greedy_decode(model, make_cache, PROMPT, tokens + 4)
     for _ in range(4):  # compile, allocate, fill the pipeline
         next(loop)
     with profile(activities=[activity.CUDA]) as prof:

@@ -19,14 +19,14 @@ from ..sample import make_sampler
 
 def greedy_tokens(model: Any, make_cache: Callable[[], list], ids: list[int], steps: int) -> list[int]:
     """Greedy ids after `ids` for model(tokens (1, T), cache) -> (1, T, V): flashmoe or mlx-lm alike."""
-    return list(_greedy_decode(model, make_cache, ids, steps))
+    return list(greedy_decode(model, make_cache, ids, steps))
 
 
 def greedy_tokens_per_second(
     model: Any, make_cache: Callable[[], list], ids: list[int], steps: int = 32, warmup: int = 2
 ) -> float:
     """Decode rate of the greedy loop (prefill and `warmup` first steps excluded), for either engine."""
-    tokens = _greedy_decode(model, make_cache, ids, steps + warmup)
+    tokens = greedy_decode(model, make_cache, ids, steps + warmup)
     for _ in range(warmup):  # first calls compile and allocate: not timed
         next(tokens)
     tic = time.perf_counter()
@@ -34,7 +34,8 @@ def greedy_tokens_per_second(
     return count / (time.perf_counter() - tic)
 
 
-def _greedy_decode(model: Any, make_cache: Callable[[], list], ids: list[int], steps: int):
+def greedy_decode(model: Any, make_cache: Callable[[], list], ids: list[int], steps: int):
+    """The greedy ids after `ids` as generate.py's pipelined loop yields them (`steps` of them)."""
     greedy, cache = make_sampler(0.0), make_cache()
     prefill(model, mx.array(ids[:-1], dtype=mx.int32), cache, 512)
     first = decode_one_token(model, mx.array(ids[-1:], dtype=mx.int32), cache, greedy)

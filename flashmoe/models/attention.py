@@ -18,7 +18,7 @@ from ..errors import FlashMoeError
 from ..kernels.attention import decode_attention, qk_norm_rope
 from .args import ModelArgs
 from .cache import KVCache
-from .layers import Linear, stacked
+from .layers import Linear, Projections
 from .store import TensorStore
 
 
@@ -59,10 +59,7 @@ class Attention:
         q_proj = _projection(store, f"{prefix}.q_proj", qkv_bias, q_width)
         k_proj = _projection(store, f"{prefix}.k_proj", qkv_bias, kv_width)
         v_proj = _projection(store, f"{prefix}.v_proj", qkv_bias, kv_width)
-        # one matrix when the three are stored alike: one launch per decode token instead of three
-        self.qkv_proj = stacked(q_proj, k_proj, v_proj)
-        self.projections = (q_proj, k_proj, v_proj) if self.qkv_proj is None else None
-        self.qkv_splits = [q_width, q_width + kv_width]
+        self.qkv_proj = Projections(q_proj, k_proj, v_proj)
         self.o_proj = _projection(store, f"{prefix}.o_proj", o_bias, args.hidden_size)
         if self.qk_norm:
             self.q_norm = store.take(f"{prefix}.q_norm.weight")  # (hd,)
@@ -91,10 +88,8 @@ class Attention:
         launch (qk_norm_rope), attention another.
         """
         B = x.shape[0]
-        q, k, v = self._project(x)
-        gate = None
-        if self.gated:
-            gate = q.reshape(B, 1, self.n_heads, 2, self.head_dim)[..., 1, :].reshape(B, 1, -1)
+        q, k, v = self.qkv_proj(x)
+        gate = self._queries(q)[1]
         queries, k_new = qk_norm_rope(
             q.reshape(B, 1, self.n_heads, -1),
             k.reshape(B, 1, self.n_kv_heads, self.head_dim),
@@ -118,7 +113,7 @@ class Attention:
         """x (B, T, D) at positions offset.. -> queries (B, H, T, hd), keys and values (B, H_kv, T, hd),
         normed and rotated as the architecture asks, and the output gate (B, T, H * hd) or None."""
         B, T, _ = x.shape
-        q, k, v = self._project(x)
+        q, k, v = self.qkv_proj(x)
         queries, gate = self._queries(q)  # (B, T, H, hd)
         keys = k.reshape(B, T, self.n_kv_heads, self.head_dim)
         values = v.reshape(B, T, self.n_kv_heads, self.head_dim)
@@ -140,12 +135,6 @@ class Attention:
     def reserve(self, cache: KVCache, n: int, x: mx.array) -> None:
         """Room in cache for n positions of x's batch (in the dtype the projections give)."""
         cache.reserve(n, x.shape[0], self.n_kv_heads, self.head_dim, x.dtype)
-
-    def _project(self, x: mx.array) -> list[mx.array]:
-        """q_proj(x), k_proj(x), v_proj(x): (B, T, q_width), (B, T, H_kv * hd) twice."""
-        if self.qkv_proj is None:
-            return [proj(x) for proj in self.projections]
-        return mx.split(self.qkv_proj(x), self.qkv_splits, axis=-1)
 
     def _queries(self, q: mx.array) -> tuple[mx.array, mx.array | None]:
         """Per-head queries from q_proj's output, and for the gated variants the output gate it interleaves."""

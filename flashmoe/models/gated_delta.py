@@ -21,7 +21,7 @@ from ..errors import FlashMoeError
 from ..kernels.gated_delta import QK_L2_EPS, gated_delta_step, split_key_heads
 from .args import ModelArgs
 from .cache import LinearAttentionCache
-from .layers import silu, stacked
+from .layers import Projections, silu
 from .store import TensorStore
 
 
@@ -43,17 +43,9 @@ class GatedDeltaNet:
         self.backend = store.backend  # a GPU backend runs a decode token through one fused kernel
 
         self.split = args.arch.split_in_proj
-        if self.split:
-            self.in_proj_qkv = store.linear(f"{prefix}.in_proj_qkv")
-            self.in_proj_z = store.linear(f"{prefix}.in_proj_z")
-            self.in_proj_b = store.linear(f"{prefix}.in_proj_b")
-            self.in_proj_a = store.linear(f"{prefix}.in_proj_a")
-        else:
-            qkvz, ba = store.linear(f"{prefix}.in_proj_qkvz"), store.linear(f"{prefix}.in_proj_ba")
-            # one matrix when the two are stored alike: one launch per decode token instead of two
-            self.in_proj = stacked(qkvz, ba)
-            self.in_proj_qkvz, self.in_proj_ba = (qkvz, ba) if self.in_proj is None else (None, None)
-            self.qkvz_width = qkvz.out_features
+        names = ("qkv", "z", "b", "a") if self.split else ("qkvz", "ba")
+        # split: [qkv, z, b, a]; fused: [qkvz, ba]
+        self.in_proj = Projections(*(store.linear(f"{prefix}.in_proj_{name}") for name in names))
         self.conv_weight = self._conv_weight(store, f"{prefix}.conv1d.weight")  # (W, C)
         # kept as stored: the decay is computed in float32 from A_log, and a + dt_bias
         # promotes as mlx-lm's does when the checkpoint keeps these in float32
@@ -95,7 +87,7 @@ class GatedDeltaNet:
         if self.split:
             qkv, z, b, a = (t[:, 0] for t in self._project(x))
         else:
-            qkvz, ba = (t[:, 0] for t in self._key_head_projections(x))
+            qkvz, ba = (t[:, 0] for t in self.in_proj(x))
             qkv, z, b, a = qkvz, qkvz, ba, ba
         past = cache.conv
         if past is None:
@@ -129,18 +121,11 @@ class GatedDeltaNet:
         """qkv in conv-channel order [q | k | v], z per value head, b and a per value head."""
         B, T, _ = x.shape
         if self.split:
-            z = self.in_proj_z(x).reshape(B, T, self.n_v, self.d_v)  # (B, T, H_v, d_v)
-            return self.in_proj_qkv(x), z, self.in_proj_b(x), self.in_proj_a(x)
+            qkv, z, b, a = self.in_proj(x)
+            return qkv, z.reshape(B, T, self.n_v, self.d_v), b, a  # z (B, T, H_v, d_v)
         # the fused layout groups everything by key head: [q, k, v (r heads), z (r heads)] per head
-        qkvz, ba = self._key_head_projections(x)
+        qkvz, ba = self.in_proj(x)
         return split_key_heads(qkvz, ba, self.n_k, self.n_v, self.d_k, self.d_v)
-
-    def _key_head_projections(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        """in_proj_qkvz(x) (B, T, H_k * (2 d_k + 2 r d_v)) and in_proj_ba(x) (B, T, H_k * 2 r)."""
-        if self.in_proj is None:
-            return self.in_proj_qkvz(x), self.in_proj_ba(x)
-        y = self.in_proj(x)
-        return y[..., : self.qkvz_width], y[..., self.qkvz_width :]
 
     def _conv(self, qkv: mx.array, cache: LinearAttentionCache | None) -> mx.array:
         """Depthwise causal conv over the cached last W - 1 inputs and the new T: (B, T, C)."""

@@ -3,12 +3,13 @@
 Decode (one row of activations) goes through flashmoe's kernels on the chosen backend;
 prefill (many rows) through MLX's quantized_matmul / gather_qmm. Shapes:
     Linear            x (..., in) -> (..., out)
-    stacked(a, b, ..) one Linear whose output is [a(x) | b(x) | ..], when they are quantized alike
+    Projections(a, b, ..)  x -> [a(x), b(x), ..]: one stacked matvec when they are quantized alike
     ExpertLinear      x (..., in) or (..., K, in), indices (..., K) -> (..., K, out)
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -55,9 +56,27 @@ class Linear:
         return dict(group_size=self.spec.group_size, bits=self.spec.bits, mode=self.spec.mode)
 
 
-def stacked(*layers: Linear) -> Linear | None:
-    """The quantized layers as one, their output rows stacked (exact: each row is computed alone);
-    None unless all are quantized alike (bits, group size, mode, scale dtype, bias or none)."""
+class Projections:
+    """Several Linear layers of the same input: x (..., in) -> [a(x), b(x), ..].
+
+    When all are quantized alike (bits, group size, mode, scale dtype, bias or none) their rows are
+    stacked into one matrix at load, so a decode token makes one kernel launch instead of one per
+    layer, and the outputs are slices of its output (exact: each row is computed alone).
+    """
+
+    def __init__(self, *layers: Linear):
+        self.ends = list(itertools.accumulate(layer.out_features for layer in layers))[:-1]  # split points
+        self.fused = _stacked(layers)
+        self.layers = layers if self.fused is None else None  # the separate matrices are dropped
+
+    def __call__(self, x: mx.array) -> list[mx.array]:
+        if self.fused is None:
+            return [layer(x) for layer in self.layers]
+        return mx.split(self.fused(x), self.ends, axis=-1)
+
+
+def _stacked(layers: tuple[Linear, ...]) -> Linear | None:
+    """The layers as one Linear with their output rows stacked, or None unless quantized alike."""
     first = layers[0]
     alike = all(
         layer.spec is not None

@@ -21,7 +21,7 @@ from ..errors import FlashMoeError
 from ..kernels.moe import moe_experts, route
 from ..timing import timer
 from .args import ModelArgs
-from .layers import silu, stacked
+from .layers import Projections, silu
 from .store import TensorStore
 
 
@@ -29,19 +29,13 @@ class MLP:
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); dense layers and the shared expert."""
 
     def __init__(self, store: TensorStore, prefix: str):
-        gate_proj, up_proj = store.linear(f"{prefix}.gate_proj"), store.linear(f"{prefix}.up_proj")
-        # one matrix [gate | up] when the two are stored alike: one launch per decode token, not two
-        self.gate_up_proj = stacked(gate_proj, up_proj)
-        self.gate_proj, self.up_proj = (gate_proj, up_proj) if self.gate_up_proj is None else (None, None)
-        self.width = gate_proj.out_features  # I
+        self.gate_up_proj = Projections(
+            store.linear(f"{prefix}.gate_proj"), store.linear(f"{prefix}.up_proj")
+        )
         self.down_proj = store.linear(f"{prefix}.down_proj")
 
     def __call__(self, x: mx.array) -> mx.array:
-        if self.gate_up_proj is None:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        else:
-            both = self.gate_up_proj(x)  # (..., 2 I)
-            gate, up = both[..., : self.width], both[..., self.width :]
+        gate, up = self.gate_up_proj(x)
         return self.down_proj(silu(gate) * up)
 
 
@@ -184,7 +178,7 @@ class MoE:
         decode = logits.size // logits.shape[-1] * self.k <= FUSED_MAX_SLOTS
         backend = (
             getattr(self.gate, "backend", "reference") if decode else "reference"
-        )  # (analysis may wrap the gate)
+        )  # analysis may wrap the gate
         experts, weights = route(logits, self.k, self.norm_topk_prob, backend=backend, out_dtype=x.dtype)
         return Routing(logits, experts, weights)
 

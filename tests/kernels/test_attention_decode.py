@@ -120,7 +120,7 @@ def test_norm_rope_reference_matches_float64_for_two_sequences(traditional, seed
 @pytest.mark.parametrize("traditional", [False, True])
 @pytest.mark.parametrize("position", [0, 5, 3000])
 @pytest.mark.parametrize("gated, norm", [(False, True), (True, True), (False, False)])
-def test_norm_rope_kernel_matches_reference(head_dim, rope_dims, traditional, position, gated, norm, seed):
+def test_norm_rope_kernel_matches_float64(head_dim, rope_dims, traditional, position, gated, norm, seed):
     """Judged by float64 arithmetic (norm_rope_float64): within 1e-5 where the angle is small; at
     position 3000 (theta up to 1500, whose float32 rounding alone moves cos by ~1e-4) within 3e-4.
 
