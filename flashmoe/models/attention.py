@@ -132,10 +132,6 @@ class Attention:
             out = out * mx.sigmoid(gate)
         return self.o_proj(out)
 
-    def reserve(self, cache: KVCache, n: int, x: mx.array) -> None:
-        """Room in cache for n positions of x's batch (in the dtype the projections give)."""
-        cache.reserve(n, x.shape[0], self.n_kv_heads, self.head_dim, x.dtype)
-
     def _queries(self, q: mx.array) -> tuple[mx.array, mx.array | None]:
         """Per-head queries from q_proj's output, and for the gated variants the output gate it interleaves."""
         B, T, _ = q.shape

@@ -39,6 +39,11 @@ class KVCache:
             self.keys = mx.concatenate([self.keys, extra_k], axis=2)
             self.values = mx.concatenate([self.values, extra_v], axis=2)
 
+    def make_room(self) -> None:
+        """Room in the buffers (which exist) for one more token: a decode step's `write`."""
+        B, H, _, hd = self.keys.shape
+        self.reserve(self.offset + 1, B, H, hd, self.keys.dtype)
+
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append (B, H_kv, T, hd) keys/values; return everything so far, (B, H_kv, offset, hd)."""
         B, H, T, hd = keys.shape

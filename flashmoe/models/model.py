@@ -32,12 +32,12 @@ def position(offset: int) -> mx.array:
 class DecoderLayer:
     """One transformer block: a token mixer and a feed-forward, each with a pre-norm and a residual.
 
-    On a GPU backend a decode token (T = 1) runs through an mx.compile'd function of the whole
-    layer, which fuses the elementwise work and drops Python from the step: the Gated DeltaNet
-    layer with its conv and recurrent state in and out, or the full-attention layer with its KV
-    buffers and the position in, the new key and value out (traced again only when the buffers
-    grow); the layer then writes those into the buffers with a plain slice write.
-    Streamed experts read from disk mid-layer, so their layers are never compiled.
+    `compiled` says whether a decode token may run through the model's compiled step (on a GPU
+    backend, experts resident): `step` is this layer's part of it, a pure function of the token's
+    hidden state, its position and the two arrays of its cache (Gated DeltaNet: conv and recurrent
+    state; attention: the KV buffers), giving the two arrays to store back (the new conv and state,
+    or the new token's key and value, which `commit` writes into the buffers with a plain slice
+    write). Streamed experts read from disk mid-layer, so their layers are never compiled.
     """
 
     def __init__(self, store: TensorStore, prefix: str, index: int, args: ModelArgs, k: int | None, experts):
@@ -62,27 +62,9 @@ class DecoderLayer:
         )
         resident = not isinstance(self.mlp, MoE) or isinstance(self.mlp.experts, ResidentExperts)
         self.compiled = store.backend in kernels.GPU_BACKENDS and resident
-        self._linear_step = mx.compile(self._pure_linear_step)
-        self._attention_step = mx.compile(self._pure_attention_step)
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
-        # compiled: one decode token with a cache to carry (a Gated DeltaNet layer's first token
-        # has no state yet) and no --timing (which syncs between phases)
-        step = self.compiled and x.shape[1] == 1 and cache is not None and not timer.enabled
-        if not step or (self.is_linear and cache.state_ is None):
-            return self._feed(self._mix(x, cache))
-        if self.is_linear:
-            out, cache.conv, cache.state_, *routing = self._linear_step(x, cache.conv, cache.state_)
-            cache.offset += 1
-        else:
-            self.mixer.reserve(cache, cache.offset + 1, x)
-            out, k_new, v_new, *routing = self._attention_step(
-                x, cache.keys, cache.values, position(cache.offset)
-            )
-            cache.write(k_new, v_new)
-        if routing:
-            self.mlp.last_routing = Routing(*routing)
-        return out
+        return self._feed(self._mix(x, cache))
 
     def _mix(self, x: mx.array, cache) -> mx.array:
         h = x + self.mixer(mx.fast.rms_norm(x, self.input_layernorm, self.eps), cache)
@@ -95,28 +77,42 @@ class DecoderLayer:
             timer.mark("dense mlp", out)
         return out
 
-    def _pure_linear_step(self, x: mx.array, conv: mx.array, state: mx.array) -> list[mx.array]:
-        """A Gated DeltaNet layer's decode token as a pure function (compiled): cache in, cache out."""
-        cache = LinearAttentionCache()
-        cache.conv, cache.state_ = conv, state
-        return [self._feed(self._mix(x, cache)), cache.conv, cache.state_, *self._routing()]
+    def ready(self, cache) -> bool:
+        """Whether `cache` holds what a compiled step takes (a first token has no state or buffers yet)."""
+        return (cache.state_ if self.is_linear else cache.keys) is not None
 
-    def _pure_attention_step(
-        self, x: mx.array, keys: mx.array, values: mx.array, pos: mx.array
-    ) -> list[mx.array]:
-        """A full-attention layer's decode token as a pure function (compiled): KV buffers in, the
-        new token's key and value out (the caller writes them)."""
-        mixed, k_new, v_new = self.mixer.decode(
-            mx.fast.rms_norm(x, self.input_layernorm, self.eps), keys, values, pos
-        )
-        return [self._feed(x + mixed), k_new, v_new, *self._routing()]
+    def step_inputs(self, cache) -> list[mx.array]:
+        """The two cache arrays `step` takes (the KV buffers with room for one more token)."""
+        if self.is_linear:
+            return [cache.conv, cache.state_]
+        cache.make_room()
+        return [cache.keys, cache.values]
 
-    def _routing(self) -> list[mx.array]:
-        """The MoE layer's routing arrays, returned by the compiled functions for model.routing()."""
-        if not isinstance(self.mlp, MoE):
-            return []
-        r = self.mlp.last_routing
-        return [r.logits, r.experts, r.weights]
+    def step(self, x: mx.array, pos: mx.array, a: mx.array, b: mx.array) -> tuple[mx.array, list, list]:
+        """x (B, 1, D) at position pos (1,) int32, cache arrays a, b -> (out (B, 1, D), the two arrays
+        to store back, the MoE layer's routing arrays or [])."""
+        if self.is_linear:
+            cache = LinearAttentionCache()
+            cache.conv, cache.state_ = a, b
+            out = self._feed(self._mix(x, cache))
+            stored = [cache.conv, cache.state_]
+        else:
+            mixed, k_new, v_new = self.mixer.decode(
+                mx.fast.rms_norm(x, self.input_layernorm, self.eps), a, b, pos
+            )
+            out, stored = self._feed(x + mixed), [k_new, v_new]
+        routing = self.mlp.last_routing if isinstance(self.mlp, MoE) else None
+        return out, stored, [] if routing is None else [routing.logits, routing.experts, routing.weights]
+
+    def commit(self, cache, stored: list[mx.array], routing: list[mx.array]) -> None:
+        """Store a step's outputs: the new conv and state, or the new key and value at the cache's offset."""
+        if self.is_linear:
+            cache.conv, cache.state_ = stored
+            cache.offset += 1
+        else:
+            cache.write(*stored)
+        if routing:
+            self.mlp.last_routing = Routing(*routing)
 
     def make_cache(self):
         return LinearAttentionCache() if self.is_linear else KVCache()
@@ -139,17 +135,56 @@ class Model:
         has_head = store.has(f"{root}lm_head.weight") or not args.tie_word_embeddings
         self.lm_head = store.linear(f"{root}lm_head") if has_head else None
         self.report = None  # what the loader found (flashmoe.loader.LoadReport), set by the loader
+        self.compiled = all(layer.compiled for layer in self.layers)
+        self._step = mx.compile(self._pure_step)
 
     def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
         """tokens (B, T) int32 -> logits (B, T, vocab); caches are updated in place."""
+        if self._compiled_step_runs(tokens, cache):
+            return self._decode(tokens, cache)
         h = self.embed_tokens(tokens)  # (B, T, D)
         timer.mark("embedding", h)
         for layer, layer_cache in zip(self.layers, cache or [None] * len(self.layers)):
             h = layer(h, layer_cache)
+        return self._output(h)
+
+    def _output(self, h: mx.array) -> mx.array:
+        """The last hidden state (B, T, D) -> logits (B, T, vocab)."""
         h = mx.fast.rms_norm(h, self.norm, self.args.rms_norm_eps)
         logits = self.lm_head(h) if self.lm_head is not None else self.embed_tokens.as_linear(h)
         timer.mark("output", logits)
         return logits
+
+    def _compiled_step_runs(self, tokens: mx.array, cache: list | None) -> bool:
+        """One decode token, every layer compilable, every cache holding state, no --timing (which
+        syncs between phases): the compiled step runs."""
+        return (
+            self.compiled
+            and tokens.shape[1] == 1
+            and cache is not None
+            and not timer.enabled
+            and all(layer.ready(c) for layer, c in zip(self.layers, cache))
+        )
+
+    def _decode(self, tokens: mx.array, cache: list) -> mx.array:
+        """One decode token through the compiled step: the whole stack, embedding to logits, in one
+        mx.compile'd call (traced again only when the KV buffers grow), then the caches updated."""
+        inputs = [a for layer, c in zip(self.layers, cache) for a in layer.step_inputs(c)]
+        logits, *outputs = self._step(tokens, position(cache[0].offset), *inputs)
+        for layer, c in zip(self.layers, cache):
+            n = 2 + 3 * isinstance(layer.mlp, MoE)  # two cache arrays, and the routing's three
+            layer.commit(c, outputs[:2], outputs[2:n])
+            outputs = outputs[n:]
+        return logits
+
+    def _pure_step(self, tokens: mx.array, pos: mx.array, *inputs: mx.array) -> list[mx.array]:
+        """tokens (B, 1), pos (1,) int32, two cache arrays per layer -> [logits (B, 1, vocab), then
+        per layer the two arrays to store back and the routing's logits, experts and weights]."""
+        h, outputs = self.embed_tokens(tokens), []
+        for i, layer in enumerate(self.layers):
+            h, stored, routing = layer.step(h, pos, *inputs[2 * i : 2 * i + 2])
+            outputs += stored + routing
+        return [self._output(h), *outputs]
 
     def make_cache(self) -> list:
         """Fresh per-layer caches: KV for attention layers, conv + recurrent state for Gated DeltaNet."""
