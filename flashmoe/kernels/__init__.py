@@ -78,25 +78,39 @@ def backend_reason() -> str:
 
 
 def dequant_matvec(
-    x, w, scales, biases, *, bits: int, group_size: int, mode: str = "affine", backend: str = "auto"
+    x,
+    w,
+    scales,
+    biases,
+    *,
+    bits: int,
+    group_size: int,
+    mode: str = "affine",
+    backend: str = "auto",
+    residual=None,
 ):
-    """x (..., in) @ dequantize(w).T -> (..., out), for a quantized w (out, in * bits / 32).
+    """x (..., in) @ dequantize(w).T (+ residual (..., out)) -> (..., out), for a quantized w
+    (out, in * bits / 32).
 
+    A residual is added to the result rounded to x's dtype, as `residual + y` would add it; the
+    GPU kernels add it as they write y (one launch fewer).
     The native backend computes in float32: an x of another dtype is cast to float32 and the
     result cast back to x's dtype.
     """
     _check_shapes(x, w, scales, biases, bits, group_size, mode)
     backend = resolve_backend(backend)
     if not _own_kernel(bits, mode) or backend == "mlx":
-        return mx.quantized_matmul(
+        y = mx.quantized_matmul(
             x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode
         )
-    if backend == "reference":
-        return reference.dequant_matvec(x, w, scales, biases, bits=bits, group_size=group_size)
-    if backend == "native":
+    elif backend == "reference":
+        y = reference.dequant_matvec(x, w, scales, biases, bits=bits, group_size=group_size)
+    elif backend == "native":
         y = native.dequant_matvec(_f32(x), w, scales, biases, bits=bits, group_size=group_size)
-        return y if x.dtype == mx.float32 else y.astype(x.dtype)
-    return gpu.matvec(backend, x, w, scales, biases, bits=bits, group_size=group_size)
+        y = y if x.dtype == mx.float32 else y.astype(x.dtype)
+    else:
+        return gpu.matvec(backend, x, w, scales, biases, bits=bits, group_size=group_size, residual=residual)
+    return y if residual is None else residual + y
 
 
 def gather_dequant_matvec(

@@ -31,7 +31,7 @@ CORE_BEGIN, CORE_END = "// qdot_tile begin", "// qdot_tile end"
 SIMDS_PER_GROUP = 8  # SIMD groups (warps) per threadgroup
 MAX_LOADS = 8  # loads (of VEC words) in flight per lane, over all slots
 X_FLOATS = 8192  # float32 x values staged in shared memory at a time (32 KiB), over all slots
-INPUT_NAMES = ["x", "w", "scales", "biases", "idx", "dims"]
+INPUT_NAMES = ["x", "w", "scales", "biases", "idx", "res", "dims"]
 
 _poison: float | None = None
 _override: dict = {}  # benchmarks: force launch-shape fields (simds, rps, lpr, vec, u, xd)
@@ -208,16 +208,27 @@ def _zeros(pairs: int) -> mx.array:
     return mx.zeros((pairs,), dtype=mx.uint32)
 
 
-def gathered_matvec(backend, x, w, scales, biases, idx, *, x_div, bits, group_size, out_shape) -> mx.array:
-    """Pairs p = 0..P-1 (P = idx.size): y[p] = dequant(w[idx[p]]) @ x[p // x_div] -> y of out_shape.
+@functools.lru_cache(maxsize=8)
+def no_residual(dtype: mx.Dtype) -> mx.array:
+    """What a kernel's `res` input gets when it adds no residual (RES = 0): one unread value."""
+    return mx.zeros((1,), dtype=dtype)
+
+
+def gathered_matvec(
+    backend, x, w, scales, biases, idx, *, x_div, bits, group_size, out_shape, residual=None
+) -> mx.array:
+    """Pairs p = 0..P-1 (P = idx.size): y[p] = dequant(w[idx[p]]) @ x[p // x_div] (+ residual[p])
+    -> y of out_shape.
 
     x (P / x_div rows of in), w (E, out, words) or (out, words) when idx is all zeros,
     row-contiguous: the kernel indexes flat memory, so no reshape (an extra op per call) is needed.
+    residual: None or an array of out_shape in x's dtype, added as a separate add would round it.
     """
     pairs, out_dim, in_dim = idx.size, w.shape[-2], x.shape[-1]
     p = plan(out_dim, in_dim, bits)
+    res = no_residual(x.dtype) if residual is None else residual
     (y,) = _kernel(backend)(
-        inputs=[x, w, scales, biases, idx, int_array(out_dim, in_dim, x_div)],
+        inputs=[x, w, scales, biases, idx, res, int_array(out_dim, in_dim, x_div)],
         template=[
             ("T", x.dtype),
             ("BITS", bits),
@@ -226,6 +237,7 @@ def gathered_matvec(backend, x, w, scales, biases, idx, *, x_div, bits, group_si
             ("RPS", p.rps),
             ("UNROLL", p.unroll_code),
             ("TILE", p.tile),
+            ("RES", int(residual is not None)),
         ],
         grid=(pairs * p.simds * 32, math.ceil(out_dim / p.rows_per_group), 1),
         threadgroup=(p.simds * 32, 1, 1),
@@ -236,8 +248,9 @@ def gathered_matvec(backend, x, w, scales, biases, idx, *, x_div, bits, group_si
     return y
 
 
-def matvec(backend, x, w, scales, biases, *, bits, group_size) -> mx.array:
-    """x (..., in) against one matrix w (out, words) -> (..., out): the gathered kernel with expert 0."""
+def matvec(backend, x, w, scales, biases, *, bits, group_size, residual=None) -> mx.array:
+    """x (..., in) against one matrix w (out, words) (+ residual (..., out)) -> (..., out): the
+    gathered kernel with expert 0."""
     pairs = x.size // x.shape[-1]
     return gathered_matvec(
         backend,
@@ -250,4 +263,5 @@ def matvec(backend, x, w, scales, biases, *, bits, group_size) -> mx.array:
         bits=bits,
         group_size=group_size,
         out_shape=(*x.shape[:-1], w.shape[-2]),
+        residual=residual,
     )

@@ -3,7 +3,7 @@
     moe_gate_up(x, gate, up, ids, bits=, group_size=)          x (..., D) -> (..., K, I)
         silu(gate[e] @ x) * (up[e] @ x) for the K experts e = ids (..., K), one launch
     moe_down(h, down, ids, weights, bits=, group_size=)         h (..., K, I) -> (..., D)
-        sum_k weights[k] * down[ids[k]] @ h[k], one launch, no atomics
+        sum_k weights[k] * down[ids[k]] @ h[k] (+ residual), one launch, no atomics
     route(logits, top_k, norm_topk_prob, backend=)              -> ids (..., K) uint32, weights (..., K)
         softmax, top-K and renormalisation of the router's logits, one launch on a GPU
 
@@ -24,7 +24,7 @@ import mlx.core as mx
 from . import fused_backend, gpu, reference
 
 GATE_UP_INPUTS = ("x", "gw", "gs", "gb", "uw", "us", "ub", "ids", "dims")
-DOWN_INPUTS = ("h", "w", "scales", "biases", "ids", "rw", "dims")
+DOWN_INPUTS = ("h", "w", "scales", "biases", "ids", "rw", "res", "dims")
 ROUTE_INPUTS, ROUTE_OUTPUTS = ("logits", "dims"), ("ids", "w")
 MAX_ROUTE_EXPERTS = 32 * 64  # experts the routing kernel holds in registers (64 per lane)
 MAX_DOWN_K = 16  # experts per token the fused down kernel takes (one register slot each)
@@ -60,24 +60,30 @@ def moe_gate_up(x, gate, up, ids, *, bits: int, group_size: int, backend: str = 
     return y
 
 
-def moe_down(h, down, ids, weights, *, bits: int, group_size: int, backend: str = "auto") -> mx.array:
-    """h (..., K, I), ids and weights (..., K) -> sum_k weights[k] * down[ids[k]] @ h[k] of shape (..., D)."""
+def moe_down(
+    h, down, ids, weights, *, bits: int, group_size: int, backend: str = "auto", residual=None
+) -> mx.array:
+    """h (..., K, I), ids and weights (..., K) -> sum_k weights[k] * down[ids[k]] @ h[k] of shape (..., D),
+    plus residual (..., D) when given (added to the sum rounded to h's dtype, as `residual + y` would)."""
     w, scales, biases = down
     backend = fused_backend(backend)
     k = ids.shape[-1]
     if backend == "reference" or k > MAX_DOWN_K:
-        return moe_down_reference(h, down, ids, weights, bits=bits, group_size=group_size)
+        y = moe_down_reference(h, down, ids, weights, bits=bits, group_size=group_size)
+        return y if residual is None else residual + y
     out_dim, in_dim = w.shape[-2], h.shape[-1]
     tokens = ids.size // k
     idx = ids if ids.dtype == mx.uint32 else ids.astype(mx.uint32)
     p = gpu.plan(out_dim, in_dim, bits, slots=k, x_slots=k, rps=1, kind="down")
+    res = gpu.no_residual(h.dtype) if residual is None else residual
     (y,) = gpu.kernel(backend, "moe_down.inc", "flashmoe_moe_down", DOWN_INPUTS)(
-        inputs=[h, w, scales, biases, idx, weights, gpu.int_array(out_dim, in_dim)],
+        inputs=[h, w, scales, biases, idx, weights, res, gpu.int_array(out_dim, in_dim)],
         template=[
             ("T", h.dtype),
             ("BITS", bits),
             ("GROUP_SIZE", group_size),
             ("K", k),
+            ("RES", int(residual is not None)),
             *p.template(),
         ],
         grid=(tokens * p.simds * 32, math.ceil(out_dim / p.rows_per_group), 1),
@@ -153,8 +159,10 @@ def moe_down_reference(h, down, ids, weights, *, bits: int, group_size: int) -> 
 
 
 def moe_experts(
-    x, gate, up, down, ids, weights, *, bits: int, group_size: int, backend: str = "auto"
+    x, gate, up, down, ids, weights, *, bits: int, group_size: int, backend: str = "auto", residual=None
 ) -> mx.array:
-    """The routed experts of one MoE layer for x (..., D): two launches on a GPU."""
+    """The routed experts of one MoE layer for x (..., D) (+ residual): two launches on a GPU."""
     h = moe_gate_up(x, gate, up, ids, bits=bits, group_size=group_size, backend=backend)
-    return moe_down(h, down, ids, weights, bits=bits, group_size=group_size, backend=backend)
+    return moe_down(
+        h, down, ids, weights, bits=bits, group_size=group_size, backend=backend, residual=residual
+    )

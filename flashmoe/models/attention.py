@@ -65,7 +65,10 @@ class Attention:
             self.q_norm = store.take(f"{prefix}.q_norm.weight")  # (hd,)
             self.k_norm = store.take(f"{prefix}.k_norm.weight")  # (hd,)
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, cache: KVCache | None = None, residual: mx.array | None = None
+    ) -> mx.array:
+        """x (B, T, D) -> attention's output (B, T, D), plus `residual` (added by o_proj) when given."""
         B, T, _ = x.shape
         offset = 0 if cache is None else cache.offset
         queries, keys, values, gate = self._heads(x, offset)
@@ -76,13 +79,15 @@ class Attention:
         # sees the whole prefix (as mlx-lm's KVCache.make_mask); one new token sees everything
         mask = "causal" if T > 1 else None
         out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
-        return self._output(out, gate)
+        return self._output(out, gate, residual)
 
-    def decode(self, x: mx.array, keys: mx.array, values: mx.array, pos: mx.array) -> list[mx.array]:
+    def decode(
+        self, x: mx.array, keys: mx.array, values: mx.array, pos: mx.array, residual: mx.array | None = None
+    ) -> list[mx.array]:
         """One new token per sequence as a pure function of the cache buffers, for a compiled step.
 
         x (B, 1, D); keys, values (B, H_kv, capacity, hd) with positions [0, pos) filled; pos (1,)
-        int32. Returns [out (B, 1, D), k_new, v_new (B, H_kv, 1, hd)]: the caller writes the new
+        int32. Returns [out (B, 1, D) (+ residual), k_new, v_new (B, H_kv, 1, hd)]: the caller writes the new
         key and value at pos (KVCache.write). The shapes do not change as pos grows, so the step
         is traced once per buffer capacity. Norms and rotary embeddings of q and k take one
         launch (qk_norm_rope), attention another.
@@ -107,7 +112,7 @@ class Attention:
         out = decode_attention(
             queries, keys, values, k_new, v_new, pos, scale=self.scale, backend=self.o_proj.backend
         )
-        return [self._output(out, gate), k_new, v_new]
+        return [self._output(out, gate, residual), k_new, v_new]
 
     def _heads(self, x: mx.array, offset: int | mx.array) -> tuple:
         """x (B, T, D) at positions offset.. -> queries (B, H, T, hd), keys and values (B, H_kv, T, hd),
@@ -124,13 +129,13 @@ class Attention:
         keys = self._rope(keys.transpose(0, 2, 1, 3), offset)
         return queries, keys, values.transpose(0, 2, 1, 3), gate
 
-    def _output(self, out: mx.array, gate: mx.array | None) -> mx.array:
-        """Attention's (B, H, T, hd) back to (B, T, D): heads side by side, gated, o_proj."""
+    def _output(self, out: mx.array, gate: mx.array | None, residual: mx.array | None) -> mx.array:
+        """Attention's (B, H, T, hd) back to (B, T, D): heads side by side, gated, o_proj (+ residual)."""
         B, _, T, _ = out.shape
         out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # (B, T, H * hd)
         if gate is not None:
             out = out * mx.sigmoid(gate)
-        return self.o_proj(out)
+        return self.o_proj(out, residual)
 
     def _queries(self, q: mx.array) -> tuple[mx.array, mx.array | None]:
         """Per-head queries from q_proj's output, and for the gated variants the output gate it interleaves."""

@@ -54,10 +54,13 @@ class GatedDeltaNet:
         self.norm = store.take(f"{prefix}.norm.weight")  # (d_v,)
         self.out_proj = store.linear(f"{prefix}.out_proj")
 
-    def __call__(self, x: mx.array, cache: LinearAttentionCache | None = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, cache: LinearAttentionCache | None = None, residual: mx.array | None = None
+    ) -> mx.array:
+        """x (B, T, D) -> the mixer's output (B, T, D), plus `residual` (added by out_proj) when given."""
         B, T, _ = x.shape
         if T == 1 and cache is not None and self.backend in kernels.GPU_BACKENDS:
-            return self.out_proj(self._fused_step(x, cache).reshape(B, 1, -1))
+            return self.out_proj(self._fused_step(x, cache).reshape(B, 1, -1), residual)
         qkv, z, b, a = self._project(x)  # (B, T, C), (B, T, H_v, d_v), (B, T, H_v) x2
         conv = silu(self._conv(qkv, cache))  # (B, T, C)
         q, k, v = mx.split(conv, [self.key_dim, 2 * self.key_dim], axis=-1)
@@ -75,7 +78,7 @@ class GatedDeltaNet:
             cache.offset += T
 
         out = self._gated_norm(out, z)
-        return self.out_proj(out.reshape(B, T, -1))  # (B, T, H_v * d_v) -> (B, T, D)
+        return self.out_proj(out.reshape(B, T, -1), residual)  # (B, T, H_v * d_v) -> (B, T, D)
 
     def _fused_step(self, x: mx.array, cache: LinearAttentionCache) -> mx.array:
         """One decode token in one launch (kernels.gated_delta): conv, gating, state update, gated norm.

@@ -34,14 +34,21 @@ class Linear:
     spec: QuantSpec | None = None
     backend: str = "mlx"
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+        """x (..., in) -> y (..., out), plus `residual` (..., out) when given (a residual connection:
+        the GPU kernels add it as they write y)."""
+        if self.spec is not None and x.size == x.shape[-1] and self.bias is None:  # one row: decode
+            return kernels.dequant_matvec(
+                x, *self.packed, **self._kw(), backend=self.backend, residual=residual
+            )
         if self.spec is None:
             y = x @ self.weight.T
-        elif x.size == x.shape[-1]:  # one row: decode, flashmoe's kernels
+        elif x.size == x.shape[-1]:
             y = kernels.dequant_matvec(x, *self.packed, **self._kw(), backend=self.backend)
         else:
             y = mx.quantized_matmul(x, *self.packed, transpose=True, **self._kw())
-        return y if self.bias is None else y + self.bias
+        y = y if self.bias is None else y + self.bias
+        return y if residual is None else residual + y
 
     @property
     def out_features(self) -> int:

@@ -67,12 +67,12 @@ class DecoderLayer:
         return self._feed(self._mix(x, cache))
 
     def _mix(self, x: mx.array, cache) -> mx.array:
-        h = x + self.mixer(mx.fast.rms_norm(x, self.input_layernorm, self.eps), cache)
+        h = self.mixer(mx.fast.rms_norm(x, self.input_layernorm, self.eps), cache, residual=x)
         timer.mark(self.mixer_phase, h)
         return h
 
     def _feed(self, h: mx.array) -> mx.array:
-        out = h + self.mlp(mx.fast.rms_norm(h, self.post_attention_layernorm, self.eps))
+        out = self.mlp(mx.fast.rms_norm(h, self.post_attention_layernorm, self.eps), residual=h)
         if isinstance(self.mlp, MLP):
             timer.mark("dense mlp", out)
         return out
@@ -97,10 +97,10 @@ class DecoderLayer:
             out = self._feed(self._mix(x, cache))
             stored = [cache.conv, cache.state_]
         else:
-            mixed, k_new, v_new = self.mixer.decode(
-                mx.fast.rms_norm(x, self.input_layernorm, self.eps), a, b, pos
+            h, k_new, v_new = self.mixer.decode(
+                mx.fast.rms_norm(x, self.input_layernorm, self.eps), a, b, pos, residual=x
             )
-            out, stored = self._feed(x + mixed), [k_new, v_new]
+            out, stored = self._feed(h), [k_new, v_new]
         routing = self.mlp.last_routing if isinstance(self.mlp, MoE) else None
         return out, stored, [] if routing is None else [routing.logits, routing.experts, routing.weights]
 

@@ -34,9 +34,10 @@ class MLP:
         )
         self.down_proj = store.linear(f"{prefix}.down_proj")
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+        """x (..., D) -> the MLP's output (+ residual, added by the down projection's kernel)."""
         gate, up = self.gate_up_proj(x)
-        return self.down_proj(silu(gate) * up)
+        return self.down_proj(silu(gate) * up, residual)
 
 
 def switch_mlp(gate_proj, up_proj, down_proj, x: mx.array, experts: mx.array) -> mx.array:
@@ -60,12 +61,12 @@ FUSED_MAX_SLOTS = 64  # token x expert pairs up to which the fused decode kernel
 
 
 def mixed_experts(
-    gate_proj, up_proj, down_proj, x: mx.array, experts: mx.array, weights: mx.array
+    gate_proj, up_proj, down_proj, x: mx.array, experts: mx.array, weights: mx.array, residual=None
 ) -> mx.array:
-    """sum_k weights_k * expert_k(x) for x (B, T, D), experts and weights (B, T, K) -> (B, T, D).
+    """sum_k weights_k * expert_k(x) (+ residual) for x (B, T, D), experts and weights (B, T, K) -> (B, T, D).
 
     A few tokens on a GPU backend take the fused kernels (kernels.moe: gate+up+SwiGLU in one
-    launch, down + the weighted sum in another); everything else the gathered path.
+    launch, down + the weighted sum + the residual in another); everything else the gathered path.
     """
     spec = gate_proj.spec
     if experts.size <= FUSED_MAX_SLOTS and _fusable(gate_proj, up_proj, down_proj):
@@ -79,8 +80,10 @@ def mixed_experts(
             bits=spec.bits,
             group_size=spec.group_size,
             backend=gate_proj.backend,
+            residual=residual,
         )
-    return weighted_sum(switch_mlp(gate_proj, up_proj, down_proj, x, experts), weights)
+    y = weighted_sum(switch_mlp(gate_proj, up_proj, down_proj, x, experts), weights)
+    return y if residual is None else residual + y
 
 
 def _fusable(*projections) -> bool:
@@ -103,9 +106,9 @@ class ResidentExperts:
         self.up_proj = store.experts(f"{prefix}.switch_mlp.up_proj")  # (E, I, D)
         self.down_proj = store.experts(f"{prefix}.switch_mlp.down_proj")  # (E, D, I)
 
-    def __call__(self, x: mx.array, experts: mx.array, weights: mx.array) -> mx.array:
-        """x (B, T, D), experts and weights (B, T, K) -> sum_k weights_k * expert_k(x): (B, T, D)."""
-        return mixed_experts(self.gate_proj, self.up_proj, self.down_proj, x, experts, weights)
+    def __call__(self, x: mx.array, experts: mx.array, weights: mx.array, residual=None) -> mx.array:
+        """x (B, T, D), experts and weights (B, T, K) -> sum_k weights_k * expert_k(x) (+ residual): (B, T, D)."""
+        return mixed_experts(self.gate_proj, self.up_proj, self.down_proj, x, experts, weights, residual)
 
 
 class ResidentSource:
@@ -182,20 +185,26 @@ class MoE:
         experts, weights = route(logits, self.k, self.norm_topk_prob, backend=backend, out_dtype=x.dtype)
         return Routing(logits, experts, weights)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+        """x (B, T, D) -> the block's output (B, T, D), plus `residual` when given: resident experts
+        without a shared expert add it in their last kernel, the rest after (in the same order of
+        additions as `residual + block(x)`)."""
         routing = self.last_routing = self.route(x)
         timer.mark("routing", routing.experts, routing.weights)
+        if residual is not None and self.shared_expert is None and isinstance(self.experts, ResidentExperts):
+            y = self.experts(x, routing.experts, routing.weights, residual)  # (B, T, D)
+            timer.mark("experts", y)
+            return y
         y = self.experts(x, routing.experts, routing.weights)  # (B, T, D)
         timer.mark("experts", y)
         combine = getattr(self.experts, "combine", None)
         if combine is not None:  # expert parallel (flashmoe.distributed): the ranks' partial sums meet here
             y = combine(x, y, self.shared if self.shared_expert is not None else None)
             timer.mark("all_sum", y)
-            return y
-        if self.shared_expert is not None:
+        elif self.shared_expert is not None:
             y = y + self.shared(x)
             timer.mark("shared expert", y)
-        return y
+        return y if residual is None else residual + y
 
     def shared(self, x: mx.array) -> mx.array:
         """The gated shared expert's output for x (B, T, D)."""
