@@ -1,9 +1,8 @@
 #!/bin/bash
-# H200, one call after `source /tmp/gpu/env.sh` (session 4): decode.py with the H200 launch table,
+# H200, one call after `source /tmp/gpu/env.sh` (session 4): decode.py (the H200 launch table is the default),
 # the kernel timeline of the Qwen3-30B shape, then the residual-add kernels' tests and the model's
 # cuda path against the reference backend and mlx-lm (with the table). Results in $OUT.
 source benchmarks/gpu_setup.sh
-export FLASHMOE_LAUNCH_TABLE=benchmarks/launch_table_h200.json
 wait
 timeout 200 python3 benchmarks/decode.py --models /tmp/q30,/tmp/cn8,bundled --runs 3 --tokens 32 2>&1 | tee $OUT/decode.txt
 timeout 60 python3 benchmarks/kernel_timeline.py --model /tmp/q30 --engines flashmoe --top 16 \

@@ -1,5 +1,5 @@
 # Sourced by the H200 session scripts (gpu_session.sh, gpu_verify.sh, gpu_profile.sh,
-# gpu_tune.sh, gpu_final.sh) after
+# gpu_tune.sh, gpu_session4.sh) after
 # `source /tmp/gpu/env.sh`: mlx-lm from the carried wheel, and the two 8-layer synthetic
 # checkpoints decode.py compares on, written in the background (the caller `wait`s for them).
 export PYTHONUNBUFFERED=1

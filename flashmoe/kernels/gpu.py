@@ -39,9 +39,8 @@ _override: dict = {}  # benchmarks: force launch-shape fields (simds, rps, lpr, 
 # x staged in shared memory or read from cache, SIMD groups per threadgroup, rows per row group.
 LAUNCH_GRID = [dict(xd=xd, simds=s, rps=r) for xd in (0, 1) for s in (4, 8) for r in (1, 2, 4)]
 MOE_GRID = [dict(xd=xd, simds=s) for xd in (0, 1) for s in (2, 4, 8)]
-# Measured best shapes per GPU. None ships yet: the H200's (benchmarks/launch_table_h200.json) is
-# opt-in through FLASHMOE_LAUNCH_TABLE until tests/kernels/test_launch_shapes.py has passed on a GPU
-# for the shapes it picks.
+# Measured best shapes per GPU (benchmarks/matvec_sweep.py --table): the H200's ships; every shape
+# in it passed tests/kernels/test_launch_shapes.py on an H200. FLASHMOE_LAUNCH_TABLE names another file.
 LAUNCH_TABLE = Path(__file__).with_name("launch_table.json")
 
 
@@ -224,28 +223,60 @@ def gathered_matvec(
     row-contiguous: the kernel indexes flat memory, so no reshape (an extra op per call) is needed.
     residual: None or an array of out_shape in x's dtype, added as a separate add would round it.
     """
-    pairs, out_dim, in_dim = idx.size, w.shape[-2], x.shape[-1]
-    p = plan(out_dim, in_dim, bits)
+    launch = matvec_launch(
+        x.dtype,
+        idx.size,
+        w.shape[-2],
+        x.shape[-1],
+        x_div,
+        bits,
+        group_size,
+        residual is not None,
+        tuple(_override.items()),
+    )
     res = no_residual(x.dtype) if residual is None else residual
     (y,) = _kernel(backend)(
-        inputs=[x, w, scales, biases, idx, res, int_array(out_dim, in_dim, x_div)],
+        inputs=[x, w, scales, biases, idx, res, launch.dims],
+        template=launch.template,
+        grid=launch.grid,
+        threadgroup=launch.threadgroup,
+        output_shapes=[out_shape],
+        output_dtypes=[x.dtype],
+        **output_init(),
+    )
+    return y
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Everything of a dequant-matvec launch but its arrays, worked out once per shape."""
+
+    template: list
+    grid: tuple
+    threadgroup: tuple
+    dims: mx.array  # [out, in, x_div] int32
+
+
+@functools.lru_cache(maxsize=512)
+def matvec_launch(dtype, pairs, out_dim, in_dim, x_div, bits, group_size, residual, override) -> Launch:
+    """The launch of `pairs` rows of x against (out_dim, in_dim) matrices (`override`: gpu._override's
+    items, so that a benchmark forcing a shape gets its own entry)."""
+    p = plan(out_dim, in_dim, bits)
+    return Launch(
         template=[
-            ("T", x.dtype),
+            ("T", dtype),
             ("BITS", bits),
             ("GROUP_SIZE", group_size),
             ("SIMDS", p.simds),
             ("RPS", p.rps),
             ("UNROLL", p.unroll_code),
             ("TILE", p.tile),
-            ("RES", int(residual is not None)),
+            ("RES", int(residual)),
         ],
         grid=(pairs * p.simds * 32, math.ceil(out_dim / p.rows_per_group), 1),
         threadgroup=(p.simds * 32, 1, 1),
-        output_shapes=[out_shape],
-        output_dtypes=[x.dtype],
-        **output_init(),
+        dims=int_array(out_dim, in_dim, x_div),
     )
-    return y
 
 
 def matvec(backend, x, w, scales, biases, *, bits, group_size, residual=None) -> mx.array:

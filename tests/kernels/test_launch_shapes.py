@@ -6,7 +6,6 @@ answer: the dequant matvec and both fused MoE kernels against exact float32, on 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -21,14 +20,9 @@ def name(shape: dict) -> str:
     return "_".join(f"{k}{v}" for k, v in shape.items())
 
 
-MEASURED = Path(__file__).parents[2] / "benchmarks" / "launch_table_h200.json"
-
-
-@pytest.mark.parametrize("path", [gpu.LAUNCH_TABLE, MEASURED], ids=["package", "benchmarks-h200"])
-def test_launch_tables_hold_only_tested_shapes(path):
-    if not path.is_file():
-        pytest.skip(f"no launch table at {path}")
-    table = json.loads(path.read_text())
+def test_the_package_launch_table_holds_only_tested_shapes():
+    table = json.loads(gpu.LAUNCH_TABLE.read_text())
+    assert "NVIDIA H200" in table
     for device, entries in table.items():
         for key, shape in entries.items():
             grid = gpu.LAUNCH_GRID if key.startswith("matvec ") else gpu.MOE_GRID
