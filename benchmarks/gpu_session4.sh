@@ -1,13 +1,16 @@
 #!/bin/bash
-# H200, one call after `source /tmp/gpu/env.sh` (session 4): decode.py (the H200 launch table is the default),
-# the kernel timeline of the Qwen3-30B shape, then the residual-add kernels' tests and the model's
-# cuda path against the reference backend and mlx-lm (with the table). Results in $OUT.
+# H200, one call after `source /tmp/gpu/env.sh` (session 4): the greedy-pick kernel's tests and the
+# model's cuda path against the reference backend and mlx-lm, decode.py on the three checkpoints,
+# the one-layer MoE comparison, kernels.py. Results in $OUT.
 source benchmarks/gpu_setup.sh
-wait
-timeout 200 python3 benchmarks/decode.py --models /tmp/q30,/tmp/cn8,bundled --runs 3 --tokens 32 2>&1 | tee $OUT/decode.txt
-timeout 60 python3 benchmarks/kernel_timeline.py --model /tmp/q30 --engines flashmoe --top 16 \
-  --json $OUT/timeline.json > $OUT/timeline.txt 2>&1; head -3 $OUT/timeline.txt
-timeout ${TEST_SECONDS:-240} python3 -m pytest -v -p no:cacheprovider tests/kernels/test_residual.py \
-  tests/models/test_gpu_path.py > $OUT/tests.txt 2>&1
+timeout 70 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_greedy_pick.py -k cuda > $OUT/tests.txt 2>&1
+tail -1 $OUT/tests.txt
+timeout 170 python3 -m pytest -v -p no:cacheprovider tests/models/test_gpu_path.py >> $OUT/tests.txt 2>&1
 echo "tests: $(grep -c PASSED $OUT/tests.txt) passed, $(grep -c FAILED $OUT/tests.txt) failed"
-grep -E "FAILED|Error|assert" $OUT/tests.txt | head -20; tail -2 $OUT/tests.txt
+grep -E "^E .*(Error|vs)" $OUT/tests.txt | head -6; tail -1 $OUT/tests.txt
+wait
+timeout 240 python3 benchmarks/decode.py --models /tmp/q30,/tmp/cn8,bundled --runs 3 --tokens 32 2>&1 | tee $OUT/decode.txt
+timeout 40 python3 benchmarks/moe_layer.py --layers 24 --distinct 3 --repeats 5 2>&1 | tee $OUT/moe.txt
+# the tree before this session (old/, d4ee34f): the bf16 distance check on qwen3_next
+[ -d old ] && PYTHONPATH=old:$PYTHONPATH timeout 60 python3 -m pytest -q -p no:cacheprovider \
+  tests/models/test_gpu_path.py -k "farther and qwen3_next" 2>&1 | grep -E "^E .*vs|passed|failed" | head -3

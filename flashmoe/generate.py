@@ -19,7 +19,8 @@ import numpy as np
 
 from . import timing
 from .errors import FlashMoeError
-from .sample import Sampler, make_sampler
+from .kernels.greedy import greedy_pick
+from .sample import Sampler, greedy, make_sampler
 from .tokenizer import Tokenizer
 
 
@@ -75,9 +76,12 @@ def decode_step(model: Any, token: mx.array, cache: list, sampler: Sampler) -> m
     """
     timing.timer.restart()  # the caller's handling of the last token belongs to no phase
     logits = model(token[:, None], cache)[:, -1, :]  # (1, 1) -> (1, 1, V) -> (1, V)
-    finite = mx.isfinite(logits).all()
-    next_token = mx.where(finite, sampler(logits), 0).astype(mx.int32)
-    packed = mx.concatenate([next_token, finite.astype(mx.int32)[None]])
+    if sampler is greedy:  # one launch on a GPU backend (kernels.greedy)
+        packed = greedy_pick(logits, backend=getattr(model, "backend", "reference"))
+    else:
+        finite = mx.isfinite(logits).all()
+        next_token = mx.where(finite, sampler(logits), 0).astype(mx.int32)
+        packed = mx.concatenate([next_token, finite.astype(mx.int32)[None]])
     timing.timer.mark("sampling", packed)
     return packed
 

@@ -124,6 +124,7 @@ class Model:
     def __init__(self, store: TensorStore, args: ModelArgs, k: int | None = None, experts=RESIDENT):
         """`experts` builds each MoE layer's experts object (ResidentSource, or streaming.ExpertStreamer)."""
         self.args = args
+        self.backend = store.backend  # the kernel backend its layers run on
         root = args.arch.weight_prefix
         self.embed_tokens = store.embedding(f"{root}model.embed_tokens")
         self.layers = [

@@ -75,6 +75,11 @@ KERNELS = {
         arguments(attention.NORM_ROPE_INPUTS, attention.NORM_ROPE_OUTPUTS),
         ["float, 128, 128, 128, 0, 1", "float, 256, 512, 64, 1, 1", "float, 64, 64, 64, 0, 0"],
     ),
+    "greedy_pick.inc": (
+        "typename T, int THREADS",
+        [("logits", IN_F), ("dims", IN_I), ("out", "device int32_t*")],
+        ["float, 1024", "float, 256"],
+    ),
     "moe_route.inc": (
         "typename T, typename OUT_T, int EPL, int K, int NORM",
         arguments(moe.ROUTE_INPUTS, moe.ROUTE_OUTPUTS),

@@ -17,6 +17,7 @@ __device__ __forceinline__ float fm_warp_sum(float v) {
 #define FM_GMEM                                   // address space of kernel buffers (Metal: device)
 #define FM_LOAD4(p) (*reinterpret_cast<const uint4*>(p))  // 128-bit load of 4 words, 16-byte aligned
 #define FM_AS_FLOAT(u) __uint_as_float(u)
+#define FM_AS_UINT(f) __float_as_uint(f)
 #define FM_SHUFFLE_XOR(v, m) __shfl_xor_sync(0xffffffffu, v, m)
 #define FM_UNROLL _Pragma("unroll")
 #define FM_EXP(v) expf(v)

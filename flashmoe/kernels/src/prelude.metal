@@ -11,6 +11,7 @@
 #define FM_GMEM device                            // address space of kernel buffers
 #define FM_LOAD4(p) (*((const device uint4*)(p)))  // 128-bit load of 4 words, 16-byte aligned
 #define FM_AS_FLOAT(u) as_type<float>(u)
+#define FM_AS_UINT(f) as_type<uint32_t>(f)
 #define FM_SHUFFLE_XOR(v, m) simd_shuffle_xor(v, ushort(m))
 #define FM_UNROLL
 #define FM_EXP(v) metal::precise::exp(v)
