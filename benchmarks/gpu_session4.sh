@@ -11,6 +11,3 @@ grep -E "^E .*(Error|vs)" $OUT/tests.txt | head -6; tail -1 $OUT/tests.txt
 wait
 timeout 240 python3 benchmarks/decode.py --models /tmp/q30,/tmp/cn8,bundled --runs 3 --tokens 32 2>&1 | tee $OUT/decode.txt
 timeout 40 python3 benchmarks/moe_layer.py --layers 24 --distinct 3 --repeats 5 2>&1 | tee $OUT/moe.txt
-# the tree before this session (old/, d4ee34f): the bf16 distance check on qwen3_next
-[ -d old ] && PYTHONPATH=old:$PYTHONPATH timeout 60 python3 -m pytest -q -p no:cacheprovider \
-  tests/models/test_gpu_path.py -k "farther and qwen3_next" 2>&1 | grep -E "^E .*vs|passed|failed" | head -3
