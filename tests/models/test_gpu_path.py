@@ -56,7 +56,10 @@ def test_bfloat16_greedy_tokens_match_mlx_lm(model_type, tmp_path):
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
 def test_bfloat16_logits_no_farther_from_float32_than_mlx_lm(model_type, tmp_path):
     """Teacher-forced on mlx-lm's own 32 bf16 greedy tokens: flashmoe's bf16 logits (cuda path) are no
-    farther from float32 logits (the reference backend) than mlx-lm's bf16 logits are."""
+    farther from float32 logits (the reference backend) than mlx-lm's bf16 logits are.
+
+    Open: on the H200 this fails for qwen3_next, 0.2747 against mlx-lm's 0.2677 (the tree of
+    2026-12-01 before the compiled-step changes gives the same two numbers); not explained yet."""
     directory = write_checkpoint(tmp_path / model_type, model_type)
     reference = mlx_lm_model(directory, dtype=None)
     prompt = [1, 17, 42, 99, 3]
