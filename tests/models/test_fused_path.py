@@ -33,3 +33,23 @@ def test_fused_moe_path_matches_the_gathered_path(model_type, stream, kv_step, t
     assert all(layer.compiled for layer in model.layers) == (not stream)  # streamed experts sync mid-layer
     routing = model.routing()[model.moe_layers[0]]  # what the last (compiled) step chose, for analysis
     assert routing.experts.shape == (1, 1, model.args.num_experts_per_tok)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_next", "qwen3_moe"])
+def test_the_compiled_step_is_traced_again_only_when_the_kv_buffers_grow(model_type, tmp_path, monkeypatch):
+    """The whole stack is one mx.compile'd function: traced once per KV buffer capacity, never per
+    token (a retrace every token would be a silent slowdown on a GPU)."""
+    monkeypatch.setattr(KVCache, "STEP", 4)
+    monkeypatch.setattr(kernels, "GPU_BACKENDS", (*kernels.GPU_BACKENDS, "reference"))
+    model = load_model(
+        write_checkpoint(tmp_path / model_type, model_type), backend="reference", dtype=mx.float32
+    )
+    traced = []
+    pure_step = model._pure_step
+    monkeypatch.setattr(model, "_step", mx.compile(lambda *a: traced.append(1) or pure_step(*a)))
+    cache = model.make_cache()
+    model(mx.array([PROMPT]), cache)  # 5 positions: the buffers hold 8
+    for t in [5, 61, 12, 250, 7, 99, 3, 17, 42, 9]:  # positions 5..14: the buffers grow at 8 and 12
+        mx.eval(model(mx.array([[t]]), cache))
+    assert all(c.offset == 15 for c in cache)
+    assert len(traced) == 3  # capacities 8, 12 and 16
