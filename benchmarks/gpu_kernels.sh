@@ -4,4 +4,4 @@
 # quantized_matmul / gather_qmm) and the one-layer MoE comparison. Results in $OUT.
 export PYTHONUNBUFFERED=1
 timeout 110 python3 benchmarks/kernels.py --full --backends cuda,mlx --json $OUT/kernels.json 2>&1 | tee $OUT/kernels.txt
-timeout 40 python3 benchmarks/moe_layer.py --layers 24 --distinct 3 --repeats 5 2>&1 | tee $OUT/moe.txt
+timeout 40 python3 benchmarks/moe_layer.py --layers 24 --distinct 3 --repeats 5 --compiled 2>&1 | tee $OUT/moe.txt

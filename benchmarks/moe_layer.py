@@ -1,12 +1,14 @@
 """One MoE layer at Qwen3-Coder-Next width, flashmoe's fused kernels next to mlx-lm's gather_qmm path.
 
-    python benchmarks/moe_layer.py [--layers 32] [--distinct 4] [--repeats 9]
+    python benchmarks/moe_layer.py [--layers 32] [--distinct 4] [--repeats 9] [--compiled]
 
 D 2048, 512 experts, top 10 (norm_topk_prob), expert width 512, a shared expert of width 512
 with a sigmoid gate; router and shared gate 8-bit g64, experts 4-bit g64, bf16 activations.
 Each evaluation chains `layers` layer calls (x = x + moe(x), cycling over `distinct` weight
 sets so routing and weights vary), as a decode step would: launch overhead counts. The two
 paths alternate within one process; the table gives median and spread (min-max) per layer.
+`--compiled` adds both paths with the chain inside mx.compile, as flashmoe's decode step runs
+(Python and graph building then cost once per chain instead of once per op).
 
 mlx path: quantized_matmul router, softmax/argpartition routing, gather_qmm gate, up, down,
 silu * up, weighted sum, shared expert (3 quantized_matmul) and its gate (mlx-lm's
@@ -23,7 +25,7 @@ import argparse
 import mlx.core as mx
 
 from flashmoe import kernels
-from flashmoe.analysis.bench import interleaved, print_speedups, seconds_per_call
+from flashmoe.analysis.bench import interleaved, print_speedups, seconds_per_call, spread
 from flashmoe.analysis.parity import rel_err
 from flashmoe.kernels import moe
 
@@ -94,7 +96,7 @@ def fused_layer(x, L, backend):
     return moe.moe_down(h, L["down_plus"], ids, w, bits=4, group_size=G, backend=backend)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--distinct", type=int, default=4)
@@ -103,28 +105,34 @@ def main():
         "--backend",
         default=next((b for b in ("metal", "cuda") if kernels.backend_available(b)), "reference"),
     )
-    args = ap.parse_args()
+    ap.add_argument("--compiled", action="store_true", help="also time both paths inside mx.compile")
+    args = ap.parse_args(argv)
     layers = [make_layer() for _ in range(args.distinct)]
     x0 = mx.random.normal((1, D)).astype(mx.bfloat16)
     # agreement on one layer (bf16 both ways)
     a, b = mlx_layer(x0, layers[0]), fused_layer(x0, layers[0], args.backend)
     err = rel_err(b, a)
 
-    def step(fn):
-        x = x0
-        for i in range(args.layers):
-            x = x + fn(x, layers[i % len(layers)])
-        return x
+    def chain(fn):
+        def run(x):
+            for i in range(args.layers):
+                x = x + fn(x, layers[i % len(layers)])
+            return x
+
+        return run
 
     paths = {
         "mlx gather_qmm": mlx_layer,
         f"flashmoe fused ({args.backend})": lambda x, L: fused_layer(x, L, args.backend),
     }
-    # microseconds per layer, the two paths timed in turns (A, B, B, A...) after a compiling warm-up
+    runners = {name: chain(fn) for name, fn in paths.items()}
+    if args.compiled:
+        runners.update({f"{name}, compiled": mx.compile(chain(fn)) for name, fn in paths.items()})
+    # microseconds per layer, the paths timed in turns (A, B, B, A...) after a compiling warm-up
     samples = interleaved(
         {
-            name: lambda fn=fn: 1e6 * seconds_per_call(lambda: step(fn)) / args.layers
-            for name, fn in paths.items()
+            name: lambda run=run: 1e6 * seconds_per_call(lambda: run(x0)) / args.layers
+            for name, run in runners.items()
         },
         repeats=args.repeats,
     )
@@ -133,6 +141,9 @@ def main():
         f"{args.layers} layers per eval, {args.repeats} repeats; rel diff of outputs {err:.2e}"
     )
     print_speedups(samples, "mlx gather_qmm", "us/layer")
+    if args.compiled:
+        mlx_c, ours_c = (spread(samples[f"{name}, compiled"]).median for name in paths)
+        print(f"compiled, flashmoe fused against gather_qmm: {mlx_c / ours_c:.2f}x")
 
 
 if __name__ == "__main__":
