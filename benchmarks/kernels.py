@@ -1,6 +1,6 @@
 """Dequant-matvec speed: every available backend next to mx.quantized_matmul, in one run.
 
-    python benchmarks/kernels.py [--full] [--backends cuda,mlx] [--calls N] [--repeats N] [--json out.json]
+    python benchmarks/kernels.py [--full] [--backends cuda,mlx] [--calls N] [--repeats N] [--compiled] [--json out.json]
 
 By default a quick look: one dense shape (4096x4096) and one expert shape (10x512x2048), at 4 bits,
 5 calls x 3 repeats: about 30 s here. `--full` is the whole sweep below (both dense shapes, both
@@ -35,26 +35,35 @@ EXPERTS, TOP_K = 512, 10
 GROUP_SIZE = 64
 
 
-def timed(fn, calls: int, repeats: int) -> float:
-    """Median seconds per call: `calls` calls per evaluation (one sync for many, as in a decode step)."""
-    return median_seconds(lambda: [fn() for _ in range(calls)], repeats=repeats, warmup=1) / calls
+def timed(fn, x, calls: int, repeats: int, compiled: bool = False) -> float:
+    """Median seconds per call of fn(x): `calls` calls per evaluation (one sync for many, as in a
+    decode step). compiled: the calls inside one mx.compile'd function, each on its own copy of x
+    (so none is merged with another), as a compiled decode step runs them: Python and graph
+    building then cost once per evaluation, on every backend alike."""
+    if not compiled:
+        return median_seconds(lambda: [fn(x) for _ in range(calls)], repeats=repeats, warmup=1) / calls
+    xs = [x + 0.001 * i for i in range(calls)]
+    mx.eval(xs)
+    run = mx.compile(lambda *xs: [fn(xi) for xi in xs])
+    return median_seconds(lambda: run(*xs), repeats=repeats, warmup=1) / calls
 
 
-def bench_shape(out_dim, in_dim, bits, backends, calls, repeats) -> list[dict]:
+def bench_shape(out_dim, in_dim, bits, backends, calls, repeats, compiled=False) -> list[dict]:
     """One row per backend for one matrix shape and bit width."""
     w = mx.random.normal((out_dim, in_dim)).astype(mx.bfloat16)
     q, scales, biases = mx.quantize(w, group_size=GROUP_SIZE, bits=bits)
     x = mx.random.normal((1, in_dim)).astype(compute_dtype(mx.bfloat16))
+    mx.eval(q, scales, biases, x)  # made now: a compiled timing would otherwise remake them every call
     weight_bytes = q.nbytes + scales.nbytes + biases.nbytes
     rows = []
     for backend in backends:
 
-        def call(backend=backend):
+        def call(x, backend=backend):
             return kernels.dequant_matvec(
                 x, q, scales, biases, bits=bits, group_size=GROUP_SIZE, backend=backend
             )
 
-        seconds = timed(call, calls, repeats)
+        seconds = timed(call, x, calls, repeats, compiled)
         rows.append(
             dict(
                 shape=f"{out_dim}x{in_dim}",
@@ -67,22 +76,23 @@ def bench_shape(out_dim, in_dim, bits, backends, calls, repeats) -> list[dict]:
     return rows
 
 
-def bench_gathered(out_dim, in_dim, bits, backends, calls, repeats) -> list[dict]:
+def bench_gathered(out_dim, in_dim, bits, backends, calls, repeats, compiled=False) -> list[dict]:
     """10 of 512 experts (x shared for in 2048, one x per expert for the down shape), as gather_qmm runs them."""
     w = mx.random.normal((EXPERTS, out_dim, in_dim)).astype(mx.bfloat16)
     q, scales, biases = mx.quantize(w, group_size=GROUP_SIZE, bits=bits)
     ids = mx.random.permutation(EXPERTS)[:TOP_K].astype(mx.uint32)[None]  # (1, K)
     x = mx.random.normal((1, in_dim) if out_dim < in_dim else (1, TOP_K, in_dim)).astype(mx.bfloat16)
+    mx.eval(q, scales, biases, ids, x)
     per = (q.nbytes + scales.nbytes + biases.nbytes) / EXPERTS * TOP_K
     rows = []
     for backend in backends:
 
-        def call(backend=backend):
+        def call(x, backend=backend):
             return kernels.gather_dequant_matvec(
                 x, q, scales, biases, ids, bits=bits, group_size=GROUP_SIZE, backend=backend
             )
 
-        seconds = timed(call, calls, repeats)
+        seconds = timed(call, x, calls, repeats, compiled)
         rows.append(
             dict(
                 shape=f"{TOP_K}x{out_dim}x{in_dim}",
@@ -109,6 +119,11 @@ def main() -> None:
         "--calls", type=int, default=None, help="matvecs per evaluation (default: 5, --full 50)"
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed evaluations (default: 3, --full 7)")
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="each evaluation's calls inside mx.compile, every backend alike (as a decode step runs them)",
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     plan = FULL if args.full else QUICK
@@ -121,7 +136,8 @@ def main() -> None:
     bandwidth = measure_bandwidth(repeats=args.repeats)
     print(
         f"device {mx.default_device()}, activations {compute_dtype(mx.bfloat16)}, bf16 scales/biases, "
-        f"g{GROUP_SIZE}; measured memory bandwidth {bandwidth:.1f} GB/s (flashmoe.analysis.bench.measure_bandwidth)"
+        f"g{GROUP_SIZE}; measured memory bandwidth {bandwidth:.1f} GB/s (flashmoe.analysis.bench.measure_bandwidth); "
+        f"{args.calls} calls per evaluation{', inside mx.compile' if args.compiled else ''}"
     )
     print(
         f"{'shape':>14} {'bits':>4} {'backend':>20} {'median us':>10} {'GB/s':>8} {'% of bw':>8} {'vs qmm':>7}"
@@ -130,7 +146,7 @@ def main() -> None:
     cases = [(bench_shape, s) for s in plan["shapes"]] + [(bench_gathered, s) for s in plan["gathered"]]
     for bench, (out_dim, in_dim) in cases:
         for bits in plan["bits"]:
-            group = bench(out_dim, in_dim, bits, backends, args.calls, args.repeats)
+            group = bench(out_dim, in_dim, bits, backends, args.calls, args.repeats, args.compiled)
             base = next(r for r in group if r["backend"] == "mlx")["us"]
             for r in group:
                 r["share_of_bandwidth"] = r["gbps"] / bandwidth
