@@ -37,13 +37,13 @@ class Linear:
     def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
         """x (..., in) -> y (..., out), plus `residual` (..., out) when given (a residual connection:
         the GPU kernels add it as they write y)."""
-        if self.spec is not None and x.size == x.shape[-1] and self.bias is None:  # one row: decode
-            return kernels.dequant_matvec(
-                x, *self.packed, **self._kw(), backend=self.backend, residual=residual
-            )
         if self.spec is None:
             y = x @ self.weight.T
-        elif x.size == x.shape[-1]:
+        elif x.size == x.shape[-1]:  # one row: decode, flashmoe's kernels (which add the residual)
+            if self.bias is None:
+                return kernels.dequant_matvec(
+                    x, *self.packed, **self._kw(), backend=self.backend, residual=residual
+                )
             y = kernels.dequant_matvec(x, *self.packed, **self._kw(), backend=self.backend)
         else:
             y = mx.quantized_matmul(x, *self.packed, transpose=True, **self._kw())

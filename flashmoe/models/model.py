@@ -8,8 +8,6 @@ attention or (hybrid models) Gated DeltaNet, and the mlp is an MoE block or a de
 
 from __future__ import annotations
 
-import functools
-
 import mlx.core as mx
 
 from .. import kernels
@@ -20,13 +18,6 @@ from .cache import KVCache, LinearAttentionCache
 from .gated_delta import GatedDeltaNet
 from .moe import MLP, RESIDENT, MoE, ResidentExperts, Routing
 from .store import TensorStore
-
-
-@functools.lru_cache(maxsize=4)
-def position(offset: int) -> mx.array:
-    """A decode token's position as the (1,) int32 array the compiled step takes, made once per
-    token for all the layers."""
-    return mx.array([offset], dtype=mx.int32)
 
 
 class DecoderLayer:
@@ -104,15 +95,18 @@ class DecoderLayer:
         routing = self.mlp.last_routing if isinstance(self.mlp, MoE) else None
         return out, stored, [] if routing is None else [routing.logits, routing.experts, routing.weights]
 
-    def commit(self, cache, stored: list[mx.array], routing: list[mx.array]) -> None:
-        """Store a step's outputs: the new conv and state, or the new key and value at the cache's offset."""
+    def commit(self, cache, outputs: list[mx.array]) -> list[mx.array]:
+        """Store this layer's part of the step's outputs (the new conv and state, or the new key and
+        value at the cache's offset; then the routing's three arrays for an MoE layer); return the rest."""
         if self.is_linear:
-            cache.conv, cache.state_ = stored
+            cache.conv, cache.state_ = outputs[:2]
             cache.offset += 1
         else:
-            cache.write(*stored)
-        if routing:
-            self.mlp.last_routing = Routing(*routing)
+            cache.write(*outputs[:2])
+        if not isinstance(self.mlp, MoE):
+            return outputs[2:]
+        self.mlp.last_routing = Routing(*outputs[2:5])
+        return outputs[5:]
 
     def make_cache(self):
         return LinearAttentionCache() if self.is_linear else KVCache()
@@ -171,11 +165,10 @@ class Model:
         """One decode token through the compiled step: the whole stack, embedding to logits, in one
         mx.compile'd call (traced again only when the KV buffers grow), then the caches updated."""
         inputs = [a for layer, c in zip(self.layers, cache) for a in layer.step_inputs(c)]
-        logits, *outputs = self._step(tokens, position(cache[0].offset), *inputs)
+        pos = mx.array([cache[0].offset], dtype=mx.int32)  # (1,): the trace does not depend on it
+        logits, *outputs = self._step(tokens, pos, *inputs)
         for layer, c in zip(self.layers, cache):
-            n = 2 + 3 * isinstance(layer.mlp, MoE)  # two cache arrays, and the routing's three
-            layer.commit(c, outputs[:2], outputs[2:n])
-            outputs = outputs[n:]
+            outputs = layer.commit(c, outputs)
         return logits
 
     def _pure_step(self, tokens: mx.array, pos: mx.array, *inputs: mx.array) -> list[mx.array]:

@@ -191,12 +191,13 @@ class MoE:
         additions as `residual + block(x)`)."""
         routing = self.last_routing = self.route(x)
         timer.mark("routing", routing.experts, routing.weights)
-        if residual is not None and self.shared_expert is None and isinstance(self.experts, ResidentExperts):
-            y = self.experts(x, routing.experts, routing.weights, residual)  # (B, T, D)
-            timer.mark("experts", y)
-            return y
-        y = self.experts(x, routing.experts, routing.weights)  # (B, T, D)
+        fused = (
+            residual is not None and self.shared_expert is None and isinstance(self.experts, ResidentExperts)
+        )
+        y = self.experts(x, routing.experts, routing.weights, *([residual] if fused else []))  # (B, T, D)
         timer.mark("experts", y)
+        if fused:
+            return y
         combine = getattr(self.experts, "combine", None)
         if combine is not None:  # expert parallel (flashmoe.distributed): the ranks' partial sums meet here
             y = combine(x, y, self.shared if self.shared_expert is not None else None)
