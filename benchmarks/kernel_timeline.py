@@ -54,10 +54,15 @@ def traced_decode(model, make_cache, tokens: int, profile, activity) -> tuple[fl
             pass
         mx.synchronize()
         wall = time.perf_counter() - tic
+    return wall, kernel_events(prof)
+
+
+def kernel_events(prof) -> list[dict]:
+    """The device-side events (kernels, copies, memsets) a finished torch profiler recorded."""
     with tempfile.NamedTemporaryFile("r", suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         events = json.load(open(f.name))["traceEvents"]
-    return wall, [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    return [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
 
 
 def summarize(name: str, wall: float, events: list[dict], tokens: int, top: int) -> dict:
