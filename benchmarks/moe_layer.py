@@ -1,6 +1,6 @@
 """One MoE layer at Qwen3-Coder-Next width, flashmoe's fused kernels next to mlx-lm's gather_qmm path.
 
-    python benchmarks/moe_layer.py [--layers 32] [--distinct 4] [--repeats 9] [--compiled]
+    python benchmarks/moe_layer.py [--layers 32] [--distinct 4] [--repeats 9] [--compiled] [--streamed]
 
 D 2048, 512 experts, top 10 (norm_topk_prob), expert width 512, a shared expert of width 512
 with a sigmoid gate; router and shared gate 8-bit g64, experts 4-bit g64, bf16 activations.
@@ -16,6 +16,16 @@ Qwen3NextSparseMoeBlock). fused path: one 8-bit matvec for the router and the sh
 (their rows stacked at load), compiled routing, and the shared expert stacked as expert 512,
 so moe_gate_up (11 experts) and moe_down (11 experts, weights with sigmoid(shared gate)) are
 two launches for all experts.
+
+`--streamed` adds both paths as flashmoe's expert streaming runs them (streaming.experts,
+StreamedExperts): routing on the device, the chosen ids brought to the host (one sync per MoE layer,
+inherent to streaming, so these paths run uncompiled), then the experts computed on a buffer of
+the K experts just read, with local ids 0..K-1 (each id's rank among the chosen, as np.unique
+gives them). Disk I/O is excluded: each layer has one buffer, made at load, that both paths read
+whichever ids came out, so the rows time the compute on experts that just arrived. mlx streamed:
+gather_qmm over the (K, I, D) / (K, D, I) buffer, the shared expert and its gate as above. fused
+streamed: the buffer has K + 1 slots, slot K the shared expert (as the resident fused path stacks
+it as expert 512), and moe_gate_up / moe_down run on it with ids (local..., K).
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from __future__ import annotations
 import argparse
 
 import mlx.core as mx
+import numpy as np
 
 from flashmoe import kernels
 from flashmoe.analysis.bench import interleaved, print_speedups, seconds_per_call, spread
@@ -37,7 +48,7 @@ def q(w, bits):
     return mx.quantize(w, group_size=G, bits=bits)
 
 
-def make_layer():
+def make_layer(streamed=False):
     n = lambda *s: (0.02 * mx.random.normal(s)).astype(mx.bfloat16)  # noqa: E731
     layer = dict(
         router=q(n(E, D), 8),
@@ -55,6 +66,14 @@ def make_layer():
         layer[name + "_plus"] = tuple(
             mx.concatenate([a, b[None]]) for a, b in zip(layer[name], layer[shared])
         )
+    if streamed:
+        # the buffer of the K experts just read (made once: I/O is not timed); fused: + the shared expert
+        layer["buf_gate"], layer["buf_up"] = q(n(K, I, D), 4), q(n(K, I, D), 4)
+        layer["buf_down"] = q(n(K, D, I), 4)
+        for name, shared in (("gate", "s_gate"), ("up", "s_up"), ("down", "s_down")):
+            layer[f"buf_{name}_plus"] = tuple(
+                mx.concatenate([a, b[None]]) for a, b in zip(layer[f"buf_{name}"], layer[shared])
+            )
     mx.eval(layer)
     return layer
 
@@ -63,21 +82,45 @@ def qmm(x, w, bits):
     return mx.quantized_matmul(x, *w, transpose=True, group_size=G, bits=bits)
 
 
-def mlx_layer(x, L):
-    """mlx-lm's Qwen3NextSparseMoeBlock for one token x (1, D)."""
+def mlx_route(x, L):
+    """mlx-lm's routing: softmax, argpartition, renormalised top-K scores."""
     gates = mx.softmax(qmm(x, L["router"], 8).astype(mx.float32), axis=-1)
     inds = mx.argpartition(-gates, kth=K - 1, axis=-1)[..., :K]
     scores = mx.take_along_axis(gates, inds, axis=-1)
-    scores = scores / scores.sum(-1, keepdims=True)
+    return inds, scores / scores.sum(-1, keepdims=True)
+
+
+def mlx_experts(x, gate, up, down, inds, scores, L):
+    """gather_qmm gate, up, down over the stacks, the weighted sum, plus the gated shared expert."""
     xe = x[..., None, None, :]
-    g = mx.gather_qmm(xe, *L["gate"], rhs_indices=inds, transpose=True, group_size=G, bits=4)
-    u = mx.gather_qmm(xe, *L["up"], rhs_indices=inds, transpose=True, group_size=G, bits=4)
+    g = mx.gather_qmm(xe, *gate, rhs_indices=inds, transpose=True, group_size=G, bits=4)
+    u = mx.gather_qmm(xe, *up, rhs_indices=inds, transpose=True, group_size=G, bits=4)
     h = (g * mx.sigmoid(g)) * u
-    y = mx.gather_qmm(h, *L["down"], rhs_indices=inds, transpose=True, group_size=G, bits=4).squeeze(-2)
+    y = mx.gather_qmm(h, *down, rhs_indices=inds, transpose=True, group_size=G, bits=4).squeeze(-2)
     y = (y * scores[..., None].astype(y.dtype)).sum(-2)
     sg = qmm(x, L["s_gate"], 4)
     sh = qmm((sg * mx.sigmoid(sg)) * qmm(x, L["s_up"], 4), L["s_down"], 4)
     return y + mx.sigmoid(qmm(x, L["sgate"], 8)) * sh
+
+
+def mlx_layer(x, L):
+    """mlx-lm's Qwen3NextSparseMoeBlock for one token x (1, D)."""
+    inds, scores = mlx_route(x, L)
+    return mlx_experts(x, L["gate"], L["up"], L["down"], inds, scores, L)
+
+
+def local_ids(ids):
+    """The routed ids (host sync: one per MoE layer when streaming) as positions in the buffer of the
+    experts read, which holds them in id order (StreamedExperts' np.unique): uint32, ids' shape."""
+    ids = np.array(ids)
+    return np.unique(ids.reshape(-1), return_inverse=True)[1].reshape(ids.shape).astype(np.uint32)
+
+
+def mlx_streamed_layer(x, L):
+    """mlx_layer with the experts in a buffer of the K just read: routing, the ids to the host, gather_qmm."""
+    inds, scores = mlx_route(x, L)
+    local = mx.array(local_ids(inds))
+    return mlx_experts(x, L["buf_gate"], L["buf_up"], L["buf_down"], local, scores, L)
 
 
 @mx.compile
@@ -88,12 +131,30 @@ def _with_shared(ids, w, logits):
     return ids, w
 
 
+@mx.compile
+def _shared_weight(w, logits):
+    """_with_shared's weights: the routed ones, then sigmoid(shared gate) for the shared expert."""
+    return mx.concatenate([w, mx.sigmoid(logits[..., E:].astype(mx.float32))], axis=-1)
+
+
 def fused_layer(x, L, backend):
     logits = kernels.dequant_matvec(x, *L["router_plus"], bits=8, group_size=G, backend=backend)  # (1, E + 1)
     ids, w = moe.route(logits[..., :E], K, True, backend=backend)  # one launch on a GPU
     ids, w = _with_shared(ids, w, logits)
     h = moe.moe_gate_up(x, L["gate_plus"], L["up_plus"], ids, bits=4, group_size=G, backend=backend)
     return moe.moe_down(h, L["down_plus"], ids, w, bits=4, group_size=G, backend=backend)
+
+
+def fused_streamed_layer(x, L, backend):
+    """fused_layer on a buffer of K + 1 slots, the K experts just read then the shared expert in slot K
+    (as fused_layer stacks it as expert E): routing, the ids to the host, ids (local..., K)."""
+    logits = kernels.dequant_matvec(x, *L["router_plus"], bits=8, group_size=G, backend=backend)  # (1, E + 1)
+    ids, w = moe.route(logits[..., :E], K, True, backend=backend)
+    local = local_ids(ids)
+    ids = mx.array(np.concatenate([local, np.full((*local.shape[:-1], 1), K, np.uint32)], axis=-1))
+    w = _shared_weight(w, logits)
+    h = moe.moe_gate_up(x, L["buf_gate_plus"], L["buf_up_plus"], ids, bits=4, group_size=G, backend=backend)
+    return moe.moe_down(h, L["buf_down_plus"], ids, w, bits=4, group_size=G, backend=backend)
 
 
 def main(argv=None):
@@ -106,12 +167,20 @@ def main(argv=None):
         default=next((b for b in ("metal", "cuda") if kernels.backend_available(b)), "reference"),
     )
     ap.add_argument("--compiled", action="store_true", help="also time both paths inside mx.compile")
+    ap.add_argument(
+        "--streamed",
+        action="store_true",
+        help="also time both paths on a buffer of the K experts read, ids synced to the host (no I/O)",
+    )
     args = ap.parse_args(argv)
-    layers = [make_layer() for _ in range(args.distinct)]
+    layers = [make_layer(args.streamed) for _ in range(args.distinct)]
     x0 = mx.random.normal((1, D)).astype(mx.bfloat16)
     # agreement on one layer (bf16 both ways)
     a, b = mlx_layer(x0, layers[0]), fused_layer(x0, layers[0], args.backend)
     err = rel_err(b, a)
+    if args.streamed:
+        a, b = mlx_streamed_layer(x0, layers[0]), fused_streamed_layer(x0, layers[0], args.backend)
+        err_streamed = rel_err(b, a)
 
     def chain(fn):
         def run(x):
@@ -128,6 +197,12 @@ def main(argv=None):
     runners = {name: chain(fn) for name, fn in paths.items()}
     if args.compiled:
         runners.update({f"{name}, compiled": mx.compile(chain(fn)) for name, fn in paths.items()})
+    streamed = {
+        "mlx gather_qmm, streamed": mlx_streamed_layer,
+        f"flashmoe fused ({args.backend}), streamed": lambda x, L: fused_streamed_layer(x, L, args.backend),
+    }
+    if args.streamed:  # uncompiled: the host sync in every layer splits the chain
+        runners.update({name: chain(fn) for name, fn in streamed.items()})
     # microseconds per layer, the paths timed in turns (A, B, B, A...) after a compiling warm-up
     samples = interleaved(
         {
@@ -140,10 +215,18 @@ def main(argv=None):
         f"MoE layer D={D} E={E} K={K} I={I} + shared expert, experts 4-bit g64, router 8-bit, bf16; "
         f"{args.layers} layers per eval, {args.repeats} repeats; rel diff of outputs {err:.2e}"
     )
+    if args.streamed:
+        print(
+            f"streamed: experts in a buffer of the {K} read (+ the shared expert for fused), ids synced "
+            f"to the host every layer, no disk I/O; rel diff of outputs {err_streamed:.2e}"
+        )
     print_speedups(samples, "mlx gather_qmm", "us/layer")
     if args.compiled:
         mlx_c, ours_c = (spread(samples[f"{name}, compiled"]).median for name in paths)
         print(f"compiled, flashmoe fused against gather_qmm: {mlx_c / ours_c:.2f}x")
+    if args.streamed:
+        mlx_s, ours_s = (spread(samples[name]).median for name in streamed)
+        print(f"streamed, flashmoe fused against gather_qmm: {mlx_s / ours_s:.2f}x")
 
 
 if __name__ == "__main__":
