@@ -92,6 +92,33 @@ def test_int32_indices_and_out_of_range_expert_is_nan(seed):
     assert np.isfinite(y[0, 0]).all() and np.isnan(y[0, 1]).all()
 
 
+def test_strided_inputs_give_what_their_contiguous_copies_give(seed):
+    """The ops take inputs in any layout (no copy nodes in the graph; a strided input is copied at
+    evaluation): sliced, transposed-back, broadcast and offset views, and reversed int32 ids."""
+    q, s, b = quantized((8, 40, 256), 4, 64, mx.bfloat16)
+    # the same values in other layouts: a transpose of a transpose, a slice of a wider stack
+    qt, st, bt = (mx.swapaxes(mx.swapaxes(a, 1, 2) + 0, 1, 2) for a in (q, s, b))
+    wide = [mx.concatenate([a, a], axis=-1)[..., : a.shape[-1]] for a in (q, s, b)]
+    x = mx.random.normal((2, 3, 256))
+    x_view = mx.concatenate([x, x], axis=-1)[..., 256:]  # an offset, strided view
+    ids = mx.array([[5, 0, 7], [2, 2, 6]], dtype=mx.int32)
+    ids_view = mx.array([[6, 2, 2], [7, 0, 5]], dtype=mx.int32)[::-1, ::-1]  # negative strides
+    expected = np.array(native.gather_dequant_matvec(x, q, s, b, ids, bits=4, group_size=64))
+    for weights in ((qt, st, bt), wide):
+        got = native.gather_dequant_matvec(x_view, *weights, ids_view, bits=4, group_size=64)
+        assert np.array_equal(np.array(got), expected)
+    x1 = mx.random.normal((1, 256))
+    dense = np.array(
+        native.dequant_matvec(mx.broadcast_to(x1, (4, 256)), q[3], s[3], b[3], bits=4, group_size=64)
+    )
+    assert np.array_equal(
+        dense,
+        np.broadcast_to(
+            np.array(native.dequant_matvec(x1, q[3], s[3], b[3], bits=4, group_size=64)), (4, 40)
+        ),
+    )
+
+
 def test_dispatch_routes_native_and_casts_other_dtypes(seed):
     q, s, b = quantized((40, 256), 4, 64, mx.bfloat16)
     x = mx.random.normal((2, 256)).astype(mx.bfloat16)
