@@ -1,6 +1,6 @@
 """Which launch shape makes each GPU matvec fastest: a sweep next to MLX's own kernels, in one run.
 
-    python benchmarks/matvec_sweep.py [--quick] [--json FILE] [--table FILE] [--grid pipe] [--chain]
+    python benchmarks/matvec_sweep.py [--quick] [--json FILE] [--table FILE] [--chain]
 
 For the matrix shapes a decode step of the benchmark checkpoints runs (Qwen3-30B-A3B and
 Qwen3-Coder-Next widths: q/k/v, o_proj, routers, shared expert, lm_head; plus kernels.py's
@@ -44,9 +44,6 @@ DENSE = [  # (out, in, bits, what)
     (16384, 4096, 8, "kernels.py"),
 ]
 GRID = gpu.LAUNCH_GRID
-# --grid pipe: the shipped table's shape with and without pipelined loads, and pipelined loads
-# over x staging and rows per row group (8 SIMD groups): a short sweep, about a minute of compiles
-PIPE_GRID = [s for s in GRID if s["pipe"] == 1 and s["simds"] == 8]
 MOE = [  # (experts, K, D, I, what)
     (128, 8, 2048, 768, "q30 experts"),
     (512, 10, 2048, 512, "cn experts"),
@@ -75,27 +72,20 @@ def with_override(shape: dict, fn):
         gpu._override.clear()
 
 
-def candidates(grid: str, out_dim: int, in_dim: int, bits: int) -> list[dict]:
-    """The launch shapes to time for one matrix: "{}" (plan()'s rules) first."""
-    if grid == "full":
-        return [{}] + GRID
-    shipped = json.loads(gpu.LAUNCH_TABLE.read_text()).get(gpu.device_name(), {})
-    entry = shipped.get(gpu.table_key("matvec", out_dim, in_dim, bits))
-    extra = [entry, {**entry, "pipe": 1}] if entry else []
-    return [{}] + [s for s in extra if s not in PIPE_GRID] + PIPE_GRID
+def chain_timer(x, out_dim: int, in_dim: int, bits: int, nbytes: int, calls: int, repeats: int):
+    """fn(x, weights) -> seconds per call in a dependent compiled chain over weight sets beyond the
+    L2 (kernels.py --mode chain, whose helpers these are)."""
+    from kernels import chained, weight_copies
 
+    def make():  # entries ~ N(0, 1 / in): a chain of calls keeps x's scale
+        w = (mx.random.normal((out_dim, in_dim)) / in_dim**0.5).astype(mx.bfloat16)
+        return mx.quantize(w, group_size=GS, bits=bits)
 
-def chain_timer(x, make_sets, calls: int, repeats: int):
-    """fn(x, weights) -> seconds per call in a dependent compiled chain (kernels.py --mode chain)."""
-    from kernels import chained
-
-    sets = make_sets()
+    sets = weight_copies(nbytes, make)
     return lambda fn: chained(fn, x, sets, calls, repeats)
 
 
-def dense(
-    calls: int, repeats: int, quick: bool, rows: list[dict], save, grid="full", chain=False
-) -> list[dict]:
+def dense(calls: int, repeats: int, quick: bool, rows: list[dict], save, chain=False) -> list[dict]:
     print(
         f"{'shape':>12} {'bits':>4} {'what':<22} {'qmm us':>8} {'default':>8} {'best':>8} "
         f"{'best shape':<22} {'GB/s':>7} {'x qmm':>6}"
@@ -107,18 +97,12 @@ def dense(
         mx.eval(q, s, b, x)
         nbytes = q.nbytes + s.nbytes + b.nbytes
         if chain:
-            from kernels import weight_copies
-
-            def make():
-                w = (mx.random.normal((out_dim, in_dim)) / in_dim**0.5).astype(mx.bfloat16)
-                return mx.quantize(w, group_size=GS, bits=bits)
-
-            timer = chain_timer(x, lambda: weight_copies(nbytes, make), calls, repeats)
+            timer = chain_timer(x, out_dim, in_dim, bits, nbytes, calls, repeats)
         else:
             timer = lambda fn: timed(lambda: fn(x, (q, s, b)), calls, repeats)  # noqa: E731
         qmm = timer(lambda x, w: mx.quantized_matmul(x, *w, group_size=GS, bits=bits))
         times = {}
-        for shape in candidates(grid, out_dim, in_dim, bits):
+        for shape in [{}] + GRID:
             call = lambda x, w: gpu.matvec("cuda", x, *w, bits=bits, group_size=GS)  # noqa: E731
             times[json.dumps(shape)] = with_override(shape, lambda: timer(call))
         best = better(times)
@@ -256,7 +240,6 @@ def main() -> int:
     p.add_argument("--json")
     p.add_argument("--no-moe", action="store_true")
     p.add_argument("--table", help="write the best shapes as a launch table here")
-    p.add_argument("--grid", choices=("full", "pipe"), default="full", help="launch shapes to try (dense)")
     p.add_argument(
         "--chain",
         action="store_true",
@@ -276,7 +259,7 @@ def main() -> int:
         if args.table:
             write_table(args.table, rows, moe_rows)
 
-    dense(args.calls, args.repeats, args.quick, rows, save, args.grid, args.chain)
+    dense(args.calls, args.repeats, args.quick, rows, save, args.chain)
     if not args.no_moe:
         fused_moe(args.calls, args.repeats, moe_rows, save)
     register_report()

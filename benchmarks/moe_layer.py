@@ -124,17 +124,16 @@ def mlx_streamed_layer(x, L):
 
 
 @mx.compile
-def _with_shared(ids, w, logits):
-    """The shared expert as expert E of the stacks, weighted by its gate."""
-    ids = mx.concatenate([ids, mx.full((*ids.shape[:-1], 1), E, dtype=mx.uint32)], axis=-1)
-    w = mx.concatenate([w, mx.sigmoid(logits[..., E:].astype(mx.float32))], axis=-1)
-    return ids, w
+def _shared_weight(w, logits):
+    """The routed weights, then sigmoid(shared gate) for the shared expert (slot E, or K when streamed)."""
+    return mx.concatenate([w, mx.sigmoid(logits[..., E:].astype(mx.float32))], axis=-1)
 
 
 @mx.compile
-def _shared_weight(w, logits):
-    """_with_shared's weights: the routed ones, then sigmoid(shared gate) for the shared expert."""
-    return mx.concatenate([w, mx.sigmoid(logits[..., E:].astype(mx.float32))], axis=-1)
+def _with_shared(ids, w, logits):
+    """The shared expert as expert E of the stacks, weighted by its gate."""
+    ids = mx.concatenate([ids, mx.full((*ids.shape[:-1], 1), E, dtype=mx.uint32)], axis=-1)
+    return ids, _shared_weight(w, logits)
 
 
 def fused_layer(x, L, backend):

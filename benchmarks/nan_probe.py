@@ -9,6 +9,7 @@ quantized matrix of the checkpoint.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +18,7 @@ import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flashmoe import quant  # noqa: E402
 from flashmoe.analysis.parity import mlx_lm_model  # noqa: E402
 from flashmoe.loader import load_model  # noqa: E402
 from flashmoe.timing import timer  # noqa: E402
@@ -51,29 +53,28 @@ def probe(directory: Path, backend: str, dtype, tokens: mx.array) -> None:
 
 
 def qmm_against_cpu(directory: Path) -> None:
+    """MLX's quantized_matmul on this device against the CPU, for every quantized matrix of the
+    checkpoint, each with the spec its config.json gives it (flashmoe.quant, as the loader reads it)."""
+    plan = quant.resolve(json.loads((directory / "config.json").read_text()))
     weights = {}
     for f in sorted(directory.glob("*.safetensors")):
         weights.update(mx.load(str(f)))
-    group = {k[: -len(".scales")] for k in weights if k.endswith(".scales")}
-    worst = (0.0, "")
-    for prefix in sorted(group):
-        w, s = weights[prefix + ".weight"], weights[prefix + ".scales"]
-        b = weights.get(prefix + ".biases")
-        if w.ndim != 2 or b is None:
+    worst = (0.0, "none")
+    for prefix in sorted(k[: -len(".scales")] for k in weights if k.endswith(".scales")):
+        spec, w = plan.spec_for(prefix), weights[prefix + ".weight"]
+        if spec is None or w.ndim != 2:
             continue
-        for bits in (2, 4, 8):
-            gs = w.shape[1] * 32 // bits // s.shape[1]
-            if gs in (32, 64, 128) and w.shape[1] * 32 // bits == gs * s.shape[1]:
-                in_dim = w.shape[1] * 32 // bits
-                break
-        x = mx.random.normal((2, in_dim))
-        gpu = mx.quantized_matmul(x, w, s, b, group_size=gs, bits=bits)
-        cpu = mx.quantized_matmul(x, w, s, b, group_size=gs, bits=bits, stream=mx.cpu)
+        packed = (w, weights[prefix + ".scales"], weights.get(prefix + ".biases"))
+        x = mx.random.normal((2, w.shape[1] * 32 // spec.bits))
+        kw = dict(group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
+        gpu = mx.quantized_matmul(x, *packed, **kw)
+        cpu = mx.quantized_matmul(x, *packed, **kw, stream=mx.cpu)
         err = float(mx.abs(gpu - cpu).max().item() / (mx.abs(cpu).max().item() + 1e-30))
-        if not finite(gpu) or err > worst[0]:
-            worst = (err, f"{prefix} {tuple(w.shape)} bits {bits} g{gs} finite {finite(gpu)}")
+        where = f"{prefix} {tuple(w.shape)} {spec}"
         if not finite(gpu):
-            print(f"  NON-FINITE quantized_matmul on {mx.default_device()}: {worst[1]}")
+            print(f"  NON-FINITE quantized_matmul on {mx.default_device()}: {where}")
+        elif err > worst[0]:
+            worst = (err, where)
     print(f"quantized_matmul, this device against the CPU: worst max-abs/max {worst[0]:.3g} at {worst[1]}")
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import timing
 from .errors import FlashMoeError
-from .kernels.greedy import greedy_pick
+from .kernels.greedy import checked_pick, greedy_pick
 from .sample import Sampler, greedy, make_sampler
 from .tokenizer import Tokenizer
 
@@ -79,9 +79,7 @@ def decode_step(model: Any, token: mx.array, cache: list, sampler: Sampler) -> m
     if sampler is greedy:  # one launch on a GPU backend (kernels.greedy)
         packed = greedy_pick(logits, backend=getattr(model, "backend", "reference"))
     else:
-        finite = mx.isfinite(logits).all()
-        next_token = mx.where(finite, sampler(logits), 0).astype(mx.int32)
-        packed = mx.concatenate([next_token, finite.astype(mx.int32)[None]])
+        packed = checked_pick(logits, sampler)
     timing.timer.mark("sampling", packed)
     return packed
 

@@ -37,11 +37,8 @@ _poison: float | None = None
 _override: dict = {}  # benchmarks: force launch-shape fields (simds, rps, lpr, vec, u, xd)
 # The launch shapes benchmarks/matvec_sweep.py tries (and tests/kernels/test_launch_shapes.py checks):
 # x staged in shared memory or read from cache, SIMD groups per threadgroup, rows per row group.
-# pipe: the next iteration's weight loads issued before this one's arithmetic.
-LAUNCH_GRID = [
-    dict(xd=xd, simds=s, rps=r, pipe=p) for xd in (0, 1) for s in (4, 8) for r in (1, 2, 4) for p in (0, 1)
-]
-MOE_GRID = [dict(xd=xd, simds=s, pipe=p) for xd in (0, 1) for s in (2, 4, 8) for p in (0, 1)]
+LAUNCH_GRID = [dict(xd=xd, simds=s, rps=r) for xd in (0, 1) for s in (4, 8) for r in (1, 2, 4)]
+MOE_GRID = [dict(xd=xd, simds=s) for xd in (0, 1) for s in (2, 4, 8)]
 # Measured best shapes per GPU (benchmarks/matvec_sweep.py --table): the H200's ships; every shape
 # in it passed tests/kernels/test_launch_shapes.py on an H200. FLASHMOE_LAUNCH_TABLE names another file.
 LAUNCH_TABLE = Path(__file__).with_name("launch_table.json")
@@ -66,7 +63,6 @@ class Plan:
     u: int  # loads in flight per lane and slot
     tile: int  # x values staged in shared memory at a time, per x slot
     xd: int = 0  # 1: x read from device memory (cache) directly, no shared-memory staging
-    pipe: int = 0  # 1: the next iteration's loads go out before this one's arithmetic
 
     @property
     def rows_per_group(self) -> int:
@@ -74,10 +70,8 @@ class Plan:
 
     @property
     def unroll_code(self) -> int:
-        """dequant_matvec.inc's UNROLL: u | log2(lpr) << 4 | (vec == 4) << 8 | xd << 9 | pipe << 10."""
-        return (
-            self.u | (self.lpr.bit_length() - 1) << 4 | (self.vec == 4) << 8 | self.xd << 9 | self.pipe << 10
-        )
+        """dequant_matvec.inc's UNROLL: u | log2(lpr) << 4 | (vec == 4) << 8 | xd << 9."""
+        return self.u | (self.lpr.bit_length() - 1) << 4 | (self.vec == 4) << 8 | self.xd << 9
 
     def template(self) -> list:
         return [
@@ -87,7 +81,6 @@ class Plan:
             ("U", self.u),
             ("TILE", self.tile),
             ("XD", self.xd),
-            ("PIPE", self.pipe),
         ]
 
 
@@ -123,8 +116,7 @@ def plan(
     tile = min(math.ceil(in_dim / step) * step, cap)
     simds = force.get("simds", SIMDS_PER_GROUP)
     xd = force.get("xd", 0)
-    pipe = force.get("pipe", 0)
-    return Plan(simds=simds, rps=rps, lpr=lpr, vec=vec, u=u, tile=tile, xd=xd, pipe=pipe)
+    return Plan(simds=simds, rps=rps, lpr=lpr, vec=vec, u=u, tile=tile, xd=xd)
 
 
 def table_key(kind: str, out_dim: int, in_dim: int, bits: int) -> str:

@@ -38,6 +38,12 @@ def greedy_pick(logits: mx.array, *, backend: str = "auto") -> mx.array:
 
 def reference(logits: mx.array) -> mx.array:
     """greedy_pick in MLX's ops, for any (B, V): (B + 1,) int32, the B ids then the flag."""
+    return checked_pick(logits, lambda rows: mx.argmax(rows, axis=-1))
+
+
+def checked_pick(logits: mx.array, choose) -> mx.array:
+    """choose(logits (B, V)) -> ids (B,), packed with the finiteness flag: (B + 1,) int32, the ids
+    (all 0 when a logit is NaN or inf, so none indexes out of the table) then the flag."""
     finite = mx.isfinite(logits).all()
-    ids = mx.where(finite, mx.argmax(logits, axis=-1).astype(mx.int32), 0).astype(mx.int32)
+    ids = mx.where(finite, choose(logits), 0).astype(mx.int32)
     return mx.concatenate([ids, finite.astype(mx.int32)[None]])

@@ -26,8 +26,7 @@ def test_the_package_launch_table_holds_only_tested_shapes():
     for device, entries in table.items():
         for key, shape in entries.items():
             grid = gpu.LAUNCH_GRID if key.startswith("matvec ") else gpu.MOE_GRID
-            full = {"pipe": 0, **shape}  # plan()'s default for a field the entry leaves out
-            assert shape == {} or full in grid, f"{device}: {key} -> {shape} is not a tested launch shape"
+            assert shape == {} or shape in grid, f"{device}: {key} -> {shape} is not a tested launch shape"
 
 
 @needs_cuda
@@ -69,7 +68,6 @@ def test_moe_kernels_in_every_launch_shape(shape, bits, monkeypatch, seed):
 
 
 @needs_cuda
-@pytest.mark.parametrize("pipe", [0, 1])
 @pytest.mark.parametrize("xd", [0, 1])
 @pytest.mark.parametrize(
     "bits, out_dim, in_dim, group_size",
@@ -80,11 +78,11 @@ def test_moe_kernels_in_every_launch_shape(shape, bits, monkeypatch, seed):
         (4, 33, 8192 + 1024 + 64, 64),
     ],
 )
-def test_dequant_matvec_over_many_load_iterations(pipe, xd, bits, out_dim, in_dim, group_size, monkeypatch):
+def test_dequant_matvec_over_many_load_iterations(xd, bits, out_dim, in_dim, group_size, monkeypatch):
     """One load in flight per lane (u = 1), so a row takes many iterations of the core's loop, the
-    last one partial, and (the last shape) two x tiles: PIPE's next-iteration loads and their hand-over
-    are exercised, not only the single-iteration launches of the shapes above."""
-    for key, value in dict(u=1, pipe=pipe, xd=xd, rps=2).items():
+    last one partial, and (the last shape) two x tiles: the core's loop over iterations and tiles is
+    exercised, not only the single-iteration launches of the shapes above."""
+    for key, value in dict(u=1, xd=xd, rps=2).items():
         monkeypatch.setitem(gpu._override, key, value)
     q, scales, biases, dense = quantized((out_dim, in_dim), bits, group_size)
     x = mx.random.normal((2, in_dim))
@@ -93,12 +91,10 @@ def test_dequant_matvec_over_many_load_iterations(pipe, xd, bits, out_dim, in_di
 
 
 @needs_cuda
-@pytest.mark.parametrize("pipe", [0, 1])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_moe_kernels_over_many_load_iterations(pipe, bits, monkeypatch):
+def test_moe_kernels_over_many_load_iterations(bits, monkeypatch):
     """The fused MoE kernels with u = 1 at widths where each row takes several core iterations."""
-    for key, value in dict(u=1, pipe=pipe).items():
-        monkeypatch.setitem(gpu._override, key, value)
+    monkeypatch.setitem(gpu._override, "u", 1)
     experts, d, inter, k = 6, 2048 + 256, 1024 + 192, 3
     gate, up, down = (
         mx.quantize(mx.random.normal((experts, o, i)), group_size=64, bits=bits)
