@@ -4,7 +4,6 @@
 # checkpoints, and --timing for the Coder-Next shape with the tree before the speed work
 # (oldtree/: 5020c54^, carried) and today's. Results in $OUT.
 source benchmarks/gpu_setup.sh
-timeout 90 python3 benchmarks/nan_probe.py 2>&1 | grep -v INFO | tee $OUT/nan_probe.txt
 timeout 80 python3 benchmarks/kernels.py --full --mode device --backends cuda,mlx 2>&1 | tee $OUT/kernels_device.txt
 timeout 60 python3 benchmarks/moe_layer.py --layers 24 --distinct 3 --repeats 5 --compiled --streamed 2>&1 | tee $OUT/moe.txt
 wait

@@ -29,6 +29,10 @@ from flashmoe.analysis.bench import median_seconds
 from flashmoe.kernels import gpu, moe
 
 DENSE = [  # (out, in, bits, what)
+    (4096, 4096, 4, "kernels.py"),
+    (4096, 4096, 8, "kernels.py"),
+    (16384, 4096, 4, "kernels.py"),
+    (16384, 4096, 8, "kernels.py"),
     (5120, 2048, 4, "q30 q/k/v"),
     (2048, 4096, 4, "q30 o_proj"),
     (128, 2048, 8, "q30 router"),
@@ -38,10 +42,6 @@ DENSE = [  # (out, in, bits, what)
     (512, 2048, 8, "cn router"),
     (1024, 2048, 4, "cn shared gate+up"),
     (2048, 512, 4, "cn shared down"),
-    (4096, 4096, 4, "kernels.py"),
-    (4096, 4096, 8, "kernels.py"),
-    (16384, 4096, 4, "kernels.py"),
-    (16384, 4096, 8, "kernels.py"),
 ]
 GRID = gpu.LAUNCH_GRID
 MOE = [  # (experts, K, D, I, what)
@@ -85,18 +85,37 @@ def chain_timer(x, out_dim: int, in_dim: int, bits: int, nbytes: int, calls: int
     return lambda fn: chained(fn, x, sets, calls, repeats)
 
 
-def dense(calls: int, repeats: int, quick: bool, rows: list[dict], save, chain=False) -> list[dict]:
+def device_timer(x, out_dim: int, in_dim: int, bits: int, nbytes: int, calls: int):
+    """fn(x, weights) -> GPU kernel seconds per call in a dependent compiled chain over weight sets
+    beyond the L2 (kernels.py --mode device): the kernel alone, no host cost."""
+    from kernels import device_seconds, weight_copies
+
+    def make():
+        w = (mx.random.normal((out_dim, in_dim)) / in_dim**0.5).astype(mx.bfloat16)
+        return mx.quantize(w, group_size=GS, bits=bits)
+
+    sets = weight_copies(nbytes, make)
+    return lambda fn: device_seconds(fn, x, sets, calls)
+
+
+def dense(
+    calls: int, repeats: int, quick: bool, rows: list[dict], save, chain=False, device=False, only=None
+) -> list[dict]:
     print(
         f"{'shape':>12} {'bits':>4} {'what':<22} {'qmm us':>8} {'default':>8} {'best':>8} "
         f"{'best shape':<22} {'GB/s':>7} {'x qmm':>6}"
     )
     for out_dim, in_dim, bits, what in DENSE[:4] if quick else DENSE:
+        if only and f"{out_dim}x{in_dim}" not in only:
+            continue
         w = mx.random.normal((out_dim, in_dim)).astype(mx.bfloat16)
         q, s, b = mx.quantize(w, group_size=GS, bits=bits)
         x = mx.random.normal((1, in_dim)).astype(mx.bfloat16)
         mx.eval(q, s, b, x)
         nbytes = q.nbytes + s.nbytes + b.nbytes
-        if chain:
+        if device:
+            timer = device_timer(x, out_dim, in_dim, bits, nbytes, calls)
+        elif chain:
             timer = chain_timer(x, out_dim, in_dim, bits, nbytes, calls, repeats)
         else:
             timer = lambda fn: timed(lambda: fn(x, (q, s, b)), calls, repeats)  # noqa: E731
@@ -246,6 +265,12 @@ def main() -> int:
         help="time dense shapes as dependent calls inside mx.compile over weights larger than the L2 "
         "(kernels.py --mode chain), not as independent standalone calls",
     )
+    p.add_argument(
+        "--device",
+        action="store_true",
+        help="time dense shapes by GPU kernel time alone (CUPTI, kernels.py --mode device) in a dependent chain",
+    )
+    p.add_argument("--shapes", help="comma-separated OUTxIN dense shapes to sweep (default: all)")
     args = p.parse_args()
     os.environ["FLASHMOE_LAUNCH_TABLE"] = os.devnull  # plan()'s own rules are the default measured
     gpu.launch_table.cache_clear()
@@ -259,7 +284,8 @@ def main() -> int:
         if args.table:
             write_table(args.table, rows, moe_rows)
 
-    dense(args.calls, args.repeats, args.quick, rows, save, args.chain)
+    only = set(args.shapes.split(",")) if args.shapes else None
+    dense(args.calls, args.repeats, args.quick, rows, save, args.chain, args.device, only)
     if not args.no_moe:
         fused_moe(args.calls, args.repeats, moe_rows, save)
     register_report()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -26,7 +27,7 @@ HELDOUT = REPO / "training" / "data" / "heldout.bin"
 def bundled():
     directory = default_model_dir()
     assert directory is not None, "flashmoe/assets/flashmoe-coder-tiny is missing from this install"
-    return flashmoe.load(None)
+    return flashmoe.load(None, dtype=mx.float32)  # float32 on any device, as mlx_lm_model gives mlx-lm
 
 
 def test_mlx_lm_generates_the_same_greedy_tokens_for_five_prompts(bundled):

@@ -100,9 +100,18 @@ def dequant_matvec(
     _check_shapes(x, w, scales, biases, bits, group_size, mode)
     backend = resolve_backend(backend)
     if not _own_kernel(bits, mode) or backend == "mlx":
+        # a 1-D x goes in as one row: MLX's CUDA quantized_matmul fails on it ("SmallVector out of range")
         y = mx.quantized_matmul(
-            x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode
+            x[None] if x.ndim == 1 else x,
+            w,
+            scales,
+            biases,
+            transpose=True,
+            group_size=group_size,
+            bits=bits,
+            mode=mode,
         )
+        y = y[0] if x.ndim == 1 else y
     elif backend == "reference":
         y = reference.dequant_matvec(x, w, scales, biases, bits=bits, group_size=group_size)
     elif backend == "native":

@@ -36,8 +36,13 @@ INPUT_NAMES = ["x", "w", "scales", "biases", "idx", "res", "dims"]
 _poison: float | None = None
 _override: dict = {}  # benchmarks: force launch-shape fields (simds, rps, lpr, vec, u, xd)
 # The launch shapes benchmarks/matvec_sweep.py tries (and tests/kernels/test_launch_shapes.py checks):
-# x staged in shared memory or read from cache, SIMD groups per threadgroup, rows per row group.
-LAUNCH_GRID = [dict(xd=xd, simds=s, rps=r) for xd in (0, 1) for s in (4, 8) for r in (1, 2, 4)]
+# x staged in shared memory or read from cache, SIMD groups per threadgroup, rows per row group;
+# then, for the sweep by kernel time (--device), more loads in flight per lane (u) and half-warp rows.
+LAUNCH_GRID = (
+    [dict(xd=xd, simds=s, rps=r) for xd in (0, 1) for s in (4, 8) for r in (1, 2, 4)]
+    + [dict(xd=xd, simds=8, rps=r, u=u) for xd in (0, 1) for r in (1, 2) for u in (4, 8)]
+    + [dict(xd=xd, simds=8, rps=1, lpr=16) for xd in (0, 1)]
+)
 MOE_GRID = [dict(xd=xd, simds=s) for xd in (0, 1) for s in (2, 4, 8)]
 # Measured best shapes per GPU (benchmarks/matvec_sweep.py --table): the H200's ships; every shape
 # in it passed tests/kernels/test_launch_shapes.py on an H200. FLASHMOE_LAUNCH_TABLE names another file.

@@ -72,6 +72,8 @@ class GatedDeltaNet:
         decay = mx.exp(-mx.exp(self.A_log.astype(mx.float32)) * _softplus(a + self.dt_bias))  # (B, T, H_v)
         beta = mx.sigmoid(b)  # (B, T, H_v)
         state = None if cache is None else cache.state_  # (B, H_v, d_v, d_k) float32
+        if state is None:  # a fresh sequence: zeros given explicitly (as mlx-lm does), not left to the op
+            state = mx.zeros((B, self.n_v, self.d_v, self.d_k), dtype=mx.float32)
         out, state = mx.fast.gated_delta_update(q, k, v, decay, beta, state)  # out (B, T, H_v, d_v)
         if cache is not None:
             cache.state_ = state

@@ -15,7 +15,20 @@ TOLERANCE = 1e-3  # float32 (a GPU float32 matmul may round through TF32, ~1e-3)
 VARIANTS = {  # name: (model_type, write_checkpoint options, config overrides)
     **{t: (t, {}, {}) for t in CONFIGS},
     "qwen3_moe-g32": ("qwen3_moe", {"group_size": 32}, {}),
-    "qwen3_next-g128": ("qwen3_next", {"group_size": 128}, {}),
+    # every matrix 256 wide (two groups a row): MLX's CUDA quantized_matmul is wrong at K = group size
+    # = 128 (H200, MLX 0.32.4: benchmarks/gpu_nan_stages.py), and both engines run it here
+    "qwen3_next-g128": (
+        "qwen3_next",
+        {"group_size": 128},
+        dict(
+            hidden_size=256,
+            head_dim=64,
+            moe_intermediate_size=256,
+            shared_expert_intermediate_size=256,
+            linear_key_head_dim=64,
+            linear_value_head_dim=64,
+        ),
+    ),
     "qwen3_next-2bit-experts": ("qwen3_next", {"bits": 2}, {}),
     "qwen3_moe-tied-no-renorm": (
         "qwen3_moe",

@@ -32,12 +32,12 @@ def checkpoint(request, tmp_path_factory):
     return (
         request.param,
         {"safetensors": source, "repacked": packed},
-        load_model(source, backend="mlx"),
+        load_model(source, backend="mlx", dtype=mx.float32),
     )
 
 
 def streamed(directory, **options):
-    return load_model(directory, backend="mlx", stream_experts=StreamOptions(**options))
+    return load_model(directory, backend="mlx", dtype=mx.float32, stream_experts=StreamOptions(**options))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -70,7 +70,11 @@ def test_prefill_in_small_groups_equals_resident(checkpoint, seed):
     model = streamed(directories["repacked"], buffer_mb=0.05)  # ~2 tiny experts per group
     tokens = mx.random.randint(0, resident.args.vocab_size, (2, 7))
     err = rel_err(model(tokens), resident(tokens))
-    assert err < TOLERANCE, f"rel err {err:.3g} (seed {seed})"
+    # A group's gather_qmm has fewer rows than the resident one: on a GPU, MLX picks its matmul
+    # kernel (and so its float32 summation order) by row count (H200: 1.2e-6, 6.8e-6 on the hybrid
+    # models); the GPU float32 tolerance of the other GPU tests (test_gpu_path) holds there.
+    tolerance = TOLERANCE if mx.default_device() == mx.cpu else 1e-4
+    assert err < tolerance, f"rel err {err:.3g} (seed {seed})"
     assert model.report.stream_stats.prefill.calls == len(model.moe_layers)  # one call per layer, many reads
 
 
@@ -81,7 +85,7 @@ def test_plain_bf16_experts_stream_too(tmp_path, layout, seed):
         source if layout == "safetensors" else repack(source, tmp_path / "packed", log=lambda *_: None)
     )
     tokens = mx.random.randint(0, 256, (1, 6))
-    err = rel_err(streamed(directory)(tokens), load_model(source, backend="mlx")(tokens))
+    err = rel_err(streamed(directory)(tokens), load_model(source, backend="mlx", dtype=mx.float32)(tokens))
     assert err < TOLERANCE, f"rel err {err:.3g} (seed {seed})"
 
 
@@ -158,7 +162,9 @@ def test_interrupted_repack_resumes(tmp_path, monkeypatch):
         repack(source, tmp_path / "dst", log=lambda *_: None)
     repack(source, tmp_path / "dst", delete_source=True, resume=True, log=lambda *_: None)
     tokens = mx.arange(1, 9)[None]
-    reference = load_model(write_checkpoint(tmp_path / "again", "qwen3_next"), backend="mlx")(tokens)
+    reference = load_model(
+        write_checkpoint(tmp_path / "again", "qwen3_next"), backend="mlx", dtype=mx.float32
+    )(tokens)
     assert rel_err(streamed(tmp_path / "dst")(tokens), reference) < TOLERANCE
 
 

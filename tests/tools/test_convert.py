@@ -43,7 +43,7 @@ def test_routers_at_8_bits_everything_else_at_4_in_both_sections(converted):
 
 
 def test_mlx_lm_loads_the_conversion_and_agrees(converted, seed):
-    ours, reference = load_model(converted, backend="mlx"), mlx_lm_model(converted)
+    ours, reference = load_model(converted, backend="mlx", dtype=mx.float32), mlx_lm_model(converted)
     tokens = mx.random.randint(0, 256, (1, 10))
     assert rel_err(ours(tokens), reference(tokens)) < 1e-3
     prompt = [5, 6, 7]
