@@ -1,0 +1,153 @@
+"""The CUDA kernel bodies *run* on this CPU (tests/kernels/emulator.py: every GPU thread an OS thread,
+barriers and warp shuffles emulated), float32, tiny shapes, against the same references the GPU tests
+use. Metal shares these bodies; the GPU tests (needs_cuda) run them for real on an H200."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+from flashmoe import kernels
+from flashmoe.analysis.accuracy import exact_matmul, quantized
+from flashmoe.kernels import attention, gated_delta, gpu, moe
+from flashmoe.kernels.greedy import greedy_pick
+from tests.helpers import rel_err
+from tests.kernels import emulator
+
+pytestmark = pytest.mark.skipif(emulator.available() is not None, reason=emulator.available() or "")
+
+
+@pytest.fixture(autouse=True)
+def cuda_on_the_cpu():
+    with emulator.emulated_cuda():
+        yield
+
+
+def name(shape: dict) -> str:
+    return "_".join(f"{k}{v}" for k, v in shape.items())
+
+
+@pytest.mark.parametrize("shape", gpu.LAUNCH_GRID, ids=name)
+def test_dequant_matvec_in_every_launch_shape(shape, monkeypatch, seed):
+    for key, value in shape.items():
+        monkeypatch.setitem(gpu._override, key, value)
+    q, scales, biases, dense = quantized((72, 256), 4, 64)  # 72 rows: the last row group overhangs
+    x = mx.random.normal((2, 256))
+    y = kernels.dequant_matvec(x, q, scales, biases, bits=4, group_size=64, backend="cuda")
+    assert rel_err(y, exact_matmul(x, dense.T)) < 1e-5, f"seed {seed}"
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_dequant_matvec_bits_group_sizes_and_residual(bits, group_size, seed):
+    q, scales, biases, dense = quantized((40, 512), bits, group_size)
+    x, res = mx.random.normal((512,)), mx.random.normal((40,))
+    y = kernels.dequant_matvec(
+        x, q, scales, biases, bits=bits, group_size=group_size, backend="cuda", residual=res
+    )
+    assert rel_err(y, res + exact_matmul(x[None], dense.T)[0]) < 1e-5, f"seed {seed}"
+
+
+def test_dequant_matvec_tiles_a_long_row(monkeypatch, seed):
+    """in = 8192 + 512 values: more than one tile of x in shared memory, a partial last tile."""
+    q, scales, biases, dense = quantized((8, 8192 + 512), 4, 32)
+    x = mx.random.normal((1, 8192 + 512))
+    y = kernels.dequant_matvec(x, q, scales, biases, bits=4, group_size=32, backend="cuda")
+    assert rel_err(y, exact_matmul(x, dense.T)) < 1e-5, f"seed {seed}"
+
+
+def test_gathered_experts(seed):
+    w = mx.random.normal((6, 24, 128))
+    q, scales, biases = mx.quantize(w, group_size=64, bits=4)
+    ids = mx.array([[4, 0, 5]], dtype=mx.uint32)
+    x = mx.random.normal((1, 128))
+    y = kernels.gather_dequant_matvec(x, q, scales, biases, ids, bits=4, group_size=64, backend="cuda")
+    ref = kernels.gather_dequant_matvec(x, q, scales, biases, ids, bits=4, group_size=64, backend="reference")
+    assert y.shape == (1, 3, 24) and rel_err(y, ref) < 1e-5, f"seed {seed}"
+
+
+@pytest.mark.parametrize("shape", gpu.MOE_GRID, ids=name)
+def test_fused_moe_in_every_launch_shape(shape, monkeypatch, seed):
+    for key, value in shape.items():
+        monkeypatch.setitem(gpu._override, key, value)
+    experts, d, inter, k = 5, 128, 64, 3
+    gate, up, down = (
+        mx.quantize(mx.random.normal((experts, o, i)), group_size=64, bits=4)
+        for o, i in ((inter, d), (inter, d), (d - 24, inter))
+    )
+    x = mx.random.normal((d,))
+    ids = mx.array([3, 0, 4], dtype=mx.uint32)
+    weights = mx.softmax(mx.random.normal((k,)))
+    h = moe.moe_gate_up(x, gate, up, ids, bits=4, group_size=64, backend="cuda")
+    assert rel_err(h, moe.moe_gate_up_reference(x, gate, up, ids, bits=4, group_size=64)) < 1e-5, (
+        f"seed {seed}"
+    )
+    y = moe.moe_down(h, down, ids, weights, bits=4, group_size=64, backend="cuda", residual=x[: d - 24])
+    ref = x[: d - 24] + moe.moe_down_reference(h, down, ids, weights, bits=4, group_size=64)
+    assert rel_err(y, ref) < 1e-5, f"seed {seed}"
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_routing(norm, seed):
+    logits = mx.random.normal((1, 40))
+    ids, weights = moe.route(logits, 4, norm, backend="cuda")
+    ref_ids, ref_weights = moe.route(logits, 4, norm, backend="reference")
+    assert sorted(ids.tolist()[0]) == sorted(ref_ids.tolist()[0]), f"seed {seed}"
+    order = lambda i, w: sorted(zip(i.tolist()[0], w.tolist()[0]))  # noqa: E731
+    got, want = order(ids, weights), order(ref_ids, ref_weights)
+    assert max(abs(a[1] - b[1]) for a, b in zip(got, want)) < 1e-6, f"seed {seed}"
+
+
+@pytest.mark.parametrize("key_heads", [False, True])
+def test_gated_delta_step(key_heads, seed):
+    from tests.kernels.test_gated_delta_kernel import inputs
+
+    n_k, n_v, d_k, d_v = 1, 2, 32, 32
+    args = inputs(1, n_k, n_v, d_k, d_v, 4, mx.float32)
+    dims = dict(n_k=n_k, n_v=n_v, d_k=d_k, d_v=d_v, rms_eps=1e-6)
+    if key_heads:
+        r = n_v // n_k
+        qkvz = mx.random.normal((1, n_k * (2 * d_k + 2 * r * d_v)))
+        ba = mx.random.normal((1, n_k * 2 * r))
+        got = gated_delta.gated_delta_step(
+            **dict(args, qkv=qkvz, z=qkvz, b=ba, a=ba), **dims, key_heads=True, backend="cuda"
+        )
+        qkv, z, b, a = (
+            t[:, 0] for t in gated_delta.split_key_heads(qkvz[:, None], ba[:, None], n_k, n_v, d_k, d_v)
+        )
+        args = dict(args, qkv=qkv, z=z, b=b, a=a)
+    else:
+        got = gated_delta.gated_delta_step(**args, **dims, backend="cuda")
+    want = gated_delta.reference(**args, **dims)
+    errs = [rel_err(g, w) for g, w in zip(got, want)]
+    assert max(errs) < 1e-5, f"out/state/conv {errs} (seed {seed})"
+
+
+@pytest.mark.parametrize("pos", [0, 5, 9])
+def test_decode_attention(pos, seed):
+    from tests.kernels.test_attention_decode import case
+
+    q, keys, values, k_new, v_new = case(1, 4, 2, 32, 10)
+    at = mx.array([pos], dtype=mx.int32)
+    y = attention.decode_attention(q, keys, values, k_new, v_new, at, scale=32**-0.5, backend="cuda")
+    ref = attention.reference(q, keys, values, k_new, v_new, at, scale=32**-0.5)
+    assert rel_err(y, ref) < 1e-5, f"seed {seed}"
+
+
+@pytest.mark.parametrize("traditional", [False, True])
+def test_qk_norm_rope(traditional, seed):
+    from tests.kernels.test_attention_decode import err64, norm_rope_case, norm_rope_float64
+
+    q, k, q_w, k_w = norm_rope_case(1, 4, 2, 64, False)
+    kw = dict(eps=1e-6, rope_dims=32, traditional=traditional, base=1e6, scale=0.5)
+    got = attention.qk_norm_rope(q, k, q_w, k_w, mx.array([7], dtype=mx.int32), **kw, backend="cuda")
+    for g, x, w in zip(got, (q, k), (q_w, k_w)):
+        assert err64(g, norm_rope_float64(x[..., :64], w, 7, **kw)) < 1e-5, f"seed {seed}"
+
+
+def test_greedy_pick_first_largest_and_non_finite(seed):
+    logits = mx.random.normal((1, 3000))
+    top = int(mx.argmax(logits).item())
+    assert greedy_pick(logits, backend="cuda").tolist() == [top, 1], f"seed {seed}"
+    bad = mx.where(mx.arange(3000) == 17, mx.array(float("nan")), logits)
+    assert greedy_pick(bad, backend="cuda").tolist() == [0, 0]
