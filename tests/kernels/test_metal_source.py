@@ -61,9 +61,13 @@ KERNELS = {
         ["float, {bits}, 64, 10, 0, 8, 16, 4, 1, 768, 0", "float, {bits}, 64, 10, 1, 8, 16, 4, 1, 768, 1"],
     ),
     "gated_delta_step.inc": (
-        "typename T, int DK, int DV, int W, int HV, int HK, int SIMDS, int LAYOUT",
+        "typename T, int DK, int DV, int W, int HV, int HK, int SIMDS, int LAYOUT, "
+        "int QKV_ROW, int QKV_OFF, int Z_ROW, int Z_OFF, int B_ROW, int B_OFF, int A_ROW, int A_OFF",
         arguments(gated_delta.INPUTS, gated_delta.OUTPUTS),
-        ["float, 128, 128, 4, 32, 16, 8, 0", "float, 128, 128, 4, 32, 16, 8, 1"],
+        [
+            "float, 128, 128, 4, 32, 16, 8, 0, 8192, 0, 4096, 0, 32, 0, 32, 0",
+            "float, 128, 128, 4, 32, 16, 8, 1, 12352, 0, 12352, 0, 12352, 12288, 12352, 12288",
+        ],
     ),
     "attention_decode.inc": (
         "typename T, int HD, int SIMDS",
@@ -71,9 +75,14 @@ KERNELS = {
         ["float, 128, 4", "float, 64, 8"],
     ),
     "qk_norm_rope.inc": (
-        "typename T, int HD, int QW, int ROPE_DIMS, int TRADITIONAL, int NORM",
+        "typename T, int HD, int QW, int ROPE_DIMS, int TRADITIONAL, int NORM, int NQ, int NK, "
+        "int Q_ROW, int Q_OFF, int K_ROW, int K_OFF, int V_ROW, int V_OFF",
         arguments(attention.NORM_ROPE_INPUTS, attention.NORM_ROPE_OUTPUTS),
-        ["float, 128, 128, 128, 0, 1", "float, 256, 512, 64, 1, 1", "float, 64, 64, 64, 0, 0"],
+        [
+            "float, 128, 128, 128, 0, 1, 32, 4, 5120, 0, 5120, 4096, 5120, 4608",
+            "float, 256, 512, 64, 1, 1, 16, 2, 8192, 0, 512, 0, 512, 0",
+            "float, 64, 64, 64, 0, 0, 4, 4, 768, 0, 768, 256, 768, 512",
+        ],
     ),
     "greedy_pick.inc": (
         "typename T, int THREADS",
