@@ -42,12 +42,13 @@ def arguments(inputs, outputs) -> list[tuple[str, str]]:
 
 KERNELS = {
     "dequant_matvec.inc": (
-        "typename T, int BITS, int GROUP_SIZE, int SIMDS, int RPS, int UNROLL, int TILE, int RES",
+        "typename T, int BITS, int GROUP_SIZE, int SIMDS, int RPS, int UNROLL, int TILE, int RES, "
+        "int OUT_DIM, int IN_DIM, int X_DIV, int GATHER",
         arguments(gpu.INPUT_NAMES, ["y"]),
         [
-            "float, {bits}, 64, 8, 2, 4 | 5 << 4 | 1 << 8, 4096, 0",
-            "float, {bits}, 32, 8, 1, 2 | 2 << 4, 96, 1",
-            "float, {bits}, 64, 4, 4, 2 | 5 << 4 | 1 << 8 | 1 << 9, 2048, 1",
+            "float, {bits}, 64, 8, 2, 4 | 5 << 4 | 1 << 8, 4096, 0, 5120, 2048, 1, 0",
+            "float, {bits}, 32, 8, 1, 2 | 2 << 4, 96, 1, 96, 96, 1, 1",
+            "float, {bits}, 64, 4, 4, 2 | 5 << 4 | 1 << 8 | 1 << 9, 2048, 1, 512, 2048, 10, 1",
         ],
     ),
     "moe_gate_up.inc": (
