@@ -1,9 +1,12 @@
 """The decode step's attention kernels: one launch each on a GPU.
 
-    qk_norm_rope(q, k, q_norm, k_norm, pos, eps=, rope_dims=, traditional=, base=, scale=, backend=)
-        -> queries (B, H, 1, hd), keys (B, H_kv, 1, hd): the new token's per-head RMSNorm and
-           rotary embedding, queries and keys in one launch
-    decode_attention(q, keys, values, k_new, v_new, pos, scale=, backend=)   -> (B, H, 1, hd)
+    qk_norm_rope(qkv, q_norm, k_norm, pos, heads=, kv_heads=, head_dim=, q_width=, eps=, rope_dims=,
+                 traditional=, base=, scale=, backend=)
+        -> queries (B, H, 1, hd), keys, values (B, H_kv, 1, hd): the new token's per-head RMSNorm and
+           rotary embedding of queries and keys, and its values, in one launch, read straight from
+           the projections' output (one stacked array or three)
+    decode_attention(q, keys, values, k_new, v_new, pos, scale=, flat=, backend=)
+        -> (B, H, 1, hd), or (B, 1, H * hd) with flat=True (heads side by side, as o_proj takes them)
 
 pos is the new token's position as an int32 array of shape (1,), so a compiled decode step keeps
 its shapes (and its trace) while the cache fills. decode_attention attends the new token's
@@ -27,22 +30,26 @@ import mlx.core as mx
 from . import fused_backend, gpu
 
 INPUTS = ("q", "k", "v", "k_new", "v_new", "pos", "dims", "scale")
-NORM_ROPE_INPUTS, NORM_ROPE_OUTPUTS = ("q", "k", "q_w", "k_w", "pos", "dims", "params"), ("q_out", "k_out")
+NORM_ROPE_INPUTS = ("q", "k", "v", "q_w", "k_w", "pos", "params")
+NORM_ROPE_OUTPUTS = ("q_out", "k_out", "v_out")
 SIMDS = 8  # SIMD groups per (sequence, head): each takes every 8th cached position
 
 
-def decode_attention(q, keys, values, k_new, v_new, pos, *, scale: float, backend: str = "auto") -> mx.array:
+def decode_attention(
+    q, keys, values, k_new, v_new, pos, *, scale: float, flat: bool = False, backend: str = "auto"
+) -> mx.array:
     B, H, T, hd = q.shape
     backend = fused_backend(backend)
     if backend == "reference" or T != 1 or hd % 32:
-        return reference(q, keys, values, k_new, v_new, pos, scale=scale)
+        y = reference(q, keys, values, k_new, v_new, pos, scale=scale)
+        return y.transpose(0, 2, 1, 3).reshape(B, T, H * hd) if flat else y
     _, n_kv, cap, _ = keys.shape
     (y,) = gpu.kernel(backend, "attention_decode.inc", "flashmoe_attention_decode", INPUTS)(
         inputs=[q, keys, values, k_new, v_new, pos, gpu.int_array(H, n_kv, cap), gpu.float_array(scale)],
         template=[("T", q.dtype), ("HD", hd), ("SIMDS", SIMDS)],
         grid=(B * H * SIMDS * 32, 1, 1),
         threadgroup=(SIMDS * 32, 1, 1),
-        output_shapes=[q.shape],
+        output_shapes=[(B, 1, H * hd) if flat else q.shape],  # one token: the same memory either way
         output_dtypes=[q.dtype],
         **gpu.output_init(),
     )
@@ -59,50 +66,76 @@ def reference(q, keys, values, k_new, v_new, pos, *, scale: float) -> mx.array:
 
 
 def qk_norm_rope(
-    q,
-    k,
+    qkv,
     q_norm,
     k_norm,
     pos,
     *,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    q_width: int,
     eps: float,
     rope_dims: int,
     traditional: bool,
     base: float,
     scale: float,
     backend: str = "auto",
-) -> tuple[mx.array, mx.array]:
-    """q (B, 1, H, qw) with each head's query in its first hd values (qw = 2 hd when q_proj also
-    gives an output gate), k (B, 1, H_kv, hd): one new token's projections; q_norm, k_norm (hd,)
-    RMSNorm weights, or both None (no norm); pos (1,) int32 -> queries (B, H, 1, hd), keys
-    (B, H_kv, 1, hd), normalised and rotated."""
-    B, T, H, qw = q.shape
-    n_kv, hd = k.shape[2], k.shape[3]
+) -> tuple[mx.array, mx.array, mx.array]:
+    """One new token's projections -> queries (B, H, 1, hd), keys and values (B, H_kv, 1, hd), queries
+    and keys normalised (q_norm, k_norm (hd,) RMSNorm weights, or both None) and rotated at pos (1,) int32.
+
+    qkv: the stacked projection output (B, 1, H * qw + 2 * H_kv * hd), or its three parts q (B, 1, H * qw),
+    k, v (B, 1, H_kv * hd); each query head is the first hd of its qw = q_width values (qw = 2 hd
+    when q_proj also gives an output gate)."""
+    stacked = isinstance(qkv, mx.array)
+    B, T = (qkv if stacked else qkv[0]).shape[:2]
+    dtype = (qkv if stacked else qkv[0]).dtype
     backend = fused_backend(backend)
     kw = dict(eps=eps, rope_dims=rope_dims, traditional=traditional, base=base, scale=scale)
-    if backend == "reference" or T != 1 or hd % 32 or rope_dims % 2 or rope_dims > hd:
-        return qk_norm_rope_reference(q, k, q_norm, k_norm, pos, **kw)
+    if backend == "reference" or T != 1 or head_dim % 32 or rope_dims % 2 or rope_dims > head_dim:
+        q, k, v = _parts(qkv, heads * q_width, kv_heads * head_dim)
+        queries, keys = qk_norm_rope_reference(
+            q.reshape(B, T, heads, q_width), k.reshape(B, T, kv_heads, head_dim), q_norm, k_norm, pos, **kw
+        )
+        return queries, keys, v.reshape(B, T, kv_heads, head_dim).transpose(0, 2, 1, 3)
     norm = q_norm is not None
     weights = [q_norm, k_norm] if norm else [gpu.float_array(0.0)] * 2  # unread without NORM
-    q_out, k_out = gpu.kernel(
+    if stacked:  # one array read at three offsets: no slices made
+        inputs, row = [qkv, qkv, qkv], qkv.shape[-1]
+        layout = [row, 0, row, heads * q_width, row, heads * q_width + kv_heads * head_dim]
+    else:
+        inputs = list(qkv)
+        layout = [inputs[0].shape[-1], 0, inputs[1].shape[-1], 0, inputs[2].shape[-1], 0]
+    outputs = gpu.kernel(
         backend, "qk_norm_rope.inc", "flashmoe_qk_norm_rope", NORM_ROPE_INPUTS, NORM_ROPE_OUTPUTS
     )(
-        inputs=[q, k, *weights, pos, gpu.int_array(H, n_kv), gpu.float_array(eps, math.log2(base), scale)],
+        inputs=[*inputs, *weights, pos, gpu.float_array(eps, math.log2(base), scale)],
         template=[
-            ("T", q.dtype),
-            ("HD", hd),
-            ("QW", qw),
+            ("T", dtype),
+            ("HD", head_dim),
+            ("QW", q_width),
             ("ROPE_DIMS", rope_dims),
             ("TRADITIONAL", int(traditional)),
             ("NORM", int(norm)),
+            ("NQ", heads),
+            ("NK", kv_heads),
+            *zip(("Q_ROW", "Q_OFF", "K_ROW", "K_OFF", "V_ROW", "V_OFF"), layout),
         ],
-        grid=(B * (H + n_kv) * 32, 1, 1),
+        grid=(B * (heads + kv_heads) * 32, 1, 1),
         threadgroup=(32, 1, 1),
-        output_shapes=[(B, H, 1, hd), (B, n_kv, 1, hd)],
-        output_dtypes=[q.dtype, k.dtype],
+        output_shapes=[(B, heads, 1, head_dim), (B, kv_heads, 1, head_dim), (B, kv_heads, 1, head_dim)],
+        output_dtypes=[dtype] * 3,
         **gpu.output_init(),
     )
-    return q_out, k_out
+    return tuple(outputs)
+
+
+def _parts(qkv, q_size: int, kv_size: int) -> tuple:
+    """(q, k, v) of a stacked projection output, or of a tuple of the three."""
+    if not isinstance(qkv, mx.array):
+        return tuple(qkv)
+    return qkv[..., :q_size], qkv[..., q_size : q_size + kv_size], qkv[..., q_size + kv_size :]
 
 
 def qk_norm_rope_reference(q, k, q_norm, k_norm, pos, *, eps, rope_dims, traditional, base, scale):

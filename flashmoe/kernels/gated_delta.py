@@ -59,13 +59,19 @@ def gated_delta_step(
     d_v: int,
     rms_eps: float,
     key_heads: bool = False,
+    layout: tuple | None = None,
+    flat: bool = False,
     backend: str = "auto",
 ):
+    """layout: None (qkv, z, b, a each its own array, as above), or ((row, offset) of qkv, z, b, a):
+    where sequence b's values start (b * row + offset) in a larger array given as that input (the
+    projections' stacked output, passed as all four: no slices made). flat: out as (B, 1, HV * DV),
+    as out_proj takes it, instead of (B, HV, DV)."""
     backend = fused_backend(backend)
+    if layout is not None and backend == "reference":
+        qkv, z, b, a = _unstack(qkv, layout, n_k, n_v, d_k, d_v, key_heads)
     if backend == "reference":
-        if key_heads:
-            qkv, z, b, a = (t[:, 0] for t in split_key_heads(qkv[:, None], b[:, None], n_k, n_v, d_k, d_v))
-        return reference(
+        out, new_state, new_conv = _reference_step(
             qkv,
             conv_state,
             conv_w,
@@ -76,14 +82,17 @@ def gated_delta_step(
             dt_bias,
             norm_w,
             state,
-            n_k=n_k,
-            n_v=n_v,
-            d_k=d_k,
-            d_v=d_v,
-            rms_eps=rms_eps,
+            n_k,
+            n_v,
+            d_k,
+            d_v,
+            rms_eps,
+            key_heads,
         )
-    B = qkv.shape[0]
+        return (out.reshape(out.shape[0], 1, -1) if flat else out), new_state, new_conv
+    B = conv_state.shape[0]
     W = conv_w.shape[0]
+    rows = layout or tuple((t.size // B, 0) for t in (qkv, z, b, a))
     eps = gpu.float_array(QK_L2_EPS, rms_eps)
     out, new_state, new_conv = gpu.kernel(
         backend,
@@ -102,14 +111,45 @@ def gated_delta_step(
             ("HK", n_k),
             ("SIMDS", SIMDS),
             ("LAYOUT", int(key_heads)),
+            *[
+                (f"{x}_{what}", v)
+                for x, r in zip(("QKV", "Z", "B", "A"), rows)
+                for what, v in zip(("ROW", "OFF"), r)
+            ],
         ],
         grid=(B * n_v * SIMDS * 32, 1, 1),
         threadgroup=(SIMDS * 32, 1, 1),
-        output_shapes=[(B, n_v, d_v), state.shape, conv_state.shape],
+        output_shapes=[(B, 1, n_v * d_v) if flat else (B, n_v, d_v), state.shape, conv_state.shape],
         output_dtypes=[qkv.dtype, mx.float32, conv_state.dtype],
         **gpu.output_init(),
     )
     return out, new_state, new_conv
+
+
+def _unstack(stacked, layout, n_k, n_v, d_k, d_v, key_heads) -> tuple:
+    """qkv, z, b, a (or qkvz, qkvz, ba, ba for key_heads) cut out of the stacked array (B, ...) by layout."""
+    B = stacked.shape[0]
+    rows = stacked.reshape(B, -1)
+    r = n_v // n_k
+    widths = (
+        (n_k * (2 * d_k + 2 * r * d_v),) * 2 + (n_k * 2 * r,) * 2
+        if key_heads
+        else (2 * n_k * d_k + n_v * d_v, n_v * d_v, n_v, n_v)
+    )
+    parts = [rows[:, off : off + width] for (_, off), width in zip(layout, widths)]
+    if not key_heads:
+        parts[1] = parts[1].reshape(B, n_v, d_v)
+    return tuple(parts)
+
+
+def _reference_step(
+    qkv, conv_state, conv_w, z, b, a, A_log, dt_bias, norm_w, state, n_k, n_v, d_k, d_v, rms_eps, key_heads
+):
+    """reference() for gated_delta_step's arguments (key_heads: qwen3_next's layout split first)."""
+    if key_heads:
+        qkv, z, b, a = (t[:, 0] for t in split_key_heads(qkv[:, None], b[:, None], n_k, n_v, d_k, d_v))
+    dims = dict(n_k=n_k, n_v=n_v, d_k=d_k, d_v=d_v, rms_eps=rms_eps)
+    return reference(qkv, conv_state, conv_w, z, b, a, A_log, dt_bias, norm_w, state, **dims)
 
 
 def split_key_heads(qkvz, ba, n_k: int, n_v: int, d_k: int, d_v: int):

@@ -31,7 +31,7 @@ CORE_BEGIN, CORE_END = "// qdot_tile begin", "// qdot_tile end"
 SIMDS_PER_GROUP = 8  # SIMD groups (warps) per threadgroup
 MAX_LOADS = 8  # loads (of VEC words) in flight per lane, over all slots
 X_FLOATS = 8192  # float32 x values staged in shared memory at a time (32 KiB), over all slots
-INPUT_NAMES = ["x", "w", "scales", "biases", "idx", "res", "dims"]
+INPUT_NAMES = ["x", "w", "scales", "biases", "idx", "res"]
 
 _poison: float | None = None
 _override: dict = {}  # benchmarks: force launch-shape fields (simds, rps, lpr, vec, u, xd)
@@ -207,9 +207,10 @@ def float_array(*values: float) -> mx.array:
     return mx.array(values, dtype=mx.float32)
 
 
-@functools.lru_cache(maxsize=64)
-def _zeros(pairs: int) -> mx.array:
-    return mx.zeros((pairs,), dtype=mx.uint32)
+@functools.cache
+def _no_ids() -> mx.array:
+    """What the matvec's `idx` input gets for one matrix (GATHER = 0): one unread id."""
+    return mx.zeros((1,), dtype=mx.uint32)
 
 
 @functools.lru_cache(maxsize=8)
@@ -221,27 +222,29 @@ def no_residual(dtype: mx.Dtype) -> mx.array:
 def gathered_matvec(
     backend, x, w, scales, biases, idx, *, x_div, bits, group_size, out_shape, residual=None
 ) -> mx.array:
-    """Pairs p = 0..P-1 (P = idx.size): y[p] = dequant(w[idx[p]]) @ x[p // x_div] (+ residual[p])
-    -> y of out_shape.
+    """Pairs p = 0..P-1: y[p] = dequant(w[idx[p]]) @ x[p // x_div] (+ residual[p]) -> y of out_shape;
+    idx None: one matrix w (out, words) for every pair (P = x's rows).
 
-    x (P / x_div rows of in), w (E, out, words) or (out, words) when idx is all zeros,
-    row-contiguous: the kernel indexes flat memory, so no reshape (an extra op per call) is needed.
+    x (P / x_div rows of in), w (E, out, words) or (out, words), row-contiguous: the kernel indexes
+    flat memory, so no reshape (an extra op per call) is needed.
     residual: None or an array of out_shape in x's dtype, added as a separate add would round it.
     """
+    pairs = x.size // x.shape[-1] if idx is None else idx.size
     launch = matvec_launch(
         x.dtype,
-        idx.size,
+        pairs,
         w.shape[-2],
         x.shape[-1],
         x_div,
         bits,
         group_size,
         residual is not None,
+        idx is not None,
         tuple(_override.items()),
     )
     res = no_residual(x.dtype) if residual is None else residual
     (y,) = _kernel(backend)(
-        inputs=[x, w, scales, biases, idx, res, launch.dims],
+        inputs=[x, w, scales, biases, _no_ids() if idx is None else idx, res],
         template=launch.template,
         grid=launch.grid,
         threadgroup=launch.threadgroup,
@@ -259,11 +262,12 @@ class Launch:
     template: list
     grid: tuple
     threadgroup: tuple
-    dims: mx.array  # [out, in, x_div] int32
 
 
 @functools.lru_cache(maxsize=512)
-def matvec_launch(dtype, pairs, out_dim, in_dim, x_div, bits, group_size, residual, override) -> Launch:
+def matvec_launch(
+    dtype, pairs, out_dim, in_dim, x_div, bits, group_size, residual, gather, override
+) -> Launch:
     """The launch of `pairs` rows of x against (out_dim, in_dim) matrices (`override`: gpu._override's
     items, so that a benchmark forcing a shape gets its own entry)."""
     p = plan(out_dim, in_dim, bits)
@@ -277,24 +281,25 @@ def matvec_launch(dtype, pairs, out_dim, in_dim, x_div, bits, group_size, residu
             ("UNROLL", p.unroll_code),
             ("TILE", p.tile),
             ("RES", int(residual)),
+            ("OUT_DIM", out_dim),
+            ("IN_DIM", in_dim),
+            ("X_DIV", x_div),
+            ("GATHER", int(gather)),
         ],
         grid=(pairs * p.simds * 32, math.ceil(out_dim / p.rows_per_group), 1),
         threadgroup=(p.simds * 32, 1, 1),
-        dims=int_array(out_dim, in_dim, x_div),
     )
 
 
 def matvec(backend, x, w, scales, biases, *, bits, group_size, residual=None) -> mx.array:
-    """x (..., in) against one matrix w (out, words) (+ residual (..., out)) -> (..., out): the
-    gathered kernel with expert 0."""
-    pairs = x.size // x.shape[-1]
+    """x (..., in) against one matrix w (out, words) (+ residual (..., out)) -> (..., out)."""
     return gathered_matvec(
         backend,
         x,
         w,
         scales,
         biases,
-        _zeros(pairs),
+        None,
         x_div=1,
         bits=bits,
         group_size=group_size,

@@ -89,30 +89,34 @@ class Attention:
         x (B, 1, D); keys, values (B, H_kv, capacity, hd) with positions [0, pos) filled; pos (1,)
         int32. Returns [out (B, 1, D) (+ residual), k_new, v_new (B, H_kv, 1, hd)]: the caller writes the new
         key and value at pos (KVCache.write). The shapes do not change as pos grows, so the step
-        is traced once per buffer capacity. Norms and rotary embeddings of q and k take one
-        launch (qk_norm_rope), attention another.
+        is traced once per buffer capacity. One launch takes the projections' output as it comes
+        (qk_norm_rope: norms and rotary embeddings of q and k, v copied out), attention another,
+        which writes heads side by side as o_proj reads them: no slices or reshapes between.
         """
-        B = x.shape[0]
-        q, k, v = self.qkv_proj(x)
-        gate = self._queries(q)[1]
-        queries, k_new = qk_norm_rope(
-            q.reshape(B, 1, self.n_heads, -1),
-            k.reshape(B, 1, self.n_kv_heads, self.head_dim),
+        qkv = self.qkv_proj.stacked(x)  # (B, 1, W) when the three are stacked, else (q, k, v)
+        queries, k_new, v_new = qk_norm_rope(
+            qkv,
             self.q_norm if self.qk_norm else None,
             self.k_norm if self.qk_norm else None,
             pos,
+            heads=self.n_heads,
+            kv_heads=self.n_kv_heads,
+            head_dim=self.head_dim,
+            q_width=self.head_dim * (2 if self.gated else 1),
             eps=self.eps,
             rope_dims=self.rope_dims,
             traditional=self.rope_traditional,
             base=self.rope_base,
             scale=self.rope_scale,
             backend=self.o_proj.backend,
-        )  # (B, H, 1, hd), (B, H_kv, 1, hd)
-        v_new = v.reshape(B, 1, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        )  # (B, H, 1, hd), (B, H_kv, 1, hd) x2
         out = decode_attention(
-            queries, keys, values, k_new, v_new, pos, scale=self.scale, backend=self.o_proj.backend
-        )
-        return [self._output(out, gate, residual), k_new, v_new]
+            queries, keys, values, k_new, v_new, pos, scale=self.scale, flat=True, backend=self.o_proj.backend
+        )  # (B, 1, H * hd)
+        if self.gated:
+            q = qkv[..., : self.n_heads * 2 * self.head_dim] if isinstance(qkv, mx.array) else qkv[0]
+            out = out * mx.sigmoid(self._queries(q)[1])
+        return [self.o_proj(out, residual), k_new, v_new]
 
     def _heads(self, x: mx.array, offset: int | mx.array) -> tuple:
         """x (B, T, D) at positions offset.. -> queries (B, H, T, hd), keys and values (B, H_kv, T, hd),

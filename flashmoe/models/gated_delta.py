@@ -60,7 +60,7 @@ class GatedDeltaNet:
         """x (B, T, D) -> the mixer's output (B, T, D), plus `residual` (added by out_proj) when given."""
         B, T, _ = x.shape
         if T == 1 and cache is not None and self.backend in kernels.GPU_BACKENDS:
-            return self.out_proj(self._fused_step(x, cache).reshape(B, 1, -1), residual)
+            return self.out_proj(self._fused_step(x, cache), residual)
         qkv, z, b, a = self._project(x)  # (B, T, C), (B, T, H_v, d_v), (B, T, H_v) x2
         conv = silu(self._conv(qkv, cache))  # (B, T, C)
         q, k, v = mx.split(conv, [self.key_dim, 2 * self.key_dim], axis=-1)
@@ -85,18 +85,24 @@ class GatedDeltaNet:
     def _fused_step(self, x: mx.array, cache: LinearAttentionCache) -> mx.array:
         """One decode token in one launch (kernels.gated_delta): conv, gating, state update, gated norm.
 
-        The same math as the lines of __call__ (its reference is that path); returns (B, H_v, d_v).
-        qwen3_next's projections go in as they come out (grouped by key head): no copies split them.
+        The same math as the lines of __call__ (its reference is that path); returns (B, 1, H_v * d_v).
+        The projections go in as they come out: their stacked output (one array the kernel reads at
+        each part's offset) or, when they are not stacked, qkv, z, b, a (qwen3_next: qkvz, ba, grouped
+        by key head); no copies or slices split them.
         """
         B = x.shape[0]
-        if self.split:
-            qkv, z, b, a = (t[:, 0] for t in self._project(x))
+        out = self.in_proj.stacked(x)
+        if isinstance(out, mx.array):  # (B, 1, sum of widths): every part read where it lies
+            starts = [0, *self.in_proj.ends]
+            starts = starts if self.split else [starts[0], starts[0], starts[1], starts[1]]
+            parts, layout = [out] * 4, tuple((out.shape[-1], at) for at in starts)
         else:
-            qkvz, ba = (t[:, 0] for t in self.in_proj(x))
-            qkv, z, b, a = qkvz, qkvz, ba, ba
+            parts = list(out) if self.split else [out[0], out[0], out[1], out[1]]
+            layout = None
+        qkv, z, b, a = parts
         past = cache.conv
         if past is None:
-            past = mx.zeros((B, self.width - 1, self.conv_dim), dtype=qkv.dtype)
+            past = mx.zeros((B, self.width - 1, self.conv_dim), dtype=x.dtype)
         state = cache.state_
         if state is None:
             state = mx.zeros((B, self.n_v, self.d_v, self.d_k), dtype=mx.float32)
@@ -117,10 +123,12 @@ class GatedDeltaNet:
             d_v=self.d_v,
             rms_eps=self.eps,
             key_heads=not self.split,
+            layout=layout,
+            flat=True,
             backend=self.backend,
         )
         cache.offset += 1
-        return out  # (B, H_v, d_v)
+        return out  # (B, 1, H_v * d_v)
 
     def _project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
         """qkv in conv-channel order [q | k | v], z per value head, b and a per value head."""

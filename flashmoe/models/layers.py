@@ -81,6 +81,11 @@ class Projections:
             return [layer(x) for layer in self.layers]
         return mx.split(self.fused(x), self.ends, axis=-1)
 
+    def stacked(self, x: mx.array) -> mx.array | tuple[mx.array, ...]:
+        """The outputs side by side in one array (..., sum of outs) when stacked, else as a tuple:
+        for a kernel that reads them where they lie, without the split."""
+        return self.fused(x) if self.fused is not None else tuple(layer(x) for layer in self.layers)
+
 
 def _stacked(layers: tuple[Linear, ...]) -> Linear | None:
     """The layers as one Linear with their output rows stacked, or None unless quantized alike."""

@@ -6,7 +6,7 @@ thread, barriers and warp shuffles emulated) and runs the grid block by block.
     with emulated_cuda():            # kernels.backend_available("cuda") is True inside
         y = kernels.dequant_matvec(x, w, s, b, bits=4, group_size=64, backend="cuda")
 
-Float32 and integer arrays only (bf16 is a GPU's business), evaluated inputs only (no mx.compile),
+float32, bf16 (rounded as cuda_bf16.h rounds) and 32-bit integer arrays, evaluated inputs only (no mx.compile),
 tiny shapes only (thousands of threads per call). What it checks is the kernel bodies' logic (indexing,
 tiling, barriers, shuffles) on a machine without a GPU; the GPU tests check them on one.
 """
@@ -27,8 +27,8 @@ import numpy as np
 
 SHIM = Path(__file__).resolve().parents[1] / "shims" / "cuda_on_cpu.h"
 BUILD_DIR = Path(tempfile.gettempdir()) / "flashmoe-emulated-kernels"
-C_TYPES = {mx.float32: "float", mx.uint32: "uint32_t", mx.int32: "int32_t"}
-NP_TYPES = {mx.float32: np.float32, mx.uint32: np.uint32, mx.int32: np.int32}
+C_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.uint32: "uint32_t", mx.int32: "int32_t"}
+NP_TYPES = {mx.float32: np.float32, mx.bfloat16: np.uint16, mx.uint32: np.uint32, mx.int32: np.int32}
 
 
 def available() -> str | None:
@@ -107,7 +107,7 @@ class EmulatedKernel:
         inputs = [mx.array(a) if not isinstance(a, mx.array) else a for a in inputs]
         for n, a in zip(self.input_names, inputs):
             if a.dtype not in C_TYPES:
-                raise TypeError(f"emulated kernels take float32 and 32-bit integers; {n} is {a.dtype}")
+                raise TypeError(f"emulated kernels take float32, bf16 and 32-bit integers; {n} is {a.dtype}")
         unit = assemble(
             self.name,
             self.header,
@@ -119,7 +119,7 @@ class EmulatedKernel:
             template,
         )
         lib = build(unit)
-        host_in = [np.ascontiguousarray(np.array(a)) for a in inputs]
+        host_in = [np.ascontiguousarray(np.array(_bits(a))) for a in inputs]
         host_out = [
             np.full(s, _fill(init_value, d), dtype=NP_TYPES[d]) for s, d in zip(output_shapes, output_dtypes)
         ]
@@ -129,7 +129,14 @@ class EmulatedKernel:
         threads = threadgroup[0] * threadgroup[1] * threadgroup[2]
         gx, gy = math.ceil(grid[0] / threadgroup[0]), math.ceil(grid[1] / threadgroup[1])
         lib.fm_run(pointers, gx, gy, threads)
-        return [mx.array(o) for o in host_out]
+        return [
+            mx.array(o).view(d) if d == mx.bfloat16 else mx.array(o) for o, d in zip(host_out, output_dtypes)
+        ]
+
+
+def _bits(a: mx.array) -> mx.array:
+    """bf16 as its 16-bit patterns (numpy has no bf16), anything else as it is."""
+    return a.view(mx.uint16) if a.dtype == mx.bfloat16 else a
 
 
 def _fill(init_value, dtype):
@@ -137,6 +144,8 @@ def _fill(init_value, dtype):
     which an integer output cannot hold: it gets all bits set instead)."""
     if init_value is None:
         return 0
+    if dtype == mx.bfloat16:
+        return np.array(mx.array([init_value]).astype(mx.bfloat16).view(mx.uint16))[0]
     if dtype == mx.float32 or not math.isnan(init_value):
         return init_value
     return -1 if dtype == mx.int32 else np.iinfo(np.uint32).max

@@ -86,6 +86,21 @@ def norm_rope_float64(x, w, position, *, eps, rope_dims, traditional, base, scal
     return out.transpose(0, 2, 1, 3)
 
 
+def norm_rope(q, k, q_w, k_w, pos, *, stacked=True, backend="cuda", **kw):
+    """attention.qk_norm_rope on q (B, 1, H, qw), k (B, 1, H_kv, hd) and a fresh v, given as the
+    stacked projection output or as three arrays; checks that v comes out as it went in, exactly,
+    and returns the queries and keys."""
+    B, _, H, qw = q.shape
+    n_kv, hd = k.shape[2], k.shape[3]
+    v = mx.random.normal(k.shape).astype(k.dtype)
+    parts = (q.reshape(B, 1, -1), k.reshape(B, 1, -1), v.reshape(B, 1, -1))
+    qkv = mx.concatenate(parts, axis=-1) if stacked else parts
+    dims = dict(heads=H, kv_heads=n_kv, head_dim=hd, q_width=qw)
+    queries, keys, values = attention.qk_norm_rope(qkv, q_w, k_w, pos, **dims, **kw, backend=backend)
+    assert mx.array_equal(values, v.transpose(0, 2, 1, 3)), "values not copied out as they are"
+    return queries, keys
+
+
 def err64(y, truth) -> float:
     return float(np.abs(np.array(y.astype(mx.float32), dtype=np.float64) - truth).max() / np.abs(truth).max())
 
@@ -120,7 +135,10 @@ def test_norm_rope_reference_matches_float64_for_two_sequences(traditional, seed
 @pytest.mark.parametrize("traditional", [False, True])
 @pytest.mark.parametrize("position", [0, 5, 3000])
 @pytest.mark.parametrize("gated, norm", [(False, True), (True, True), (False, False)])
-def test_norm_rope_kernel_matches_float64(head_dim, rope_dims, traditional, position, gated, norm, seed):
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "three"])
+def test_norm_rope_kernel_matches_float64(
+    head_dim, rope_dims, traditional, position, gated, norm, stacked, seed
+):
     """Judged by float64 arithmetic (norm_rope_float64): within 1e-5 where the angle is small; at
     position 3000 (theta up to 1500, whose float32 rounding alone moves cos by ~1e-4) within 3e-4.
 
@@ -133,7 +151,7 @@ def test_norm_rope_kernel_matches_float64(head_dim, rope_dims, traditional, posi
     q_w, k_w = (q_w, k_w) if norm else (None, None)
     pos = mx.array([position], dtype=mx.int32)
     kw = dict(eps=1e-6, rope_dims=rope_dims, traditional=traditional, base=1e6, scale=0.5)
-    got = attention.qk_norm_rope(q, k, q_w, k_w, pos, **kw, backend="cuda")
+    got = norm_rope(q, k, q_w, k_w, pos, stacked=stacked, **kw)
     truths = [norm_rope_float64(x[..., :head_dim], w, position, **kw) for x, w in ((q, q_w), (k, k_w))]
     tolerance = 1e-5 if position < 1000 else 3e-4
     for name, g, truth in zip("qk", got, truths):
@@ -146,7 +164,7 @@ def test_norm_rope_kernel_bfloat16_within_rounding(seed):
     q, k, q_w, k_w = norm_rope_case(1, 32, 4, 128, dtype=mx.bfloat16)
     pos = mx.array([41], dtype=mx.int32)
     kw = dict(eps=1e-6, rope_dims=128, traditional=False, base=1e6, scale=1.0)
-    got = attention.qk_norm_rope(q, k, q_w, k_w, pos, **kw, backend="cuda")
+    got = norm_rope(q, k, q_w, k_w, pos, **kw)
     truths = [norm_rope_float64(x, w, 41, **kw) for x, w in ((q, q_w), (k, k_w))]
     for g, truth in zip(got, truths):
         assert g.dtype == mx.bfloat16 and err64(g, truth) < 1e-2, f"seed {seed}"

@@ -123,6 +123,38 @@ def test_gated_delta_step(key_heads, seed):
     assert max(errs) < 1e-5, f"out/state/conv {errs} (seed {seed})"
 
 
+@pytest.mark.parametrize("key_heads", [False, True])
+def test_gated_delta_step_reads_the_stacked_projections(key_heads, seed):
+    """The projections' stacked output given as all four inputs at their offsets (as the model passes
+    it) gives what the four arrays give, out flat (B, 1, HV * DV)."""
+    from tests.kernels.test_gated_delta_kernel import inputs
+
+    n_k, n_v, d_k, d_v = 1, 2, 32, 32
+    args = inputs(2, n_k, n_v, d_k, d_v, 4, mx.float32)
+    dims = dict(n_k=n_k, n_v=n_v, d_k=d_k, d_v=d_v, rms_eps=1e-6, key_heads=key_heads)
+    if key_heads:
+        r = n_v // n_k
+        first, second = (
+            mx.random.normal((2, n_k * (2 * d_k + 2 * r * d_v))),
+            mx.random.normal((2, n_k * 2 * r)),
+        )
+        parts, starts = [first, second], [0, 0, first.shape[-1], first.shape[-1]]
+        args = dict(args, qkv=first, z=first, b=second, a=second)
+    else:
+        parts = [args["qkv"], args["z"].reshape(2, -1), args["b"], args["a"]]
+        starts = [0, *mx.cumsum(mx.array([t.shape[-1] for t in parts[:-1]])).tolist()]
+    stacked = mx.concatenate(parts, axis=-1)[:, None]  # (B, 1, sum of widths)
+    layout = tuple((stacked.shape[-1], at) for at in starts)
+    given = dict(args, qkv=stacked, z=stacked, b=stacked, a=stacked)
+    got = gated_delta.gated_delta_step(**given, **dims, layout=layout, flat=True, backend="cuda")
+    want = gated_delta.gated_delta_step(**args, **dims, backend="cuda")
+    assert got[0].shape == (2, 1, n_v * d_v)
+    for g, w in zip((got[0].reshape(want[0].shape), *got[1:]), want):
+        assert mx.array_equal(g, w), f"seed {seed}"
+    ref = gated_delta.gated_delta_step(**given, **dims, layout=layout, flat=True, backend="reference")
+    assert max(rel_err(g, w) for g, w in zip(got, ref)) < 1e-5, f"seed {seed}"
+
+
 @pytest.mark.parametrize("pos", [0, 5, 9])
 def test_decode_attention(pos, seed):
     from tests.kernels.test_attention_decode import case
@@ -135,14 +167,25 @@ def test_decode_attention(pos, seed):
 
 
 @pytest.mark.parametrize("traditional", [False, True])
-def test_qk_norm_rope(traditional, seed):
-    from tests.kernels.test_attention_decode import err64, norm_rope_case, norm_rope_float64
+@pytest.mark.parametrize("gated, stacked", [(False, True), (True, True), (True, False)])
+def test_qk_norm_rope(traditional, gated, stacked, seed):
+    from tests.kernels.test_attention_decode import err64, norm_rope, norm_rope_case, norm_rope_float64
 
-    q, k, q_w, k_w = norm_rope_case(1, 4, 2, 64, False)
+    q, k, q_w, k_w = norm_rope_case(2, 4, 2, 64, gated)
     kw = dict(eps=1e-6, rope_dims=32, traditional=traditional, base=1e6, scale=0.5)
-    got = attention.qk_norm_rope(q, k, q_w, k_w, mx.array([7], dtype=mx.int32), **kw, backend="cuda")
+    got = norm_rope(q, k, q_w, k_w, mx.array([7], dtype=mx.int32), stacked=stacked, **kw)
     for g, x, w in zip(got, (q, k), (q_w, k_w)):
         assert err64(g, norm_rope_float64(x[..., :64], w, 7, **kw)) < 1e-5, f"seed {seed}"
+
+
+def test_decode_attention_flat_is_the_heads_side_by_side(seed):
+    from tests.kernels.test_attention_decode import case
+
+    q, keys, values, k_new, v_new = case(1, 4, 2, 32, 10)
+    at = mx.array([6], dtype=mx.int32)
+    flat = attention.decode_attention(q, keys, values, k_new, v_new, at, scale=0.2, flat=True, backend="cuda")
+    ref = attention.reference(q, keys, values, k_new, v_new, at, scale=0.2)
+    assert flat.shape == (1, 1, 128) and rel_err(flat, ref.transpose(0, 2, 1, 3).reshape(1, 1, 128)) < 1e-5
 
 
 def test_greedy_pick_first_largest_and_non_finite(seed):
@@ -151,3 +194,23 @@ def test_greedy_pick_first_largest_and_non_finite(seed):
     assert greedy_pick(logits, backend="cuda").tolist() == [top, 1], f"seed {seed}"
     bad = mx.where(mx.arange(3000) == 17, mx.array(float("nan")), logits)
     assert greedy_pick(bad, backend="cuda").tolist() == [0, 0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["qwen3_next", "qwen3_moe"])
+def test_a_model_decodes_through_the_emulated_kernels(model_type, tmp_path, monkeypatch):
+    """The decode step a GPU runs (tests/models/test_gpu_path.py's first test), every kernel emulated:
+    the step function called as it is (mx.compile cannot trace an emulated kernel), float32 logits
+    within 1e-4 of the reference backend's."""
+    from flashmoe.analysis.parity import forced_decode_logits
+    from flashmoe.loader import load_model
+    from tests.helpers import write_checkpoint
+
+    directory = write_checkpoint(tmp_path / model_type, model_type)
+    ours = load_model(directory, backend="cuda", dtype=mx.float32)
+    assert all(layer.compiled for layer in ours.layers)
+    monkeypatch.setattr(ours, "_step", ours._pure_step)
+    reference = load_model(directory, backend="reference", dtype=mx.float32)
+    prompt, tokens = [3, 17, 42, 9, 77], [5, 61, 12]
+    got, want = forced_decode_logits(ours, prompt, tokens), forced_decode_logits(reference, prompt, tokens)
+    assert rel_err(got, want) < 1e-4

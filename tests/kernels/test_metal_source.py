@@ -42,12 +42,13 @@ def arguments(inputs, outputs) -> list[tuple[str, str]]:
 
 KERNELS = {
     "dequant_matvec.inc": (
-        "typename T, int BITS, int GROUP_SIZE, int SIMDS, int RPS, int UNROLL, int TILE, int RES",
+        "typename T, int BITS, int GROUP_SIZE, int SIMDS, int RPS, int UNROLL, int TILE, int RES, "
+        "int OUT_DIM, int IN_DIM, int X_DIV, int GATHER",
         arguments(gpu.INPUT_NAMES, ["y"]),
         [
-            "float, {bits}, 64, 8, 2, 4 | 5 << 4 | 1 << 8, 4096, 0",
-            "float, {bits}, 32, 8, 1, 2 | 2 << 4, 96, 1",
-            "float, {bits}, 64, 4, 4, 2 | 5 << 4 | 1 << 8 | 1 << 9, 2048, 1",
+            "float, {bits}, 64, 8, 2, 4 | 5 << 4 | 1 << 8, 4096, 0, 5120, 2048, 1, 0",
+            "float, {bits}, 32, 8, 1, 2 | 2 << 4, 96, 1, 96, 96, 1, 1",
+            "float, {bits}, 64, 4, 4, 2 | 5 << 4 | 1 << 8 | 1 << 9, 2048, 1, 512, 2048, 10, 1",
         ],
     ),
     "moe_gate_up.inc": (
@@ -61,9 +62,13 @@ KERNELS = {
         ["float, {bits}, 64, 10, 0, 8, 16, 4, 1, 768, 0", "float, {bits}, 64, 10, 1, 8, 16, 4, 1, 768, 1"],
     ),
     "gated_delta_step.inc": (
-        "typename T, int DK, int DV, int W, int HV, int HK, int SIMDS, int LAYOUT",
+        "typename T, int DK, int DV, int W, int HV, int HK, int SIMDS, int LAYOUT, "
+        "int QKV_ROW, int QKV_OFF, int Z_ROW, int Z_OFF, int B_ROW, int B_OFF, int A_ROW, int A_OFF",
         arguments(gated_delta.INPUTS, gated_delta.OUTPUTS),
-        ["float, 128, 128, 4, 32, 16, 8, 0", "float, 128, 128, 4, 32, 16, 8, 1"],
+        [
+            "float, 128, 128, 4, 32, 16, 8, 0, 8192, 0, 4096, 0, 32, 0, 32, 0",
+            "float, 128, 128, 4, 32, 16, 8, 1, 12352, 0, 12352, 0, 12352, 12288, 12352, 12288",
+        ],
     ),
     "attention_decode.inc": (
         "typename T, int HD, int SIMDS",
@@ -71,9 +76,14 @@ KERNELS = {
         ["float, 128, 4", "float, 64, 8"],
     ),
     "qk_norm_rope.inc": (
-        "typename T, int HD, int QW, int ROPE_DIMS, int TRADITIONAL, int NORM",
+        "typename T, int HD, int QW, int ROPE_DIMS, int TRADITIONAL, int NORM, int NQ, int NK, "
+        "int Q_ROW, int Q_OFF, int K_ROW, int K_OFF, int V_ROW, int V_OFF",
         arguments(attention.NORM_ROPE_INPUTS, attention.NORM_ROPE_OUTPUTS),
-        ["float, 128, 128, 128, 0, 1", "float, 256, 512, 64, 1, 1", "float, 64, 64, 64, 0, 0"],
+        [
+            "float, 128, 128, 128, 0, 1, 32, 4, 5120, 0, 5120, 4096, 5120, 4608",
+            "float, 256, 512, 64, 1, 1, 16, 2, 8192, 0, 512, 0, 512, 0",
+            "float, 64, 64, 64, 0, 0, 4, 4, 768, 0, 768, 256, 768, 512",
+        ],
     ),
     "greedy_pick.inc": (
         "typename T, int THREADS",

@@ -27,6 +27,27 @@ struct uint4 {
 };
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 
+// bfloat16 as cuda_bf16.h's conversions give it: the top half of a float32, rounded to nearest even.
+struct __nv_bfloat16 {
+  uint16_t bits;
+  __nv_bfloat16() = default;
+  __nv_bfloat16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+      bits = uint16_t((u >> 16) | 0x40u);  // NaN stays NaN
+    } else {
+      bits = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+  }
+  operator float() const {
+    const uint32_t u = uint32_t(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
+
 #define __device__
 #define __global__
 #define __forceinline__ inline
