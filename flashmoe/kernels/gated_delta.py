@@ -68,9 +68,13 @@ def gated_delta_step(
     projections' stacked output, passed as all four: no slices made). flat: out as (B, 1, HV * DV),
     as out_proj takes it, instead of (B, HV, DV)."""
     backend = fused_backend(backend)
-    if layout is not None and backend == "reference":
-        qkv, z, b, a = _unstack(qkv, layout, n_k, n_v, d_k, d_v, key_heads)
     if backend == "reference":
+        if layout is not None:
+            qkv, z, b, a = _unstack(qkv, layout, n_k, n_v, d_k, d_v, key_heads)
+        else:  # each its own array, maybe with a token axis (B, 1, ...): the shapes reference() takes
+            B = conv_state.shape[0]
+            qkv, b, a = (t.reshape(B, -1) for t in (qkv, b, a))
+            z = z.reshape(B, -1) if key_heads else z.reshape(B, n_v, d_v)
         out, new_state, new_conv = _reference_step(
             qkv,
             conv_state,

@@ -67,3 +67,19 @@ def test_key_head_layout_reads_the_projections_as_they_come(batch, heads, seed):
     r_out, r_state, r_conv = gated_delta.reference(**dict(args, qkv=qkv, z=z, b=b, a=a), **dims)
     errs = rel_err(out, r_out), rel_err(state, r_state), rel_err(conv, r_conv)
     assert max(errs) < 1e-4, f"out/state/conv rel err {errs} (seed {seed})"
+
+
+@pytest.mark.parametrize("key_heads", [False, True])
+def test_reference_takes_the_projections_with_their_token_axis(key_heads, seed):
+    """Unstacked projections come in as the model has them, (B, 1, ...): the same step as (B, ...)."""
+    n_k, n_v, d_k, d_v = 2, 4, 32, 32
+    args = inputs(2, n_k, n_v, d_k, d_v, 4, mx.float32)
+    dims = dict(n_k=n_k, n_v=n_v, d_k=d_k, d_v=d_v, rms_eps=1e-6, key_heads=key_heads, backend="reference")
+    if key_heads:
+        r = n_v // n_k
+        qkvz, ba = mx.random.normal((2, n_k * (2 * d_k + 2 * r * d_v))), mx.random.normal((2, n_k * 2 * r))
+        args = dict(args, qkv=qkvz, z=qkvz, b=ba, a=ba)
+    flat = gated_delta.gated_delta_step(**args, **dims)
+    with_axis = {k: args[k].reshape(2, 1, -1) for k in ("qkv", "z", "b", "a")}
+    got = gated_delta.gated_delta_step(**dict(args, **with_axis), **dims)
+    assert all(mx.array_equal(g, f) for g, f in zip(got, flat)), f"seed {seed}"
