@@ -8,7 +8,7 @@
 #   tests    the whole suite, notebooks aside, 12 processes (~6 min)
 #   focus    a pytest selection: PYTEST_ARGS="tests/kernels -k cuda" bash benchmarks/gpu.sh focus
 #   nan      gpu_nan_stages.py: MLX's quantized_matmul and gated_delta_update here against the CPU (~2 min)
-#   sweep    matvec_sweep.py --device: launch shapes by kernel time, table to $OUT (~3 min for 5 shapes)
+#   sweep    matvec_sweep.py --mode device: launch shapes by kernel time, table to $OUT (~3 min for 5 shapes)
 #   kernels  kernels.py --full --mode device: every kernel next to MLX's, kernel time (~1.5 min)
 #   moe      moe_layer.py: one MoE layer, fused against gather_qmm, compiled and streamed (~1 min)
 #   decode   decode.py on the 8-layer Qwen3-30B and Coder-Next shapes and the bundled model (~3 min)
@@ -30,7 +30,7 @@ for task in "$@"; do
     nan)
       timeout 200 python3 benchmarks/gpu_nan_stages.py --limit 60 2>&1 | grep -v INFO | tee $OUT/nan_stages.txt ;;
     sweep)
-      timeout 420 python3 benchmarks/matvec_sweep.py --device --no-moe --calls 20 \
+      timeout 420 python3 benchmarks/matvec_sweep.py --mode device --no-moe --calls 20 \
         --shapes ${SWEEP_SHAPES:-4096x4096,16384x4096,5120x2048,2048x4096,128x2048} \
         --json $OUT/sweep.json --table $OUT/launch_table.json 2>&1 | grep -v INFO | tee $OUT/sweep.txt ;;
     kernels)

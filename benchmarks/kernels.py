@@ -111,12 +111,18 @@ def measure(mode: str, call, x, sets, calls: int, repeats: int) -> float:
     return timed(call, x, calls, repeats, compiled=mode == "compiled")
 
 
+def quantized_weights(out_dim: int, in_dim: int, bits: int) -> tuple:
+    """A random bf16 (out, in) matrix quantized at GROUP_SIZE: (w, scales, biases). Entries ~ N(0, 1 / in),
+    so a chain of calls keeps x's scale."""
+    w = (mx.random.normal((out_dim, in_dim)) / math.sqrt(in_dim)).astype(mx.bfloat16)
+    return mx.quantize(w, group_size=GROUP_SIZE, bits=bits)
+
+
 def bench_shape(out_dim, in_dim, bits, backends, calls, repeats, mode="standalone") -> list[dict]:
     """One row per backend for one matrix shape and bit width."""
 
-    def make():  # entries ~ N(0, 1 / in): a chain of calls keeps x's scale
-        w = (mx.random.normal((out_dim, in_dim)) / math.sqrt(in_dim)).astype(mx.bfloat16)
-        return mx.quantize(w, group_size=GROUP_SIZE, bits=bits)
+    def make():
+        return quantized_weights(out_dim, in_dim, bits)
 
     q, scales, biases = make()
     x = mx.random.normal((1, in_dim)).astype(compute_dtype(mx.bfloat16))

@@ -1,12 +1,15 @@
 """Which launch shape makes each GPU matvec fastest: a sweep next to MLX's own kernels, in one run.
 
-    python benchmarks/matvec_sweep.py [--quick] [--json FILE] [--table FILE] [--chain]
+    python benchmarks/matvec_sweep.py [--quick] [--json FILE] [--table FILE] [--mode device] [--shapes 4096x4096,...]
 
 For the matrix shapes a decode step of the benchmark checkpoints runs (Qwen3-30B-A3B and
 Qwen3-Coder-Next widths: q/k/v, o_proj, routers, shared expert, lm_head; plus kernels.py's
 4096x4096 and 16384x4096), every launch shape in the grid below (x staged in shared memory or
-read from cache, SIMD groups per threadgroup, rows per row group), each timed as the median of
-`repeats` evaluations of `calls` calls, against mx.quantized_matmul on the same weights; then
+read from cache, SIMD groups per threadgroup, rows per row group, loads in flight), each timed
+as kernels.py times it in `--mode` (standalone: the median of `repeats` evaluations of `calls`
+independent calls; chain: dependent compiled calls over weights beyond the L2; device: that chain's
+GPU kernel time, which is what ranks shapes, free of host cost), against mx.quantized_matmul on the
+same weights; then
 the fused MoE kernels of one token (gate+up, down) against mx.gather_qmm at both MoE widths.
 Prints us per call, GB/s of weight bytes, and the ratio to MLX per shape: the default plan's
 and the best in the grid. Finally, where it can, each compiled kernel's registers and spill
@@ -25,6 +28,7 @@ import sys
 
 import mlx.core as mx
 
+import kernels as kernel_bench  # benchmarks/kernels.py, beside this script
 from flashmoe.analysis.bench import median_seconds
 from flashmoe.kernels import gpu, moe
 
@@ -49,7 +53,7 @@ MOE = [  # (experts, K, D, I, what)
     (512, 10, 2048, 512, "cn experts"),
 ]
 MOE_GRID = gpu.MOE_GRID
-GS = 64
+GS = kernel_bench.GROUP_SIZE  # the weights come from kernels.quantized_weights
 MARGIN = 0.03  # a shape must beat the default by this much to enter the table
 
 
@@ -72,35 +76,25 @@ def with_override(shape: dict, fn):
         gpu._override.clear()
 
 
-def chain_timer(x, out_dim: int, in_dim: int, bits: int, nbytes: int, calls: int, repeats: int):
-    """fn(x, weights) -> seconds per call in a dependent compiled chain over weight sets beyond the
-    L2 (kernels.py --mode chain, whose helpers these are)."""
-    from kernels import chained, weight_copies
-
-    def make():  # entries ~ N(0, 1 / in): a chain of calls keeps x's scale
-        w = (mx.random.normal((out_dim, in_dim)) / in_dim**0.5).astype(mx.bfloat16)
-        return mx.quantize(w, group_size=GS, bits=bits)
-
-    sets = weight_copies(nbytes, make)
-    return lambda fn: chained(fn, x, sets, calls, repeats)
-
-
-def device_timer(x, out_dim: int, in_dim: int, bits: int, nbytes: int, calls: int):
-    """fn(x, weights) -> GPU kernel seconds per call in a dependent compiled chain over weight sets
-    beyond the L2 (kernels.py --mode device): the kernel alone, no host cost."""
-    from kernels import device_seconds, weight_copies
-
-    def make():
-        w = (mx.random.normal((out_dim, in_dim)) / in_dim**0.5).astype(mx.bfloat16)
-        return mx.quantize(w, group_size=GS, bits=bits)
-
-    sets = weight_copies(nbytes, make)
-    return lambda fn: device_seconds(fn, x, sets, calls)
+def shape_timer(mode: str, out_dim: int, in_dim: int, bits: int, calls: int, repeats: int):
+    """(weight bytes, timer): timer(fn) is seconds per call of fn(x, (w, scales, biases)) on a random
+    matrix of this shape, measured as kernels.py --mode `mode` measures it."""
+    x = mx.random.normal((1, in_dim)).astype(mx.bfloat16)
+    weights = kernel_bench.quantized_weights(out_dim, in_dim, bits)
+    mx.eval(x, weights)
+    nbytes = sum(a.nbytes for a in weights)
+    sets = None
+    if mode in ("chain", "device"):
+        sets = kernel_bench.weight_copies(
+            nbytes, lambda: kernel_bench.quantized_weights(out_dim, in_dim, bits)
+        )
+    return nbytes, lambda fn: kernel_bench.measure(
+        mode, lambda x, w=weights: fn(x, w), x, sets, calls, repeats
+    )
 
 
-def dense(
-    calls: int, repeats: int, quick: bool, rows: list[dict], save, chain=False, device=False, only=None
-) -> list[dict]:
+def dense(calls: int, repeats: int, quick: bool, rows: list[dict], save, mode: str, only=None) -> list[dict]:
+    """The dense shapes (`quick`: the first four rows of DENSE, kernels.py's; `only`: these OUTxIN)."""
     print(
         f"{'shape':>12} {'bits':>4} {'what':<22} {'qmm us':>8} {'default':>8} {'best':>8} "
         f"{'best shape':<22} {'GB/s':>7} {'x qmm':>6}"
@@ -108,17 +102,7 @@ def dense(
     for out_dim, in_dim, bits, what in DENSE[:4] if quick else DENSE:
         if only and f"{out_dim}x{in_dim}" not in only:
             continue
-        w = mx.random.normal((out_dim, in_dim)).astype(mx.bfloat16)
-        q, s, b = mx.quantize(w, group_size=GS, bits=bits)
-        x = mx.random.normal((1, in_dim)).astype(mx.bfloat16)
-        mx.eval(q, s, b, x)
-        nbytes = q.nbytes + s.nbytes + b.nbytes
-        if device:
-            timer = device_timer(x, out_dim, in_dim, bits, nbytes, calls)
-        elif chain:
-            timer = chain_timer(x, out_dim, in_dim, bits, nbytes, calls, repeats)
-        else:
-            timer = lambda fn: timed(lambda: fn(x, (q, s, b)), calls, repeats)  # noqa: E731
+        nbytes, timer = shape_timer(mode, out_dim, in_dim, bits, calls, repeats)
         qmm = timer(lambda x, w: mx.quantized_matmul(x, *w, group_size=GS, bits=bits))
         times = {}
         for shape in [{}] + GRID:
@@ -260,15 +244,10 @@ def main() -> int:
     p.add_argument("--no-moe", action="store_true")
     p.add_argument("--table", help="write the best shapes as a launch table here")
     p.add_argument(
-        "--chain",
-        action="store_true",
-        help="time dense shapes as dependent calls inside mx.compile over weights larger than the L2 "
-        "(kernels.py --mode chain), not as independent standalone calls",
-    )
-    p.add_argument(
-        "--device",
-        action="store_true",
-        help="time dense shapes by GPU kernel time alone (CUPTI, kernels.py --mode device) in a dependent chain",
+        "--mode",
+        choices=kernel_bench.MODES,
+        default="standalone",
+        help="how dense shapes are timed (kernels.py --mode): device ranks them by GPU kernel time alone",
     )
     p.add_argument("--shapes", help="comma-separated OUTxIN dense shapes to sweep (default: all)")
     args = p.parse_args()
@@ -285,7 +264,7 @@ def main() -> int:
             write_table(args.table, rows, moe_rows)
 
     only = set(args.shapes.split(",")) if args.shapes else None
-    dense(args.calls, args.repeats, args.quick, rows, save, args.chain, args.device, only)
+    dense(args.calls, args.repeats, args.quick, rows, save, args.mode, only)
     if not args.no_moe:
         fused_moe(args.calls, args.repeats, moe_rows, save)
     register_report()

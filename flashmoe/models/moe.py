@@ -186,20 +186,20 @@ class MoE:
         return Routing(logits, experts, weights)
 
     def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
-        """x (B, T, D) -> the block's output (B, T, D), plus `residual` when given: resident experts
-        without a shared expert add it in their last kernel, the rest after (in the same order of
-        additions as `residual + block(x)`)."""
+        """x (B, T, D) -> the block's output (B, T, D), plus `residual` when given: when nothing comes
+        after the routed experts (no shared expert, no ranks to combine) they add it themselves (the
+        GPU kernels as they write y), otherwise it is added last; either way in the order of
+        additions of `residual + block(x)`."""
         routing = self.last_routing = self.route(x)
         timer.mark("routing", routing.experts, routing.weights)
-        fused = (
-            residual is not None and self.shared_expert is None and isinstance(self.experts, ResidentExperts)
-        )
-        y = self.experts(x, routing.experts, routing.weights, *([residual] if fused else []))  # (B, T, D)
-        timer.mark("experts", y)
-        if fused:
+        combine = getattr(self.experts, "combine", None)  # expert parallel (flashmoe.distributed)
+        if residual is not None and self.shared_expert is None and combine is None:
+            y = self.experts(x, routing.experts, routing.weights, residual)  # (B, T, D)
+            timer.mark("experts", y)
             return y
-        combine = getattr(self.experts, "combine", None)
-        if combine is not None:  # expert parallel (flashmoe.distributed): the ranks' partial sums meet here
+        y = self.experts(x, routing.experts, routing.weights)  # (B, T, D)
+        timer.mark("experts", y)
+        if combine is not None:  # the ranks' partial sums meet here
             y = combine(x, y, self.shared if self.shared_expert is not None else None)
             timer.mark("all_sum", y)
         elif self.shared_expert is not None:

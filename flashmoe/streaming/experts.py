@@ -146,8 +146,8 @@ class StreamedExperts:
         self.specs, self.backend, self.dtype = specs, backend, dtype
         self.group_experts = max(1, group_experts)  # most experts read at once
 
-    def __call__(self, x: mx.array, experts: mx.array, weights: mx.array) -> mx.array:
-        """x (B, T, D), experts and weights (B, T, K) -> (B, T, D), as resident experts would give."""
+    def __call__(self, x: mx.array, experts: mx.array, weights: mx.array, residual=None) -> mx.array:
+        """x (B, T, D), experts and weights (B, T, K) -> (B, T, D) (+ residual), as resident experts give."""
         # Routing decides what to read, so the ids must be on the host: one sync per MoE layer,
         # inherent to streaming (the forward pass cannot be one lazy graph across layers).
         ids = np.array(experts)  # (B, T, K)
@@ -155,8 +155,9 @@ class StreamedExperts:
         if len(unique) <= self.group_experts:  # decode always (K <= the group): one read, one kernel call
             projections = self._load(unique, ids, first=True)
             local_ids = mx.array(local.reshape(ids.shape).astype(np.uint32))  # into the U experts read
-            return mixed_experts(*projections, x, local_ids, weights)
-        return weighted_sum(self._grouped(x, ids, unique), weights)
+            return mixed_experts(*projections, x, local_ids, weights, residual)
+        y = weighted_sum(self._grouped(x, ids, unique), weights)
+        return y if residual is None else residual + y
 
     def _grouped(self, x: mx.array, ids: np.ndarray, unique: np.ndarray) -> mx.array:
         """The union read `group_experts` at a time; each group computes the (token, expert) slots it serves."""

@@ -160,7 +160,7 @@ def emulated_cuda():
     saved = (mx.fast.cuda_kernel, kernels.backend_available)
     real_available = kernels.backend_available
     mx.fast.cuda_kernel = EmulatedKernel
-    kernels.backend_available = lambda b: b == "cuda" or (b != "native" and real_available(b))
+    kernels.backend_available = lambda b: b == "cuda" or real_available(b)
     for cached in (gpu.kernel, gpu._kernel):
         cached.cache_clear()
     try:

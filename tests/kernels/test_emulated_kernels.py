@@ -100,22 +100,14 @@ def test_routing(norm, seed):
 
 @pytest.mark.parametrize("key_heads", [False, True])
 def test_gated_delta_step(key_heads, seed):
-    from tests.kernels.test_gated_delta_kernel import inputs
+    from tests.kernels.test_gated_delta_kernel import inputs, key_head_inputs
 
     n_k, n_v, d_k, d_v = 1, 2, 32, 32
     args = inputs(1, n_k, n_v, d_k, d_v, 4, mx.float32)
     dims = dict(n_k=n_k, n_v=n_v, d_k=d_k, d_v=d_v, rms_eps=1e-6)
     if key_heads:
-        r = n_v // n_k
-        qkvz = mx.random.normal((1, n_k * (2 * d_k + 2 * r * d_v)))
-        ba = mx.random.normal((1, n_k * 2 * r))
-        got = gated_delta.gated_delta_step(
-            **dict(args, qkv=qkvz, z=qkvz, b=ba, a=ba), **dims, key_heads=True, backend="cuda"
-        )
-        qkv, z, b, a = (
-            t[:, 0] for t in gated_delta.split_key_heads(qkvz[:, None], ba[:, None], n_k, n_v, d_k, d_v)
-        )
-        args = dict(args, qkv=qkv, z=z, b=b, a=a)
+        fused, args = key_head_inputs(args, n_k, n_v, d_k, d_v)
+        got = gated_delta.gated_delta_step(**fused, **dims, key_heads=True, backend="cuda")
     else:
         got = gated_delta.gated_delta_step(**args, **dims, backend="cuda")
     want = gated_delta.reference(**args, **dims)
@@ -127,19 +119,14 @@ def test_gated_delta_step(key_heads, seed):
 def test_gated_delta_step_reads_the_stacked_projections(key_heads, seed):
     """The projections' stacked output given as all four inputs at their offsets (as the model passes
     it) gives what the four arrays give, out flat (B, 1, HV * DV)."""
-    from tests.kernels.test_gated_delta_kernel import inputs
+    from tests.kernels.test_gated_delta_kernel import inputs, key_head_inputs
 
     n_k, n_v, d_k, d_v = 1, 2, 32, 32
     args = inputs(2, n_k, n_v, d_k, d_v, 4, mx.float32)
     dims = dict(n_k=n_k, n_v=n_v, d_k=d_k, d_v=d_v, rms_eps=1e-6, key_heads=key_heads)
     if key_heads:
-        r = n_v // n_k
-        first, second = (
-            mx.random.normal((2, n_k * (2 * d_k + 2 * r * d_v))),
-            mx.random.normal((2, n_k * 2 * r)),
-        )
-        parts, starts = [first, second], [0, 0, first.shape[-1], first.shape[-1]]
-        args = dict(args, qkv=first, z=first, b=second, a=second)
+        args = key_head_inputs(args, n_k, n_v, d_k, d_v)[0]
+        parts, starts = [args["qkv"], args["b"]], [0, 0, args["qkv"].shape[-1], args["qkv"].shape[-1]]
     else:
         parts = [args["qkv"], args["z"].reshape(2, -1), args["b"], args["a"]]
         starts = [0, *mx.cumsum(mx.array([t.shape[-1] for t in parts[:-1]])).tolist()]

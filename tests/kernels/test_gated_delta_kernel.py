@@ -26,6 +26,19 @@ def inputs(batch, n_k, n_v, d_k, d_v, width, dtype):
     )
 
 
+def key_head_inputs(args, n_k, n_v, d_k, d_v):
+    """(fused, split): args with random qwen3_next projections in, qkvz (B, n_k (2 d_k + 2 r d_v)) as
+    qkv and z and ba (B, n_k 2 r) as b and a (what key_heads=True takes), and args with the same
+    values split by split_key_heads (what reference() takes)."""
+    batch, r = args["qkv"].shape[0], n_v // n_k
+    qkvz = mx.random.normal((batch, n_k * (2 * d_k + 2 * r * d_v)))
+    ba = mx.random.normal((batch, n_k * 2 * r))
+    qkv, z, b, a = (
+        t[:, 0] for t in gated_delta.split_key_heads(qkvz[:, None], ba[:, None], n_k, n_v, d_k, d_v)
+    )
+    return dict(args, qkv=qkvz, z=qkvz, b=ba, a=ba), dict(args, qkv=qkv, z=z, b=b, a=a)
+
+
 @needs_cuda
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-4), (mx.bfloat16, 3e-2)], ids=["f32", "bf16"])
@@ -54,17 +67,10 @@ def test_key_head_layout_reads_the_projections_as_they_come(batch, heads, seed):
     """qwen3_next's in_proj_qkvz / in_proj_ba outputs straight in (key_heads=True) against the
     reference on split_key_heads' split of the same arrays."""
     n_k, n_v, d_k, d_v = heads
-    r = n_v // n_k
-    args = inputs(batch, n_k, n_v, d_k, d_v, 4, mx.float32)
-    qkvz = mx.random.normal((batch, n_k * (2 * d_k + 2 * r * d_v)))
-    ba = mx.random.normal((batch, n_k * 2 * r))
+    fused, split = key_head_inputs(inputs(batch, n_k, n_v, d_k, d_v, 4, mx.float32), n_k, n_v, d_k, d_v)
     dims = dict(n_k=n_k, n_v=n_v, d_k=d_k, d_v=d_v, rms_eps=1e-6)
-    fused = dict(args, qkv=qkvz, z=qkvz, b=ba, a=ba)
     out, state, conv = gated_delta.gated_delta_step(**fused, **dims, key_heads=True, backend="cuda")
-    qkv, z, b, a = (
-        t[:, 0] for t in gated_delta.split_key_heads(qkvz[:, None], ba[:, None], n_k, n_v, d_k, d_v)
-    )
-    r_out, r_state, r_conv = gated_delta.reference(**dict(args, qkv=qkv, z=z, b=b, a=a), **dims)
+    r_out, r_state, r_conv = gated_delta.reference(**split, **dims)
     errs = rel_err(out, r_out), rel_err(state, r_state), rel_err(conv, r_conv)
     assert max(errs) < 1e-4, f"out/state/conv rel err {errs} (seed {seed})"
 
@@ -76,9 +82,7 @@ def test_reference_takes_the_projections_with_their_token_axis(key_heads, seed):
     args = inputs(2, n_k, n_v, d_k, d_v, 4, mx.float32)
     dims = dict(n_k=n_k, n_v=n_v, d_k=d_k, d_v=d_v, rms_eps=1e-6, key_heads=key_heads, backend="reference")
     if key_heads:
-        r = n_v // n_k
-        qkvz, ba = mx.random.normal((2, n_k * (2 * d_k + 2 * r * d_v))), mx.random.normal((2, n_k * 2 * r))
-        args = dict(args, qkv=qkvz, z=qkvz, b=ba, a=ba)
+        args = key_head_inputs(args, n_k, n_v, d_k, d_v)[0]
     flat = gated_delta.gated_delta_step(**args, **dims)
     with_axis = {k: args[k].reshape(2, 1, -1) for k in ("qkv", "z", "b", "a")}
     got = gated_delta.gated_delta_step(**dict(args, **with_axis), **dims)

@@ -66,8 +66,6 @@ inline uint32_t __float_as_uint(float f) {
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
 using std::max;
 using std::min;
-inline long min(long a, int b) { return a < b ? a : b; }
-inline long min(int a, long b) { return a < b ? a : b; }
 
 struct fm_warp_ctx {
   std::barrier<> bar{32};
