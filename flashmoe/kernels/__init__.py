@@ -88,9 +88,13 @@ def dequant_matvec(
     mode: str = "affine",
     backend: str = "auto",
     residual=None,
+    norm=None,
 ):
     """x (..., in) @ dequantize(w).T (+ residual (..., out)) -> (..., out), for a quantized w
     (out, in * bits / 32).
+
+    norm = (weight (in,), eps): x is first put through that RMSNorm (mx.fast.rms_norm); the GPU
+    kernels apply it as they read x, rounded as mx.fast.rms_norm rounds (one launch fewer).
 
     A residual is added to the result rounded to x's dtype, as `residual + y` would add it; the
     GPU kernels add it as they write y (one launch fewer).
@@ -99,6 +103,11 @@ def dequant_matvec(
     """
     _check_shapes(x, w, scales, biases, bits, group_size, mode)
     backend = resolve_backend(backend)
+    if _own_kernel(bits, mode) and backend in ("metal", "cuda"):
+        return gpu.matvec(
+            backend, x, w, scales, biases, bits=bits, group_size=group_size, residual=residual, norm=norm
+        )
+    x = rms_norm(x, norm)
     if not _own_kernel(bits, mode) or backend == "mlx":
         # a 1-D x goes in as one row: MLX's CUDA quantized_matmul fails on it ("SmallVector out of range")
         y = mx.quantized_matmul(
@@ -114,11 +123,9 @@ def dequant_matvec(
         y = y[0] if x.ndim == 1 else y
     elif backend == "reference":
         y = reference.dequant_matvec(x, w, scales, biases, bits=bits, group_size=group_size)
-    elif backend == "native":
+    else:  # native
         y = native.dequant_matvec(_f32(x), w, scales, biases, bits=bits, group_size=group_size)
         y = y if x.dtype == mx.float32 else y.astype(x.dtype)
-    else:
-        return gpu.matvec(backend, x, w, scales, biases, bits=bits, group_size=group_size, residual=residual)
     return y if residual is None else residual + y
 
 
@@ -179,6 +186,11 @@ def gather_dequant_matvec(
         group_size=group_size,
         out_shape=(*indices.shape, w.shape[-2]),
     )
+
+
+def rms_norm(x: mx.array, norm) -> mx.array:
+    """x through the RMSNorm norm = (weight, eps) (None: x as it is)."""
+    return x if norm is None else mx.fast.rms_norm(x, norm[0], norm[1])
 
 
 def _f32(x):

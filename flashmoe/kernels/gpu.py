@@ -31,7 +31,7 @@ CORE_BEGIN, CORE_END = "// qdot_tile begin", "// qdot_tile end"
 SIMDS_PER_GROUP = 8  # SIMD groups (warps) per threadgroup
 MAX_LOADS = 8  # loads (of VEC words) in flight per lane, over all slots
 X_FLOATS = 8192  # float32 x values staged in shared memory at a time (32 KiB), over all slots
-INPUT_NAMES = ["x", "w", "scales", "biases", "idx", "res"]
+INPUT_NAMES = ["x", "w", "scales", "biases", "idx", "res", "nw", "neps"]
 
 _poison: float | None = None
 _override: dict = {}  # benchmarks: force launch-shape fields (simds, rps, lpr, vec, u, xd)
@@ -213,6 +213,15 @@ def _no_ids() -> mx.array:
     return mx.zeros((1,), dtype=mx.uint32)
 
 
+def norm_inputs(norm) -> list[mx.array]:
+    """A kernel's `nw`, `neps` inputs: the RMSNorm (weight, eps) it applies to x as it reads it, or
+    for norm None one unread value each (NORM = 0)."""
+    if norm is None:
+        return [float_array(0.0), float_array(0.0)]
+    weight, eps = norm
+    return [weight, float_array(eps)]
+
+
 @functools.lru_cache(maxsize=8)
 def no_residual(dtype: mx.Dtype) -> mx.array:
     """What a kernel's `res` input gets when it adds no residual (RES = 0): one unread value."""
@@ -220,7 +229,7 @@ def no_residual(dtype: mx.Dtype) -> mx.array:
 
 
 def gathered_matvec(
-    backend, x, w, scales, biases, idx, *, x_div, bits, group_size, out_shape, residual=None
+    backend, x, w, scales, biases, idx, *, x_div, bits, group_size, out_shape, residual=None, norm=None
 ) -> mx.array:
     """Pairs p = 0..P-1: y[p] = dequant(w[idx[p]]) @ x[p // x_div] (+ residual[p]) -> y of out_shape;
     idx None: one matrix w (out, words) for every pair (P = x's rows).
@@ -228,6 +237,8 @@ def gathered_matvec(
     x (P / x_div rows of in), w (E, out, words) or (out, words), row-contiguous: the kernel indexes
     flat memory, so no reshape (an extra op per call) is needed.
     residual: None or an array of out_shape in x's dtype, added as a separate add would round it.
+    norm: None or (weight (in,), eps): x goes through that RMSNorm as the kernel reads it, rounded as
+    mx.fast.rms_norm rounds its output (one launch fewer than normalising first).
     """
     pairs = x.size // x.shape[-1] if idx is None else idx.size
     launch = matvec_launch(
@@ -240,11 +251,12 @@ def gathered_matvec(
         group_size,
         residual is not None,
         idx is not None,
+        norm is not None,
         tuple(_override.items()),
     )
     res = no_residual(x.dtype) if residual is None else residual
     (y,) = _kernel(backend)(
-        inputs=[x, w, scales, biases, _no_ids() if idx is None else idx, res],
+        inputs=[x, w, scales, biases, _no_ids() if idx is None else idx, res, *norm_inputs(norm)],
         template=launch.template,
         grid=launch.grid,
         threadgroup=launch.threadgroup,
@@ -266,7 +278,7 @@ class Launch:
 
 @functools.lru_cache(maxsize=512)
 def matvec_launch(
-    dtype, pairs, out_dim, in_dim, x_div, bits, group_size, residual, gather, override
+    dtype, pairs, out_dim, in_dim, x_div, bits, group_size, residual, gather, norm, override
 ) -> Launch:
     """The launch of `pairs` rows of x against (out_dim, in_dim) matrices (`override`: gpu._override's
     items, so that a benchmark forcing a shape gets its own entry)."""
@@ -281,6 +293,7 @@ def matvec_launch(
             ("UNROLL", p.unroll_code),
             ("TILE", p.tile),
             ("RES", int(residual)),
+            ("NORM", int(norm)),
             ("OUT_DIM", out_dim),
             ("IN_DIM", in_dim),
             ("X_DIV", x_div),
@@ -291,8 +304,9 @@ def matvec_launch(
     )
 
 
-def matvec(backend, x, w, scales, biases, *, bits, group_size, residual=None) -> mx.array:
-    """x (..., in) against one matrix w (out, words) (+ residual (..., out)) -> (..., out)."""
+def matvec(backend, x, w, scales, biases, *, bits, group_size, residual=None, norm=None) -> mx.array:
+    """x (..., in) (RMSNorm'd by norm = (weight, eps) when given) against one matrix w (out, words)
+    (+ residual (..., out)) -> (..., out)."""
     return gathered_matvec(
         backend,
         x,
@@ -305,4 +319,5 @@ def matvec(backend, x, w, scales, biases, *, bits, group_size, residual=None) ->
         group_size=group_size,
         out_shape=(*x.shape[:-1], w.shape[-2]),
         residual=residual,
+        norm=norm,
     )

@@ -21,21 +21,25 @@ import math
 
 import mlx.core as mx
 
-from . import fused_backend, gpu, reference
+from . import fused_backend, gpu, reference, rms_norm
 
-GATE_UP_INPUTS = ("x", "gw", "gs", "gb", "uw", "us", "ub", "ids", "dims")
+GATE_UP_INPUTS = ("x", "gw", "gs", "gb", "uw", "us", "ub", "ids", "dims", "nw", "neps")
 DOWN_INPUTS = ("h", "w", "scales", "biases", "ids", "rw", "res", "dims")
 ROUTE_INPUTS, ROUTE_OUTPUTS = ("logits", "dims"), ("ids", "w")
 MAX_ROUTE_EXPERTS = 32 * 64  # experts the routing kernel holds in registers (64 per lane)
 MAX_DOWN_K = 16  # experts per token the fused down kernel takes (one register slot each)
 
 
-def moe_gate_up(x, gate, up, ids, *, bits: int, group_size: int, backend: str = "auto") -> mx.array:
-    """x (..., D), ids (..., K) -> silu(gate[ids] @ x) * (up[ids] @ x) of shape (..., K, I), x's dtype."""
+def moe_gate_up(
+    x, gate, up, ids, *, bits: int, group_size: int, backend: str = "auto", norm=None
+) -> mx.array:
+    """x (..., D), ids (..., K) -> silu(gate[ids] @ x) * (up[ids] @ x) of shape (..., K, I), x's dtype;
+    x first through the RMSNorm norm = (weight, eps) when given (on a GPU as the kernel reads x)."""
     gw, gs, gb = gate
     uw, us, ub = up
     backend = fused_backend(backend)
     if backend == "reference":
+        x = rms_norm(x, norm)
         return moe_gate_up_reference(x, gate, up, ids, bits=bits, group_size=group_size)
     out_dim, in_dim = gw.shape[-2], x.shape[-1]
     k = ids.shape[-1]
@@ -43,12 +47,13 @@ def moe_gate_up(x, gate, up, ids, *, bits: int, group_size: int, backend: str = 
     idx = ids if ids.dtype == mx.uint32 else ids.astype(mx.uint32)
     p = gpu.plan(out_dim, in_dim, bits, slots=2, rps=1, kind="gate_up")
     (y,) = gpu.kernel(backend, "moe_gate_up.inc", "flashmoe_moe_gate_up", GATE_UP_INPUTS)(
-        inputs=[x, gw, gs, gb, uw, us, ub, idx, gpu.int_array(out_dim, in_dim, k)],
+        inputs=[x, gw, gs, gb, uw, us, ub, idx, gpu.int_array(out_dim, in_dim, k), *gpu.norm_inputs(norm)],
         template=[
             ("T", x.dtype),
             ("BITS", bits),
             ("GROUP_SIZE", group_size),
             ("RPS", p.rps),
+            ("NORM", int(norm is not None)),
             *p.template(),
         ],
         grid=(pairs * p.simds * 32, math.ceil(out_dim / p.rows_per_group), 1),
@@ -159,10 +164,22 @@ def moe_down_reference(h, down, ids, weights, *, bits: int, group_size: int) -> 
 
 
 def moe_experts(
-    x, gate, up, down, ids, weights, *, bits: int, group_size: int, backend: str = "auto", residual=None
+    x,
+    gate,
+    up,
+    down,
+    ids,
+    weights,
+    *,
+    bits: int,
+    group_size: int,
+    backend: str = "auto",
+    residual=None,
+    norm=None,
 ) -> mx.array:
-    """The routed experts of one MoE layer for x (..., D) (+ residual): two launches on a GPU."""
-    h = moe_gate_up(x, gate, up, ids, bits=bits, group_size=group_size, backend=backend)
+    """The routed experts of one MoE layer for x (..., D) (RMSNorm'd by norm when given) (+ residual):
+    two launches on a GPU."""
+    h = moe_gate_up(x, gate, up, ids, bits=bits, group_size=group_size, backend=backend, norm=norm)
     return moe_down(
         h, down, ids, weights, bits=bits, group_size=group_size, backend=backend, residual=residual
     )

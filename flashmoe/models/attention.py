@@ -18,7 +18,7 @@ from ..errors import FlashMoeError
 from ..kernels.attention import decode_attention, qk_norm_rope
 from .args import ModelArgs
 from .cache import KVCache
-from .layers import Linear, Projections
+from .layers import Linear, Norm, Projections
 from .store import TensorStore
 
 
@@ -82,18 +82,25 @@ class Attention:
         return self._output(out, gate, residual)
 
     def decode(
-        self, x: mx.array, keys: mx.array, values: mx.array, pos: mx.array, residual: mx.array | None = None
+        self,
+        x: mx.array,
+        keys: mx.array,
+        values: mx.array,
+        pos: mx.array,
+        residual: mx.array | None = None,
+        norm: Norm | None = None,
     ) -> list[mx.array]:
         """One new token per sequence as a pure function of the cache buffers, for a compiled step.
 
         x (B, 1, D); keys, values (B, H_kv, capacity, hd) with positions [0, pos) filled; pos (1,)
-        int32. Returns [out (B, 1, D) (+ residual), k_new, v_new (B, H_kv, 1, hd)]: the caller writes the new
+        int32; norm: the layer's input RMSNorm, which the q/k/v kernel applies as it reads x. Returns
+        [out (B, 1, D) (+ residual), k_new, v_new (B, H_kv, 1, hd)]: the caller writes the new
         key and value at pos (KVCache.write). The shapes do not change as pos grows, so the step
         is traced once per buffer capacity. One launch takes the projections' output as it comes
         (qk_norm_rope: norms and rotary embeddings of q and k, v copied out), attention another,
         which writes heads side by side as o_proj reads them: no slices or reshapes between.
         """
-        qkv = self.qkv_proj.stacked(x)  # (B, 1, W) when the three are stacked, else (q, k, v)
+        qkv = self.qkv_proj.stacked(x, norm)  # (B, 1, W) when the three are stacked, else (q, k, v)
         queries, k_new, v_new = qk_norm_rope(
             qkv,
             self.q_norm if self.qk_norm else None,

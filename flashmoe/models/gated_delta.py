@@ -21,7 +21,7 @@ from ..errors import FlashMoeError
 from ..kernels.gated_delta import QK_L2_EPS, gated_delta_step, split_key_heads
 from .args import ModelArgs
 from .cache import LinearAttentionCache
-from .layers import Projections, silu
+from .layers import Norm, Projections, silu
 from .store import TensorStore
 
 
@@ -55,12 +55,19 @@ class GatedDeltaNet:
         self.out_proj = store.linear(f"{prefix}.out_proj")
 
     def __call__(
-        self, x: mx.array, cache: LinearAttentionCache | None = None, residual: mx.array | None = None
+        self,
+        x: mx.array,
+        cache: LinearAttentionCache | None = None,
+        residual: mx.array | None = None,
+        norm: Norm | None = None,
     ) -> mx.array:
-        """x (B, T, D) -> the mixer's output (B, T, D), plus `residual` (added by out_proj) when given."""
+        """x (B, T, D) (through the RMSNorm `norm` first when given: the layer's input norm, which a
+        decode token's in_proj kernel applies as it reads x) -> the mixer's output (B, T, D), plus
+        `residual` (added by out_proj) when given."""
         B, T, _ = x.shape
         if T == 1 and cache is not None and self.backend in kernels.GPU_BACKENDS:
-            return self.out_proj(self._fused_step(x, cache), residual)
+            return self.out_proj(self._fused_step(x, cache, norm), residual)
+        x = kernels.rms_norm(x, norm)
         qkv, z, b, a = self._project(x)  # (B, T, C), (B, T, H_v, d_v), (B, T, H_v) x2
         conv = silu(self._conv(qkv, cache))  # (B, T, C)
         q, k, v = mx.split(conv, [self.key_dim, 2 * self.key_dim], axis=-1)
@@ -82,7 +89,7 @@ class GatedDeltaNet:
         out = self._gated_norm(out, z)
         return self.out_proj(out.reshape(B, T, -1), residual)  # (B, T, H_v * d_v) -> (B, T, D)
 
-    def _fused_step(self, x: mx.array, cache: LinearAttentionCache) -> mx.array:
+    def _fused_step(self, x: mx.array, cache: LinearAttentionCache, norm: Norm | None = None) -> mx.array:
         """One decode token in one launch (kernels.gated_delta): conv, gating, state update, gated norm.
 
         The same math as the lines of __call__ (its reference is that path); returns (B, 1, H_v * d_v).
@@ -91,7 +98,7 @@ class GatedDeltaNet:
         by key head); no copies or slices split them.
         """
         B = x.shape[0]
-        out = self.in_proj.stacked(x)
+        out = self.in_proj.stacked(x, norm)
         if isinstance(out, mx.array):  # (B, 1, sum of widths): every part read where it lies
             starts = [0, *self.in_proj.ends]
             starts = starts if self.split else [starts[0], starts[0], starts[1], starts[1]]

@@ -17,6 +17,10 @@ import mlx.core as mx
 from .. import kernels
 from ..quant import QuantSpec
 
+# An RMSNorm that a layer applies to its input, (weight (in,), eps): passed down instead of applied
+# first, so that on a GPU the kernel that reads the input normalises it (one launch fewer).
+Norm = tuple[mx.array, float]
+
 
 def silu(x: mx.array) -> mx.array:
     """x * sigmoid(x), the SwiGLU and Gated DeltaNet activation."""
@@ -34,17 +38,20 @@ class Linear:
     spec: QuantSpec | None = None
     backend: str = "mlx"
 
-    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array | None = None, norm: Norm | None = None) -> mx.array:
         """x (..., in) -> y (..., out), plus `residual` (..., out) when given (a residual connection:
-        the GPU kernels add it as they write y)."""
+        the GPU kernels add it as they write y); x put through the RMSNorm `norm` first when given
+        (the GPU kernels apply it as they read x)."""
+        one_row = self.spec is not None and x.size == x.shape[-1]
+        if not one_row:
+            x = kernels.rms_norm(x, norm)
         if self.spec is None:
             y = x @ self.weight.T
-        elif x.size == x.shape[-1]:  # one row: decode, flashmoe's kernels (which add the residual)
+        elif one_row:  # decode, flashmoe's kernels (which add the residual and apply the norm)
+            kw = dict(**self._kw(), backend=self.backend, norm=norm)
             if self.bias is None:
-                return kernels.dequant_matvec(
-                    x, *self.packed, **self._kw(), backend=self.backend, residual=residual
-                )
-            y = kernels.dequant_matvec(x, *self.packed, **self._kw(), backend=self.backend)
+                return kernels.dequant_matvec(x, *self.packed, **kw, residual=residual)
+            y = kernels.dequant_matvec(x, *self.packed, **kw)
         else:
             y = mx.quantized_matmul(x, *self.packed, transpose=True, **self._kw())
         y = y if self.bias is None else y + self.bias
@@ -76,15 +83,18 @@ class Projections:
         self.fused = _stacked(layers)
         self.layers = layers if self.fused is None else None  # the separate matrices are dropped
 
-    def __call__(self, x: mx.array) -> list[mx.array]:
+    def __call__(self, x: mx.array, norm: Norm | None = None) -> list[mx.array]:
+        """x (RMSNorm'd by `norm` when given, see Linear) -> the layers' outputs."""
         if self.fused is None:
-            return [layer(x) for layer in self.layers]
-        return mx.split(self.fused(x), self.ends, axis=-1)
+            return [layer(x, norm=norm) for layer in self.layers]
+        return mx.split(self.fused(x, norm=norm), self.ends, axis=-1)
 
-    def stacked(self, x: mx.array) -> mx.array | tuple[mx.array, ...]:
+    def stacked(self, x: mx.array, norm: Norm | None = None) -> mx.array | tuple[mx.array, ...]:
         """The outputs side by side in one array (..., sum of outs) when stacked, else as a tuple:
         for a kernel that reads them where they lie, without the split."""
-        return self.fused(x) if self.fused is not None else tuple(layer(x) for layer in self.layers)
+        if self.fused is not None:
+            return self.fused(x, norm=norm)
+        return tuple(layer(x, norm=norm) for layer in self.layers)
 
 
 def _stacked(layers: tuple[Linear, ...]) -> Linear | None:
@@ -154,5 +164,5 @@ class Embedding:
         biases = None if t.biases is None else t.biases[tokens].astype(self.dtype)
         return mx.dequantize(t.weight[tokens], scales, biases, **t._kw()).astype(self.dtype)
 
-    def as_linear(self, x: mx.array) -> mx.array:
-        return self.table(x)
+    def as_linear(self, x: mx.array, norm: Norm | None = None) -> mx.array:
+        return self.table(x, norm=norm)

@@ -81,17 +81,20 @@ class DecoderLayer:
 
     def step(self, x: mx.array, pos: mx.array, a: mx.array, b: mx.array) -> tuple[mx.array, list, list]:
         """x (B, 1, D) at position pos (1,) int32, cache arrays a, b -> (out (B, 1, D), the two arrays
-        to store back, the MoE layer's routing arrays or [])."""
+        to store back, the MoE layer's routing arrays or []).
+
+        The two RMSNorms are left to the kernels that read their output (the mixer's input
+        projection; the router, experts and shared expert): no launch of their own."""
+        input_norm = (self.input_layernorm, self.eps)
         if self.is_linear:
             cache = LinearAttentionCache()
             cache.conv, cache.state_ = a, b
-            out = self._feed(self._mix(x, cache))
+            h = self.mixer(x, cache, residual=x, norm=input_norm)
             stored = [cache.conv, cache.state_]
         else:
-            h, k_new, v_new = self.mixer.decode(
-                mx.fast.rms_norm(x, self.input_layernorm, self.eps), a, b, pos, residual=x
-            )
-            out, stored = self._feed(h), [k_new, v_new]
+            h, k_new, v_new = self.mixer.decode(x, a, b, pos, residual=x, norm=input_norm)
+            stored = [k_new, v_new]
+        out = self.mlp(h, residual=h, norm=(self.post_attention_layernorm, self.eps))
         routing = self.mlp.last_routing if isinstance(self.mlp, MoE) else None
         return out, stored, [] if routing is None else [routing.logits, routing.experts, routing.weights]
 
@@ -144,9 +147,11 @@ class Model:
         return self._output(h)
 
     def _output(self, h: mx.array) -> mx.array:
-        """The last hidden state (B, T, D) -> logits (B, T, vocab)."""
-        h = mx.fast.rms_norm(h, self.norm, self.args.rms_norm_eps)
-        logits = self.lm_head(h) if self.lm_head is not None else self.embed_tokens.as_linear(h)
+        """The last hidden state (B, T, D) -> logits (B, T, vocab): the final RMSNorm, which the
+        head's kernel applies as it reads h for one token on a GPU, and the head."""
+        norm = (self.norm, self.args.rms_norm_eps)
+        head = self.lm_head if self.lm_head is not None else self.embed_tokens.as_linear
+        logits = head(h, norm=norm)
         timer.mark("output", logits)
         return logits
 

@@ -21,7 +21,7 @@ from ..errors import FlashMoeError
 from ..kernels.moe import moe_experts, route
 from ..timing import timer
 from .args import ModelArgs
-from .layers import Projections, silu
+from .layers import Linear, Norm, Projections, silu
 from .store import TensorStore
 
 
@@ -34,9 +34,10 @@ class MLP:
         )
         self.down_proj = store.linear(f"{prefix}.down_proj")
 
-    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
-        """x (..., D) -> the MLP's output (+ residual, added by the down projection's kernel)."""
-        gate, up = self.gate_up_proj(x)
+    def __call__(self, x: mx.array, residual: mx.array | None = None, norm: Norm | None = None) -> mx.array:
+        """x (..., D) (RMSNorm'd by `norm` when given) -> the MLP's output (+ residual, added by the
+        down projection's kernel)."""
+        gate, up = self.gate_up_proj(x, norm)
         return self.down_proj(silu(gate) * up, residual)
 
 
@@ -61,11 +62,12 @@ FUSED_MAX_SLOTS = 64  # token x expert pairs up to which the fused decode kernel
 
 
 def mixed_experts(
-    gate_proj, up_proj, down_proj, x: mx.array, experts: mx.array, weights: mx.array, residual=None
+    gate_proj, up_proj, down_proj, x: mx.array, experts: mx.array, weights: mx.array, residual=None, norm=None
 ) -> mx.array:
-    """sum_k weights_k * expert_k(x) (+ residual) for x (B, T, D), experts and weights (B, T, K) -> (B, T, D).
+    """sum_k weights_k * expert_k(x) (+ residual) for x (B, T, D), experts and weights (B, T, K) -> (B, T, D);
+    x through the RMSNorm `norm` first when given.
 
-    A few tokens on a GPU backend take the fused kernels (kernels.moe: gate+up+SwiGLU in one
+    A few tokens on a GPU backend take the fused kernels (kernels.moe: norm, gate+up+SwiGLU in one
     launch, down + the weighted sum + the residual in another); everything else the gathered path.
     """
     spec = gate_proj.spec
@@ -81,7 +83,9 @@ def mixed_experts(
             group_size=spec.group_size,
             backend=gate_proj.backend,
             residual=residual,
+            norm=norm,
         )
+    x = kernels.rms_norm(x, norm)
     y = weighted_sum(switch_mlp(gate_proj, up_proj, down_proj, x, experts), weights)
     return y if residual is None else residual + y
 
@@ -106,9 +110,14 @@ class ResidentExperts:
         self.up_proj = store.experts(f"{prefix}.switch_mlp.up_proj")  # (E, I, D)
         self.down_proj = store.experts(f"{prefix}.switch_mlp.down_proj")  # (E, D, I)
 
-    def __call__(self, x: mx.array, experts: mx.array, weights: mx.array, residual=None) -> mx.array:
-        """x (B, T, D), experts and weights (B, T, K) -> sum_k weights_k * expert_k(x) (+ residual): (B, T, D)."""
-        return mixed_experts(self.gate_proj, self.up_proj, self.down_proj, x, experts, weights, residual)
+    def __call__(
+        self, x: mx.array, experts: mx.array, weights: mx.array, residual=None, norm: Norm | None = None
+    ) -> mx.array:
+        """x (B, T, D) (RMSNorm'd by `norm` when given), experts and weights (B, T, K)
+        -> sum_k weights_k * expert_k(x) (+ residual): (B, T, D)."""
+        return mixed_experts(
+            self.gate_proj, self.up_proj, self.down_proj, x, experts, weights, residual, norm
+        )
 
 
 class ResidentSource:
@@ -173,9 +182,10 @@ class MoE:
         self.shared_expert_gate = store.linear(f"{prefix}.shared_expert_gate") if has_shared else None
         self.last_routing: Routing | None = None
 
-    def route(self, x: mx.array) -> Routing:
-        """The router's choice for x (B, T, D): top-K experts and their weights."""
-        logits = self.gate(x)  # (B, T, E)
+    def route(self, x: mx.array, norm: Norm | None = None) -> Routing:
+        """The router's choice for x (B, T, D) (RMSNorm'd by `norm` when given): top-K experts and
+        their weights."""
+        logits = self.gate(x, norm=norm) if norm is not None else self.gate(x)  # (B, T, E)
         # A decode token on a GPU backend: one launch; many tokens (prefill, training, whose weights
         # need gradients) or other backends: MLX's ops.
         decode = logits.size // logits.shape[-1] * self.k <= FUSED_MAX_SLOTS
@@ -185,28 +195,42 @@ class MoE:
         experts, weights = route(logits, self.k, self.norm_topk_prob, backend=backend, out_dtype=x.dtype)
         return Routing(logits, experts, weights)
 
-    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array | None = None, norm: Norm | None = None) -> mx.array:
         """x (B, T, D) -> the block's output (B, T, D), plus `residual` when given: when nothing comes
         after the routed experts (no shared expert, no ranks to combine) they add it themselves (the
         GPU kernels as they write y), otherwise it is added last; either way in the order of
-        additions of `residual + block(x)`."""
-        routing = self.last_routing = self.route(x)
-        timer.mark("routing", routing.experts, routing.weights)
+        additions of `residual + block(x)`.
+
+        norm: the RMSNorm before the block (the layer's post-attention norm), when the caller leaves
+        it to the block: the router, expert and shared-expert kernels each apply it as they read x
+        (launches fewer than one for the norm), or, where the experts are streamed, combined across
+        ranks or the router is wrapped (analysis), it is applied here first."""
         combine = getattr(self.experts, "combine", None)  # expert parallel (flashmoe.distributed)
+        plain = isinstance(self.gate, Linear) and isinstance(self.experts, ResidentExperts)
+        if norm is not None and (combine is not None or not plain):
+            x, norm = kernels.rms_norm(x, norm), None
+        routing = self.last_routing = self.route(x, norm)
+        timer.mark("routing", routing.experts, routing.weights)
         if residual is not None and self.shared_expert is None and combine is None:
-            y = self.experts(x, routing.experts, routing.weights, residual)  # (B, T, D)
+            y = self._experts(x, routing, residual, norm)  # (B, T, D)
             timer.mark("experts", y)
             return y
-        y = self.experts(x, routing.experts, routing.weights)  # (B, T, D)
+        y = self._experts(x, routing, None, norm)  # (B, T, D)
         timer.mark("experts", y)
         if combine is not None:  # the ranks' partial sums meet here
             y = combine(x, y, self.shared if self.shared_expert is not None else None)
             timer.mark("all_sum", y)
         elif self.shared_expert is not None:
-            y = y + self.shared(x)
+            y = y + self.shared(x, norm)
             timer.mark("shared expert", y)
         return y if residual is None else residual + y
 
-    def shared(self, x: mx.array) -> mx.array:
-        """The gated shared expert's output for x (B, T, D)."""
-        return mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+    def _experts(self, x: mx.array, routing: Routing, residual, norm: Norm | None) -> mx.array:
+        """The routed experts' weighted sum (B, T, D) (+ residual); norm only reaches resident experts."""
+        if norm is None:
+            return self.experts(x, routing.experts, routing.weights, residual)
+        return self.experts(x, routing.experts, routing.weights, residual, norm)
+
+    def shared(self, x: mx.array, norm: Norm | None = None) -> mx.array:
+        """The gated shared expert's output for x (B, T, D) (RMSNorm'd by `norm` when given)."""
+        return mx.sigmoid(self.shared_expert_gate(x, norm=norm)) * self.shared_expert(x, norm=norm)

@@ -56,6 +56,57 @@ def test_dequant_matvec_tiles_a_long_row(monkeypatch, seed):
     assert rel_err(y, exact_matmul(x, dense.T)) < 1e-5, f"seed {seed}"
 
 
+NORM_SHAPES = [{}, dict(xd=1), dict(simds=4, rps=2), dict(simds=8, rps=1, lpr=16)]
+
+
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=lambda s: name(s) or "planned")
+def test_dequant_matvec_applies_the_rms_norm_as_it_reads_x(shape, monkeypatch, seed):
+    """NORM: each row of x through mx.fast.rms_norm's math, inside the kernel (one launch)."""
+    for key, value in shape.items():
+        monkeypatch.setitem(gpu._override, key, value)
+    q, scales, biases, dense = quantized((72, 256), 4, 64)
+    x = 3.0 * mx.random.normal((2, 256)) + 1.0
+    norm = (mx.random.uniform(0.5, 1.5, (256,)), 1e-6)
+    y = kernels.dequant_matvec(x, q, scales, biases, bits=4, group_size=64, backend="cuda", norm=norm)
+    ref = exact_matmul(mx.fast.rms_norm(x, *norm), dense.T)
+    assert rel_err(y, ref) < 1e-5, f"seed {seed}"
+
+
+def test_dequant_matvec_rms_norm_over_two_tiles_and_residual(seed):
+    """The norm's factor spans the whole row when x is staged in more than one tile."""
+    q, scales, biases, dense = quantized((8, 8192 + 512), 4, 32)
+    x, res = mx.random.normal((1, 8192 + 512)), mx.random.normal((1, 8))
+    norm = (mx.random.uniform(0.5, 1.5, (8192 + 512,)), 1e-5)
+    y = kernels.dequant_matvec(
+        x, q, scales, biases, bits=4, group_size=32, backend="cuda", residual=res, norm=norm
+    )
+    assert rel_err(y, res + exact_matmul(mx.fast.rms_norm(x, *norm), dense.T)) < 1e-5, f"seed {seed}"
+
+
+def test_bf16_rms_norm_in_the_kernel_rounds_as_mx_fast_rms_norm(seed):
+    """bf16: the kernel rounds the normalised x as mx.fast.rms_norm stores it, so normalising inside
+    gives what normalising first gives (up to the order of the sum of squares)."""
+    q, scales, biases, _ = quantized((64, 512), 4, 64)
+    x = (4.0 * mx.random.normal((1, 512))).astype(mx.bfloat16)
+    norm = (mx.random.uniform(0.5, 1.5, (512,)).astype(mx.bfloat16), 1e-6)
+    kw = dict(bits=4, group_size=64, backend="cuda")
+    fused = kernels.dequant_matvec(x, q, scales, biases, **kw, norm=norm)
+    first = kernels.dequant_matvec(mx.fast.rms_norm(x, *norm), q, scales, biases, **kw)
+    assert fused.dtype == mx.bfloat16
+    assert rel_err(fused, first) < 1e-3, f"seed {seed}"
+
+
+def test_moe_gate_up_applies_the_rms_norm(seed):
+    experts, d, inter = 5, 256, 64
+    gate, up = (mx.quantize(mx.random.normal((experts, inter, d)), group_size=64, bits=4) for _ in range(2))
+    x = 2.0 * mx.random.normal((d,))
+    norm = (mx.random.uniform(0.5, 1.5, (d,)), 1e-6)
+    ids = mx.array([3, 0, 4], dtype=mx.uint32)
+    h = moe.moe_gate_up(x, gate, up, ids, bits=4, group_size=64, backend="cuda", norm=norm)
+    ref = moe.moe_gate_up_reference(mx.fast.rms_norm(x, *norm), gate, up, ids, bits=4, group_size=64)
+    assert rel_err(h, ref) < 1e-5, f"seed {seed}"
+
+
 def test_gathered_experts(seed):
     w = mx.random.normal((6, 24, 128))
     q, scales, biases = mx.quantize(w, group_size=64, bits=4)

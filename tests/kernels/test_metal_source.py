@@ -42,19 +42,20 @@ def arguments(inputs, outputs) -> list[tuple[str, str]]:
 
 KERNELS = {
     "dequant_matvec.inc": (
-        "typename T, int BITS, int GROUP_SIZE, int SIMDS, int RPS, int UNROLL, int TILE, int RES, "
+        "typename T, int BITS, int GROUP_SIZE, int SIMDS, int RPS, int UNROLL, int TILE, int RES, int NORM, "
         "int OUT_DIM, int IN_DIM, int X_DIV, int GATHER",
         arguments(gpu.INPUT_NAMES, ["y"]),
         [
-            "float, {bits}, 64, 8, 2, 4 | 5 << 4 | 1 << 8, 4096, 0, 5120, 2048, 1, 0",
-            "float, {bits}, 32, 8, 1, 2 | 2 << 4, 96, 1, 96, 96, 1, 1",
-            "float, {bits}, 64, 4, 4, 2 | 5 << 4 | 1 << 8 | 1 << 9, 2048, 1, 512, 2048, 10, 1",
+            "float, {bits}, 64, 8, 2, 4 | 5 << 4 | 1 << 8, 4096, 0, 1, 5120, 2048, 1, 0",
+            "float, {bits}, 32, 8, 1, 2 | 2 << 4, 96, 1, 0, 96, 96, 1, 1",
+            "float, {bits}, 64, 4, 4, 2 | 5 << 4 | 1 << 8 | 1 << 9, 2048, 1, 1, 512, 2048, 10, 1",
         ],
     ),
     "moe_gate_up.inc": (
-        "typename T, int BITS, int GROUP_SIZE, int RPS, int SIMDS, int LPR, int VEC, int U, int TILE, int XD",
+        "typename T, int BITS, int GROUP_SIZE, int RPS, int NORM, int SIMDS, int LPR, int VEC, int U, int TILE, "
+        "int XD",
         arguments(moe.GATE_UP_INPUTS, ["y"]),
-        ["float, {bits}, 64, 1, 8, 32, 4, 2, 2048, 0", "float, {bits}, 64, 1, 8, 32, 4, 2, 2048, 1"],
+        ["float, {bits}, 64, 1, 1, 8, 32, 4, 2, 2048, 0", "float, {bits}, 64, 1, 0, 8, 32, 4, 2, 2048, 1"],
     ),
     "moe_down.inc": (
         "typename T, int BITS, int GROUP_SIZE, int K, int RES, int SIMDS, int LPR, int VEC, int U, int TILE, int XD",

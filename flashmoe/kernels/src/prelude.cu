@@ -26,6 +26,9 @@ __device__ __forceinline__ float fm_warp_sum(float v) {
 #define FM_EXP2(v) exp2f(v)
 #define FM_COS(v) cosf(v)
 #define FM_SIN(v) sinf(v)
+// x's RMSNorm as mx.fast.rms_norm rounds it: w * T(x * factor), the product rounded to T, as float
+#define FM_RMS_NORMED(T, x, w, factor) \
+  static_cast<float>(static_cast<T>(static_cast<float>(w) * static_cast<float>(static_cast<T>(static_cast<float>(x) * (factor)))))
 
 // @body
 const int fm_lane = int(threadIdx.x) & 31;   // lane in its warp, 0..31

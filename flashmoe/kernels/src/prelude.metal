@@ -20,6 +20,9 @@
 #define FM_EXP2(v) metal::precise::exp2(v)
 #define FM_COS(v) metal::precise::cos(v)
 #define FM_SIN(v) metal::precise::sin(v)
+// x's RMSNorm as mx.fast.rms_norm rounds it: w * T(x * factor), the product rounded to T, as float
+#define FM_RMS_NORMED(T, x, w, factor) \
+  static_cast<float>(static_cast<T>(static_cast<float>(w) * static_cast<float>(static_cast<T>(static_cast<float>(x) * (factor)))))
 
 // @body
 const int fm_lane = int(thread_index_in_simdgroup);        // lane in its SIMD group, 0..31
