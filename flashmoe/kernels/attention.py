@@ -2,18 +2,20 @@
 
     qk_norm_rope(qkv, q_norm, k_norm, pos, heads=, kv_heads=, head_dim=, q_width=, eps=, rope_dims=,
                  traditional=, base=, scale=, backend=)
-        -> queries (B, H, 1, hd), keys, values (B, H_kv, 1, hd): the new token's per-head RMSNorm and
-           rotary embedding of queries and keys, and its values, in one launch, read straight from
-           the projections' output (one stacked array or three)
-    decode_attention(q, keys, values, k_new, v_new, pos, scale=, flat=, backend=)
+        -> queries (B, H, 1, hd), kv_new (2, B, H_kv, 1, hd) (keys in [0], values in [1]): the new
+           token's per-head RMSNorm and rotary embedding of queries and keys, and its values, in one
+           launch, read straight from the projections' output (one stacked array or three)
+    decode_attention(q, kv, kv_new, pos, scale=, flat=, backend=)
         -> (B, H, 1, hd), or (B, 1, H * hd) with flat=True (heads side by side, as o_proj takes them)
 
 pos is the new token's position as an int32 array of shape (1,), so a compiled decode step keeps
 its shapes (and its trace) while the cache fills. decode_attention attends the new token's
-queries q (B, H, 1, hd) over positions [0, pos) of the cache buffers keys, values (B, H_kv, S, hd)
-and over its own key and value k_new, v_new (B, H_kv, 1, hd) at pos; the caller writes those into
-the buffers afterwards (a plain slice write, cheaper than a dynamic one inside the step). H is a
-multiple of H_kv (grouped queries). The result is softmax(scale * q K^T) V, as
+queries q (B, H, 1, hd) over positions [0, pos) of the cache buffer kv (2, B, H_kv, S, hd) (keys
+in kv[0], values in kv[1], as models.cache.KVCache keeps them) and over its own key and value
+kv_new at pos; the caller writes kv_new into the buffer afterwards (one plain slice write, cheaper
+than a dynamic one inside the step). Keys and values travel as one array so that the step takes
+and gives one array per layer and the cache write is one node, not two. H is a multiple of H_kv
+(grouped queries). The result is softmax(scale * q K^T) V, as
 mx.fast.scaled_dot_product_attention gives for one query token.
 
 Backends: "metal" / "cuda" (src/attention_decode.inc, src/qk_norm_rope.inc), else the pure-MLX
@@ -29,23 +31,24 @@ import mlx.core as mx
 
 from . import fused_backend, gpu
 
-INPUTS = ("q", "k", "v", "k_new", "v_new", "pos", "dims", "scale")
+INPUTS = ("q", "kv", "kv_new", "pos", "dims", "scale")
 NORM_ROPE_INPUTS = ("q", "k", "v", "q_w", "k_w", "pos", "params")
-NORM_ROPE_OUTPUTS = ("q_out", "k_out", "v_out")
+NORM_ROPE_OUTPUTS = ("q_out", "kv_out")
 SIMDS = 8  # SIMD groups per (sequence, head): each takes every 8th cached position
 
 
 def decode_attention(
-    q, keys, values, k_new, v_new, pos, *, scale: float, flat: bool = False, backend: str = "auto"
+    q, kv, kv_new, pos, *, scale: float, flat: bool = False, backend: str = "auto"
 ) -> mx.array:
     B, H, T, hd = q.shape
     backend = fused_backend(backend)
     if backend == "reference" or T != 1 or hd % 32:
-        y = reference(q, keys, values, k_new, v_new, pos, scale=scale)
+        y = reference(q, kv, kv_new, pos, scale=scale)
         return y.transpose(0, 2, 1, 3).reshape(B, T, H * hd) if flat else y
-    _, n_kv, cap, _ = keys.shape
+    _, _, n_kv, cap, _ = kv.shape
+    # kv whole: the kernel finds the values B * H_kv * cap * hd in (kv[1] would be a slice node)
     (y,) = gpu.kernel(backend, "attention_decode.inc", "flashmoe_attention_decode", INPUTS)(
-        inputs=[q, keys, values, k_new, v_new, pos, gpu.int_array(H, n_kv, cap), gpu.float_array(scale)],
+        inputs=[q, kv, kv_new, pos, gpu.int_array(H, n_kv, cap, B), gpu.float_array(scale)],
         template=[("T", q.dtype), ("HD", hd), ("SIMDS", SIMDS)],
         grid=(B * H * SIMDS * 32, 1, 1),
         threadgroup=(SIMDS * 32, 1, 1),
@@ -56,13 +59,12 @@ def decode_attention(
     return y
 
 
-def reference(q, keys, values, k_new, v_new, pos, *, scale: float) -> mx.array:
+def reference(q, kv, kv_new, pos, *, scale: float) -> mx.array:
     """The new key and value written at pos, then mx.fast.scaled_dot_product_attention over
     positions [0, pos] (a boolean mask)."""
-    keys = mx.slice_update(keys, k_new, pos, axes=(2,))
-    values = mx.slice_update(values, v_new, pos, axes=(2,))
-    filled = mx.arange(keys.shape[2]) <= pos  # (S,)
-    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=filled)
+    kv = mx.slice_update(kv, kv_new, pos, axes=(3,))  # (2, B, H_kv, S, hd)
+    filled = mx.arange(kv.shape[3]) <= pos  # (S,)
+    return mx.fast.scaled_dot_product_attention(q, kv[0], kv[1], scale=scale, mask=filled)
 
 
 def qk_norm_rope(
@@ -81,8 +83,9 @@ def qk_norm_rope(
     base: float,
     scale: float,
     backend: str = "auto",
-) -> tuple[mx.array, mx.array, mx.array]:
-    """One new token's projections -> queries (B, H, 1, hd), keys and values (B, H_kv, 1, hd), queries
+) -> tuple[mx.array, mx.array]:
+    """One new token's projections -> queries (B, H, 1, hd) and kv_new (2, B, H_kv, 1, hd) (keys in [0],
+    values in [1]: the cache buffer's layout, so the caller writes it with one slice write), queries
     and keys normalised (q_norm, k_norm (hd,) RMSNorm weights, or both None) and rotated at pos (1,) int32.
 
     qkv: the stacked projection output (B, 1, H * qw + 2 * H_kv * hd), or its three parts q (B, 1, H * qw),
@@ -98,7 +101,8 @@ def qk_norm_rope(
         queries, keys = qk_norm_rope_reference(
             q.reshape(B, T, heads, q_width), k.reshape(B, T, kv_heads, head_dim), q_norm, k_norm, pos, **kw
         )
-        return queries, keys, v.reshape(B, T, kv_heads, head_dim).transpose(0, 2, 1, 3)
+        values = v.reshape(B, T, kv_heads, head_dim).transpose(0, 2, 1, 3)
+        return queries, mx.stack([keys, values])
     norm = q_norm is not None
     weights = [q_norm, k_norm] if norm else [gpu.float_array(0.0)] * 2  # unread without NORM
     if stacked:  # one array read at three offsets: no slices made
@@ -120,12 +124,13 @@ def qk_norm_rope(
             ("NORM", int(norm)),
             ("NQ", heads),
             ("NK", kv_heads),
+            ("BATCH", B),
             *zip(("Q_ROW", "Q_OFF", "K_ROW", "K_OFF", "V_ROW", "V_OFF"), layout),
         ],
         grid=(B * (heads + kv_heads) * 32, 1, 1),
         threadgroup=(32, 1, 1),
-        output_shapes=[(B, heads, 1, head_dim), (B, kv_heads, 1, head_dim), (B, kv_heads, 1, head_dim)],
-        output_dtypes=[dtype] * 3,
+        output_shapes=[(B, heads, 1, head_dim), (2, B, kv_heads, 1, head_dim)],
+        output_dtypes=[dtype] * 2,
         **gpu.output_init(),
     )
     return tuple(outputs)

@@ -84,24 +84,24 @@ class Attention:
     def decode(
         self,
         x: mx.array,
-        keys: mx.array,
-        values: mx.array,
+        kv: mx.array,
         pos: mx.array,
         residual: mx.array | None = None,
         norm: Norm | None = None,
     ) -> list[mx.array]:
-        """One new token per sequence as a pure function of the cache buffers, for a compiled step.
+        """One new token per sequence as a pure function of the cache buffer, for a compiled step.
 
-        x (B, 1, D); keys, values (B, H_kv, capacity, hd) with positions [0, pos) filled; pos (1,)
-        int32; norm: the layer's input RMSNorm, which the q/k/v kernel applies as it reads x. Returns
-        [out (B, 1, D) (+ residual), k_new, v_new (B, H_kv, 1, hd)]: the caller writes the new
-        key and value at pos (KVCache.write). The shapes do not change as pos grows, so the step
-        is traced once per buffer capacity. One launch takes the projections' output as it comes
-        (qk_norm_rope: norms and rotary embeddings of q and k, v copied out), attention another,
-        which writes heads side by side as o_proj reads them: no slices or reshapes between.
+        x (B, 1, D); kv (2, B, H_kv, capacity, hd) (keys, values: KVCache.kv) with positions [0, pos)
+        filled; pos (1,) int32; norm: the layer's input RMSNorm, which the q/k/v kernel applies as it
+        reads x. Returns [out (B, 1, D) (+ residual), kv_new (2, B, H_kv, 1, hd)]: the caller writes
+        the new key and value at pos with one slice write (KVCache.write). The shapes do not change
+        as pos grows, so the step is traced once per buffer capacity. One launch takes the
+        projections' output as it comes (qk_norm_rope: norms and rotary embeddings of q and k, v
+        copied out, kv_new in the buffer's layout), attention another, which reads the buffer whole
+        and writes heads side by side as o_proj reads them: no slices, stacks or reshapes between.
         """
         qkv = self.qkv_proj.stacked(x, norm)  # (B, 1, W) when the three are stacked, else (q, k, v)
-        queries, k_new, v_new = qk_norm_rope(
+        queries, kv_new = qk_norm_rope(
             qkv,
             self.q_norm if self.qk_norm else None,
             self.k_norm if self.qk_norm else None,
@@ -116,14 +116,14 @@ class Attention:
             base=self.rope_base,
             scale=self.rope_scale,
             backend=self.o_proj.backend,
-        )  # (B, H, 1, hd), (B, H_kv, 1, hd) x2
+        )  # (B, H, 1, hd), (2, B, H_kv, 1, hd)
         out = decode_attention(
-            queries, keys, values, k_new, v_new, pos, scale=self.scale, flat=True, backend=self.o_proj.backend
+            queries, kv, kv_new, pos, scale=self.scale, flat=True, backend=self.o_proj.backend
         )  # (B, 1, H * hd)
         if self.gated:
             q = qkv[..., : self.n_heads * 2 * self.head_dim] if isinstance(qkv, mx.array) else qkv[0]
             out = out * mx.sigmoid(self._queries(q)[1])
-        return [self.o_proj(out, residual), k_new, v_new]
+        return [self.o_proj(out, residual), kv_new]
 
     def _heads(self, x: mx.array, offset: int | mx.array) -> tuple:
         """x (B, T, D) at positions offset.. -> queries (B, H, T, hd), keys and values (B, H_kv, T, hd),

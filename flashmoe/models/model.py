@@ -25,10 +25,11 @@ class DecoderLayer:
 
     `compiled` says whether a decode token may run through the model's compiled step (on a GPU
     backend, experts resident): `step` is this layer's part of it, a pure function of the token's
-    hidden state, its position and the two arrays of its cache (Gated DeltaNet: conv and recurrent
-    state; attention: the KV buffers), giving the two arrays to store back (the new conv and state,
-    or the new token's key and value, which `commit` writes into the buffers with a plain slice
-    write). Streamed experts read from disk mid-layer, so their layers are never compiled.
+    hidden state, its position and the `carried` arrays of its cache (Gated DeltaNet: 2, conv and
+    recurrent state; attention: 1, the KV buffer), giving as many arrays to store back (the new conv
+    and state, or the new token's keys and values as one array, which `commit` writes into the
+    buffer with one plain slice write). Streamed experts read from disk mid-layer, so their layers
+    are never compiled.
     """
 
     def __init__(self, store: TensorStore, prefix: str, index: int, args: ModelArgs, k: int | None, experts):
@@ -36,6 +37,7 @@ class DecoderLayer:
         self.input_layernorm = store.take(f"{prefix}.input_layernorm.weight")
         self.post_attention_layernorm = store.take(f"{prefix}.post_attention_layernorm.weight")
         self.is_linear = args.is_linear_attention(index)
+        self.carried = 2 if self.is_linear else 1  # cache arrays in and out of `step`
         if self.is_linear:
             self.mixer, self.mixer_phase = (
                 GatedDeltaNet(store, f"{prefix}.linear_attn", args),
@@ -70,46 +72,50 @@ class DecoderLayer:
 
     def ready(self, cache) -> bool:
         """Whether `cache` holds what a compiled step takes (a first token has no state or buffers yet)."""
-        return (cache.state_ if self.is_linear else cache.keys) is not None
+        return (cache.state_ if self.is_linear else cache.kv) is not None
 
     def step_inputs(self, cache) -> list[mx.array]:
-        """The two cache arrays `step` takes (the KV buffers with room for one more token)."""
+        """The `carried` cache arrays `step` takes: conv and state, or the KV buffer with room for one
+        more token."""
         if self.is_linear:
             return [cache.conv, cache.state_]
         cache.make_room()
-        return [cache.keys, cache.values]
+        return [cache.kv]
 
-    def step(self, x: mx.array, pos: mx.array, a: mx.array, b: mx.array) -> tuple[mx.array, list, list]:
-        """x (B, 1, D) at position pos (1,) int32, cache arrays a, b -> (out (B, 1, D), the two arrays
-        to store back, the MoE layer's routing arrays or []).
+    def step(self, x: mx.array, pos: mx.array, *carried: mx.array) -> tuple[mx.array, list, list]:
+        """x (B, 1, D) at position pos (1,) int32, the `carried` cache arrays -> (out (B, 1, D), the
+        `carried` arrays to store back, the MoE layer's routing arrays or []).
 
         The two RMSNorms are left to the kernels that read their output (the mixer's input
         projection; the router, experts and shared expert): no launch of their own."""
         input_norm = (self.input_layernorm, self.eps)
         if self.is_linear:
             cache = LinearAttentionCache()
-            cache.conv, cache.state_ = a, b
+            cache.conv, cache.state_ = carried
             h = self.mixer(x, cache, residual=x, norm=input_norm)
             stored = [cache.conv, cache.state_]
         else:
-            h, k_new, v_new = self.mixer.decode(x, a, b, pos, residual=x, norm=input_norm)
-            stored = [k_new, v_new]
+            (kv,) = carried
+            h, kv_new = self.mixer.decode(x, kv, pos, residual=x, norm=input_norm)
+            stored = [kv_new]
         out = self.mlp(h, residual=h, norm=(self.post_attention_layernorm, self.eps))
         routing = self.mlp.last_routing if isinstance(self.mlp, MoE) else None
         return out, stored, [] if routing is None else [routing.logits, routing.experts, routing.weights]
 
     def commit(self, cache, outputs: list[mx.array]) -> list[mx.array]:
-        """Store this layer's part of the step's outputs (the new conv and state, or the new key and
-        value at the cache's offset; then the routing's three arrays for an MoE layer); return the rest."""
+        """Store this layer's part of the step's outputs (its `carried` arrays: the new conv and
+        state, or the new token's kv written at the cache's offset; then the routing's three arrays
+        for an MoE layer); return the rest."""
         if self.is_linear:
             cache.conv, cache.state_ = outputs[:2]
             cache.offset += 1
         else:
-            cache.write(*outputs[:2])
+            cache.write(outputs[0])
+        outputs = outputs[self.carried :]
         if not isinstance(self.mlp, MoE):
-            return outputs[2:]
-        self.mlp.last_routing = Routing(*outputs[2:5])
-        return outputs[5:]
+            return outputs
+        self.mlp.last_routing = Routing(*outputs[:3])
+        return outputs[3:]
 
     def make_cache(self):
         return LinearAttentionCache() if self.is_linear else KVCache()
@@ -177,12 +183,13 @@ class Model:
         return logits
 
     def _pure_step(self, tokens: mx.array, pos: mx.array, *inputs: mx.array) -> list[mx.array]:
-        """tokens (B, 1), pos (1,) int32, two cache arrays per layer -> [logits (B, 1, vocab), then
-        per layer the two arrays to store back and the routing's logits, experts and weights]."""
-        h, outputs = self.embed_tokens(tokens), []
-        for i, layer in enumerate(self.layers):
-            h, stored, routing = layer.step(h, pos, *inputs[2 * i : 2 * i + 2])
+        """tokens (B, 1), pos (1,) int32, each layer's `carried` cache arrays in turn -> [logits (B, 1,
+        vocab), then per layer its arrays to store back and the routing's logits, experts and weights]."""
+        h, outputs, at = self.embed_tokens(tokens), [], 0
+        for layer in self.layers:
+            h, stored, routing = layer.step(h, pos, *inputs[at : at + layer.carried])
             outputs += stored + routing
+            at += layer.carried
         return [self._output(h), *outputs]
 
     def make_cache(self) -> list:

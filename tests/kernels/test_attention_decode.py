@@ -14,21 +14,21 @@ from tests.helpers import needs_cuda, rel_err
 
 
 def case(batch, heads, kv_heads, head_dim, capacity, dtype=mx.float32):
+    """q (B, H, 1, hd), a cache buffer kv (2, B, H_kv, capacity, hd) and the new token's kv_new
+    (2, B, H_kv, 1, hd), keys in [0] and values in [1] of both."""
     q = mx.random.normal((batch, heads, 1, head_dim)).astype(dtype)
-    keys = mx.random.normal((batch, kv_heads, capacity, head_dim)).astype(dtype)
-    values = mx.random.normal((batch, kv_heads, capacity, head_dim)).astype(dtype)
-    k_new = mx.random.normal((batch, kv_heads, 1, head_dim)).astype(dtype)
-    v_new = mx.random.normal((batch, kv_heads, 1, head_dim)).astype(dtype)
-    return q, keys, values, k_new, v_new
+    kv = mx.random.normal((2, batch, kv_heads, capacity, head_dim)).astype(dtype)
+    kv_new = mx.random.normal((2, batch, kv_heads, 1, head_dim)).astype(dtype)
+    return q, kv, kv_new
 
 
 @pytest.mark.parametrize("pos", [0, 12, 39])
 @pytest.mark.parametrize("kv_heads", [8, 2])
 def test_reference_is_attention_over_the_cache_and_the_new_token(pos, kv_heads, seed):
-    q, keys, values, k_new, v_new = case(2, 8, kv_heads, 64, 40)
-    got = attention.reference(q, keys, values, k_new, v_new, mx.array([pos], dtype=mx.int32), scale=0.125)
-    k = mx.concatenate([keys[:, :, :pos], k_new], axis=2)
-    v = mx.concatenate([values[:, :, :pos], v_new], axis=2)
+    q, kv, kv_new = case(2, 8, kv_heads, 64, 40)
+    got = attention.reference(q, kv, kv_new, mx.array([pos], dtype=mx.int32), scale=0.125)
+    k = mx.concatenate([kv[0, :, :, :pos], kv_new[0]], axis=2)
+    v = mx.concatenate([kv[1, :, :, :pos], kv_new[1]], axis=2)
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125)
     assert rel_err(got, want) < 1e-5, f"seed {seed}"
 
@@ -39,11 +39,11 @@ def test_reference_is_attention_over_the_cache_and_the_new_token(pos, kv_heads, 
 @pytest.mark.parametrize("pos", [0, 2, 36, 299])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_kernel_matches_reference(head_dim, kv_heads, pos, batch, seed):
-    q, keys, values, k_new, v_new = case(batch, 8, kv_heads, head_dim, 320)
+    q, kv, kv_new = case(batch, 8, kv_heads, head_dim, 320)
     at = mx.array([pos], dtype=mx.int32)
     kw = dict(scale=head_dim**-0.5)
-    y = attention.decode_attention(q, keys, values, k_new, v_new, at, **kw, backend="cuda")
-    ref = attention.reference(q, keys, values, k_new, v_new, at, **kw)
+    y = attention.decode_attention(q, kv, kv_new, at, **kw, backend="cuda")
+    ref = attention.reference(q, kv, kv_new, at, **kw)
     assert y.shape == q.shape and rel_err(y, ref) < 1e-5, f"seed {seed}"
 
 
@@ -88,17 +88,18 @@ def norm_rope_float64(x, w, position, *, eps, rope_dims, traditional, base, scal
 
 def norm_rope(q, k, q_w, k_w, pos, *, stacked=True, backend="cuda", **kw):
     """attention.qk_norm_rope on q (B, 1, H, qw), k (B, 1, H_kv, hd) and a fresh v, given as the
-    stacked projection output or as three arrays; checks that v comes out as it went in, exactly,
-    and returns the queries and keys."""
+    stacked projection output or as three arrays; checks that kv_new is (2, B, H_kv, 1, hd) with v
+    in [1] as it went in, exactly, and returns the queries and the keys (kv_new[0])."""
     B, _, H, qw = q.shape
     n_kv, hd = k.shape[2], k.shape[3]
     v = mx.random.normal(k.shape).astype(k.dtype)
     parts = (q.reshape(B, 1, -1), k.reshape(B, 1, -1), v.reshape(B, 1, -1))
     qkv = mx.concatenate(parts, axis=-1) if stacked else parts
     dims = dict(heads=H, kv_heads=n_kv, head_dim=hd, q_width=qw)
-    queries, keys, values = attention.qk_norm_rope(qkv, q_w, k_w, pos, **dims, **kw, backend=backend)
-    assert mx.array_equal(values, v.transpose(0, 2, 1, 3)), "values not copied out as they are"
-    return queries, keys
+    queries, kv_new = attention.qk_norm_rope(qkv, q_w, k_w, pos, **dims, **kw, backend=backend)
+    assert kv_new.shape == (2, B, n_kv, 1, hd)
+    assert mx.array_equal(kv_new[1], v.transpose(0, 2, 1, 3)), "values not copied out as they are"
+    return queries, kv_new[0]
 
 
 def err64(y, truth) -> float:
@@ -128,6 +129,17 @@ def test_norm_rope_reference_matches_float64_for_two_sequences(traditional, seed
     truths = [norm_rope_float64(x[..., :128], w, 5, **kw) for x, w in ((q, q_w), (k, k_w))]
     for g, truth in zip(got, truths):
         assert err64(g, truth) < 1e-5, f"seed {seed}"
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "three"])
+def test_norm_rope_reference_path_gives_kv_new_in_the_cache_layout(stacked, seed):
+    """qk_norm_rope's own reference path (what a head dim not a multiple of 32 runs): queries, and
+    keys then values in one (2, B, H_kv, 1, hd) array, as KVCache.write takes them."""
+    q, k, q_w, k_w = norm_rope_case(2, 4, 2, 64, gated=True)
+    kw = dict(eps=1e-6, rope_dims=32, traditional=False, base=1e6, scale=0.5)
+    got = norm_rope(q, k, q_w, k_w, mx.array([9], dtype=mx.int32), stacked=stacked, backend="reference", **kw)
+    for g, x, w in zip(got, (q, k), (q_w, k_w)):
+        assert err64(g, norm_rope_float64(x[..., :64], w, 9, **kw)) < 1e-5, f"seed {seed}"
 
 
 @needs_cuda

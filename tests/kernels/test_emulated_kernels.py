@@ -197,10 +197,10 @@ def test_gated_delta_step_reads_the_stacked_projections(key_heads, seed):
 def test_decode_attention(pos, seed):
     from tests.kernels.test_attention_decode import case
 
-    q, keys, values, k_new, v_new = case(1, 4, 2, 32, 10)
+    q, kv, kv_new = case(2, 4, 2, 32, 10)  # two sequences: the values start past both's keys
     at = mx.array([pos], dtype=mx.int32)
-    y = attention.decode_attention(q, keys, values, k_new, v_new, at, scale=32**-0.5, backend="cuda")
-    ref = attention.reference(q, keys, values, k_new, v_new, at, scale=32**-0.5)
+    y = attention.decode_attention(q, kv, kv_new, at, scale=32**-0.5, backend="cuda")
+    ref = attention.reference(q, kv, kv_new, at, scale=32**-0.5)
     assert rel_err(y, ref) < 1e-5, f"seed {seed}"
 
 
@@ -219,10 +219,10 @@ def test_qk_norm_rope(traditional, gated, stacked, seed):
 def test_decode_attention_flat_is_the_heads_side_by_side(seed):
     from tests.kernels.test_attention_decode import case
 
-    q, keys, values, k_new, v_new = case(1, 4, 2, 32, 10)
+    q, kv, kv_new = case(1, 4, 2, 32, 10)
     at = mx.array([6], dtype=mx.int32)
-    flat = attention.decode_attention(q, keys, values, k_new, v_new, at, scale=0.2, flat=True, backend="cuda")
-    ref = attention.reference(q, keys, values, k_new, v_new, at, scale=0.2)
+    flat = attention.decode_attention(q, kv, kv_new, at, scale=0.2, flat=True, backend="cuda")
+    ref = attention.reference(q, kv, kv_new, at, scale=0.2)
     assert flat.shape == (1, 1, 128) and rel_err(flat, ref.transpose(0, 2, 1, 3).reshape(1, 1, 128)) < 1e-5
 
 

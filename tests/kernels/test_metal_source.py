@@ -77,13 +77,13 @@ KERNELS = {
         ["float, 128, 4", "float, 64, 8"],
     ),
     "qk_norm_rope.inc": (
-        "typename T, int HD, int QW, int ROPE_DIMS, int TRADITIONAL, int NORM, int NQ, int NK, "
+        "typename T, int HD, int QW, int ROPE_DIMS, int TRADITIONAL, int NORM, int NQ, int NK, int BATCH, "
         "int Q_ROW, int Q_OFF, int K_ROW, int K_OFF, int V_ROW, int V_OFF",
         arguments(attention.NORM_ROPE_INPUTS, attention.NORM_ROPE_OUTPUTS),
         [
-            "float, 128, 128, 128, 0, 1, 32, 4, 5120, 0, 5120, 4096, 5120, 4608",
-            "float, 256, 512, 64, 1, 1, 16, 2, 8192, 0, 512, 0, 512, 0",
-            "float, 64, 64, 64, 0, 0, 4, 4, 768, 0, 768, 256, 768, 512",
+            "float, 128, 128, 128, 0, 1, 32, 4, 1, 5120, 0, 5120, 4096, 5120, 4608",
+            "float, 256, 512, 64, 1, 1, 16, 2, 2, 8192, 0, 512, 0, 512, 0",
+            "float, 64, 64, 64, 0, 0, 4, 4, 1, 768, 0, 768, 256, 768, 512",
         ],
     ),
     "greedy_pick.inc": (

@@ -5,6 +5,10 @@ are checked against the same references in tests/kernels."""
 
 from __future__ import annotations
 
+import collections
+import re
+import tempfile
+
 import mlx.core as mx
 import pytest
 
@@ -53,3 +57,38 @@ def test_the_compiled_step_is_traced_again_only_when_the_kv_buffers_grow(model_t
         mx.eval(model(mx.array([[t]]), cache))
     assert all(c.offset == 15 for c in cache)
     assert len(traced) == 3  # capacities 8, 12 and 16
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_next", "qwen3_moe"])
+def test_a_decode_token_writes_each_kv_cache_once(model_type, tmp_path, monkeypatch):
+    """A compiled decode step takes one array per attention layer (its KV buffer) and gives one back
+    (the new token's keys and values), which the cache stores with one slice write: on a GPU each
+    graph node costs host time per token, so two writes (keys, values) would cost one node more per
+    attention layer. Counted in the graph one step leaves behind (mx.export_to_dot)."""
+    monkeypatch.setattr(kernels, "GPU_BACKENDS", (*kernels.GPU_BACKENDS, "reference"))
+    model = load_model(
+        write_checkpoint(tmp_path / model_type, model_type), backend="reference", dtype=mx.float32
+    )
+    cache = model.make_cache()
+    mx.eval(model(mx.array([PROMPT]), cache), [c.state for c in cache])  # nothing of the prefill left
+    calls, step = [], model._step
+
+    def recorded(*inputs):
+        calls.append((inputs, step(*inputs)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(model, "_step", recorded)
+    mx.eval(model(mx.array([[TOKENS[0]]]), cache))
+    (inputs, outputs), kv_caches = calls[0], [c for c in cache if isinstance(c, KVCache)]
+    attention = [layer for layer in model.layers if not layer.is_linear]
+    assert len(kv_caches) == len(attention) > 0 and all(layer.carried == 1 for layer in attention)
+    assert len(inputs) == 2 + sum(layer.carried for layer in model.layers)  # tokens, pos, the caches
+    assert len(outputs) == 1 + sum(layer.carried for layer in model.layers) + 3 * len(model.moe_layers)
+    assert all(c.offset == len(PROMPT) + 1 and c.kv.shape[0] == 2 for c in kv_caches)
+
+    mx.eval([c.state for c in cache])
+    logits = model(mx.array([[TOKENS[1]]]), cache)
+    with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
+        mx.export_to_dot(f.name, logits, *[a for c in cache for a in c.state])
+        kinds = collections.Counter(re.findall(r'label ="([^"]+)"', f.read()))
+    assert kinds["SliceUpdate"] == len(kv_caches), kinds
