@@ -11,6 +11,8 @@
 #   sweep    matvec_sweep.py --mode device: launch shapes by kernel time, table to $OUT (~3 min for 5 shapes)
 #   kernels  kernels.py --full --mode device: every kernel next to MLX's, kernel time (~1.5 min)
 #   moe      moe_layer.py: one MoE layer, fused against gather_qmm, compiled and streamed (~1 min)
+#   moek     moe_kernels.py: kernel time of the fused MoE launches per launch shape, the gathered
+#            matvec and gather_qmm beside them
 #   decode   decode.py on the 8-layer Qwen3-30B and Coder-Next shapes and the bundled model (~3 min)
 #   timing   python -m flashmoe --timing on the Coder-Next shape (~1 min)
 #   profile  step_profile.py and kernel_timeline.py on both 8-layer shapes (~2 min)
@@ -39,6 +41,8 @@ for task in "$@"; do
     moe)
       timeout 90 python3 benchmarks/moe_layer.py --layers 24 --distinct 3 --repeats 5 --compiled --streamed \
         2>&1 | tee $OUT/moe.txt ;;
+    moek)
+      timeout 200 python3 benchmarks/moe_kernels.py --json $OUT/moe_kernels.json 2>&1 | grep -v INFO | tee $OUT/moe_kernels.txt ;;
     decode)
       checkpoints_ready
       timeout 240 python3 benchmarks/decode.py --models /tmp/q30,/tmp/cn8,bundled --runs 3 --tokens 32 \

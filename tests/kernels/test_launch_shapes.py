@@ -46,6 +46,45 @@ def test_dequant_matvec_in_every_launch_shape(shape, bits, out_dim, in_dim, grou
 
 
 @needs_cuda
+@pytest.mark.parametrize("shape", gpu.LAUNCH_GRID, ids=name)
+@pytest.mark.parametrize("in_dim, group_size", [(256, 64), (8192 + 512, 32)])
+def test_dequant_matvec_applies_the_rms_norm_in_every_launch_shape(
+    shape, in_dim, group_size, monkeypatch, seed
+):
+    """NORM: x's RMSNorm inside the kernel (one row of x per pair; more than one x tile too)."""
+    for key, value in shape.items():
+        monkeypatch.setitem(gpu._override, key, value)
+    q, scales, biases, dense = quantized((200, in_dim), 4, group_size)
+    x = 3.0 * mx.random.normal((3, in_dim)) + 1.0
+    norm = (mx.random.uniform(0.5, 1.5, (in_dim,)), 1e-6)
+    y = kernels.dequant_matvec(x, q, scales, biases, bits=4, group_size=group_size, backend="cuda", norm=norm)
+    ref = exact_matmul(mx.fast.rms_norm(x, *norm, stream=mx.cpu), dense.T)
+    assert rel_err(y, ref) < 1e-4, f"seed {seed}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", gpu.MOE_GRID, ids=name)
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
+def test_the_rms_norm_in_the_kernels_rounds_as_mx_fast_rms_norm(shape, dtype, monkeypatch, seed):
+    """Normalising inside the matvec and gate/up kernels gives what mx.fast.rms_norm first gives, bf16
+    rounding included (the sums of squares add in another order: a rare last-bit difference)."""
+    for key, value in shape.items():
+        monkeypatch.setitem(gpu._override, key, value)
+    d, inter = 2048, 256
+    q, scales, biases, _ = quantized((512, d), 4, 64)
+    gate, up = (mx.quantize(mx.random.normal((6, inter, d)), group_size=64, bits=4) for _ in range(2))
+    x = (4.0 * mx.random.normal((1, d))).astype(dtype)
+    norm = (mx.random.uniform(0.5, 1.5, (d,)).astype(dtype), 1e-6)
+    normed = mx.fast.rms_norm(x, *norm)
+    kw = dict(bits=4, group_size=64, backend="cuda")
+    fused = kernels.dequant_matvec(x, q, scales, biases, **kw, norm=norm)
+    assert rel_err(fused, kernels.dequant_matvec(normed, q, scales, biases, **kw)) < 1e-3, f"seed {seed}"
+    ids = mx.array([[5, 0, 3]], dtype=mx.uint32)
+    h = moe.moe_gate_up(x, gate, up, ids, **kw, norm=norm)
+    assert rel_err(h, moe.moe_gate_up(normed, gate, up, ids, **kw)) < 1e-3, f"seed {seed}"
+
+
+@needs_cuda
 @pytest.mark.parametrize("shape", gpu.MOE_GRID, ids=name)
 @pytest.mark.parametrize("bits", [4, 8])
 def test_moe_kernels_in_every_launch_shape(shape, bits, monkeypatch, seed):
