@@ -19,6 +19,8 @@ from .gated_delta import GatedDeltaNet
 from .moe import MLP, RESIDENT, MoE, ResidentExperts, Routing
 from .store import TensorStore
 
+POSITIONS = 4096  # decode positions made on the device at a time
+
 
 class DecoderLayer:
     """One transformer block: a token mixer and a feed-forward, each with a pre-norm and a residual.
@@ -141,6 +143,7 @@ class Model:
         self.report = None  # what the loader found (flashmoe.loader.LoadReport), set by the loader
         self.compiled = all(layer.compiled for layer in self.layers)
         self._step = mx.compile(self._pure_step)
+        self._positions: mx.array | None = None  # 0, 1, 2, ... on the device (_position)
 
     def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
         """tokens (B, T) int32 -> logits (B, T, vocab); caches are updated in place."""
@@ -176,11 +179,19 @@ class Model:
         """One decode token through the compiled step: the whole stack, embedding to logits, in one
         mx.compile'd call (traced again only when the KV buffers grow), then the caches updated."""
         inputs = [a for layer, c in zip(self.layers, cache) for a in layer.step_inputs(c)]
-        pos = mx.array([cache[0].offset], dtype=mx.int32)  # (1,): the trace does not depend on it
-        logits, *outputs = self._step(tokens, pos, *inputs)
+        logits, *outputs = self._step(tokens, self._position(cache[0].offset), *inputs)
         for layer, c in zip(self.layers, cache):
             outputs = layer.commit(c, outputs)
         return logits
+
+    def _position(self, offset: int) -> mx.array:
+        """offset as a (1,) int32 array (so the compiled step's trace does not depend on it): a view
+        into positions the device wrote once. An array the host made each step would be a few bytes
+        in MLX CUDA's shared pool of managed memory, which every kernel reading it waits for (page faults)."""
+        if self._positions is None or offset >= self._positions.size:
+            self._positions = mx.arange(-(-(offset + 1) // POSITIONS) * POSITIONS, dtype=mx.int32)
+            mx.eval(self._positions)
+        return self._positions[offset : offset + 1]
 
     def _pure_step(self, tokens: mx.array, pos: mx.array, *inputs: mx.array) -> list[mx.array]:
         """tokens (B, 1), pos (1,) int32, each layer's `carried` cache arrays in turn -> [logits (B, 1,
