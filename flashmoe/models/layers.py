@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .. import kernels
+from ..kernels.embedding import embed_rows
 from ..quant import QuantSpec
 
 # An RMSNorm that a layer applies to its input, (weight (in,), eps): passed down instead of applied
@@ -159,10 +160,8 @@ class Embedding:
         t = self.table
         if t.spec is None:
             return t.weight[tokens]
-        # Scales in the compute dtype first: mx.dequantize returns the scales' dtype (bf16 on disk).
-        scales = t.scales[tokens] if t.spec.mode != "affine" else t.scales[tokens].astype(self.dtype)
-        biases = None if t.biases is None else t.biases[tokens].astype(self.dtype)
-        return mx.dequantize(t.weight[tokens], scales, biases, **t._kw()).astype(self.dtype)
+        # Decode on a GPU: one kernel launch (kernels.embedding), else MLX's gathers and dequantize.
+        return embed_rows(tokens, *t.packed, **t._kw(), dtype=self.dtype, backend=t.backend)
 
     def as_linear(self, x: mx.array, norm: Norm | None = None) -> mx.array:
         return self.table(x, norm=norm)

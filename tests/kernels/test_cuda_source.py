@@ -33,7 +33,7 @@ def test_cuda_kernel_sources_compile(body, bits, tmp_path):
     types = ", ".join(cuda_type(t) for _, t in args)
     lines = [HEADER, header, f"template <{tparams}>\n__global__ void kern({params}) {{\n{text}\n}}"]
     lines += [f"template __global__ void kern<{inst.format(bits=bits)}>({types});" for inst in instances]
-    if body == "dequant_matvec.inc":  # bf16 activations, as a checkpoint computes on a GPU
+    if body in ("dequant_matvec.inc", "embed_rows.inc"):  # bf16, as a checkpoint computes on a GPU
         inst = instances[0].format(bits=bits).replace("float", "__nv_bfloat16", 1)
         lines.append(f"template __global__ void kern<{inst}>({types});")
     unit = tmp_path / "kernel.cu"

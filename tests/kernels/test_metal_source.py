@@ -91,6 +91,11 @@ KERNELS = {
         [("logits", IN_F), ("dims", IN_I), ("out", "device int32_t*")],
         ["float, 1024", "float, 256"],
     ),
+    "embed_rows.inc": (
+        "typename T, int BITS, int GROUP_SIZE, int D, int V, int THREADS, int FUSED",
+        [("tokens", IN_I), ("w", IN_U), ("scales", IN_F), ("biases", IN_F), ("y", OUT_F)],
+        ["float, {bits}, 64, 2048, 151936, 256, 1", "float, {bits}, 128, 512, 100, 256, 0"],
+    ),
     "moe_route.inc": (
         "typename T, typename OUT_T, int EPL, int K, int NORM",
         arguments(moe.ROUTE_INPUTS, moe.ROUTE_OUTPUTS),
