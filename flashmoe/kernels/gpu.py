@@ -28,6 +28,11 @@ from . import sources
 
 CORE_MARKER = "// @qdot_tile"  # where a MoE body takes the core
 CORE_BEGIN, CORE_END = "// qdot_tile begin", "// qdot_tile end"
+# Shared parts pasted into other bodies: marker -> (the file that holds the part, its begin and end lines)
+PASTES = {
+    CORE_MARKER: ("dequant_matvec.inc", CORE_BEGIN, CORE_END),
+    "// @route_core": ("moe_route.inc", "// route core begin", "// route core end"),
+}
 SIMDS_PER_GROUP = 8  # SIMD groups (warps) per threadgroup
 MAX_LOADS = 8  # loads (of VEC words) in flight per lane, over all slots
 X_FLOATS = 8192  # float32 x values staged in shared memory at a time (32 KiB), over all slots
@@ -148,23 +153,27 @@ def device_name() -> str:
     return str(mx.device_info().get("device_name", "unknown"))
 
 
-def compose(backend: str, body_file: str) -> tuple[str, str]:
-    """(header, body): the backend's prelude around a body, the shared core pasted in."""
+def compose(backend: str, body_file: str, defines: tuple[str, ...] = ()) -> tuple[str, str]:
+    """(header, body): the backend's prelude around a body, the shared parts (PASTES) pasted in;
+    `defines` (e.g. ("FM_ROUTED",)) set to 1 ahead of the body, for a body's `#if` forms."""
     header, body = sources.compose(backend, body_file)
-    if CORE_MARKER in body:
-        body = body.replace(CORE_MARKER, core())
-    return header, body
+    for marker, (source, begin, end) in PASTES.items():
+        if marker in body:
+            body = body.replace(marker, part(source, begin, end))
+    return header, "".join(f"#define {name} 1\n" for name in defines) + body
 
 
-def core() -> str:
-    """The shared inner loop: the lines of dequant_matvec.inc between its qdot_tile begin/end markers."""
-    text = sources.read_source("dequant_matvec.inc")
-    return text[text.index(CORE_BEGIN) : text.index(CORE_END) + len(CORE_END)]
+def part(source: str, begin: str, end: str) -> str:
+    """The lines of `source` from its `begin` line to its `end` line."""
+    text = sources.read_source(source)
+    return text[text.index(begin) : text.index(end) + len(end)]
 
 
-def build(backend: str, body_file: str, name: str, inputs: tuple, outputs: tuple = ("y",)):
+def build(
+    backend: str, body_file: str, name: str, inputs: tuple, outputs: tuple = ("y",), defines: tuple = ()
+):
     """A new kernel object for `body_file` on `backend`."""
-    header, body = compose(backend, body_file)
+    header, body = compose(backend, body_file, defines)
     make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
     return make(
         name=versioned_name(name, header, body),
@@ -184,9 +193,11 @@ def versioned_name(name: str, header: str, body: str) -> str:
 
 
 @functools.cache
-def kernel(backend: str, body_file: str, name: str, inputs: tuple, outputs: tuple = ("y",)):
-    """The kernel object for `body_file` on `backend`, built once."""
-    return build(backend, body_file, name, inputs, outputs)
+def kernel(
+    backend: str, body_file: str, name: str, inputs: tuple, outputs: tuple = ("y",), defines: tuple = ()
+):
+    """The kernel object for `body_file` on `backend` (with `defines`, see compose), built once."""
+    return build(backend, body_file, name, inputs, outputs, defines)
 
 
 @functools.cache

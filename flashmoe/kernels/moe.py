@@ -24,6 +24,7 @@ import mlx.core as mx
 from . import fused_backend, gpu, reference, rms_norm
 
 GATE_UP_INPUTS = ("x", "gw", "gs", "gb", "uw", "us", "ub", "ids", "dims", "nw", "neps")
+ROUTED_INPUTS, ROUTED_OUTPUTS = (*GATE_UP_INPUTS[:7], "logits", *GATE_UP_INPUTS[8:]), ("y", "rid", "rw")
 DOWN_INPUTS = ("h", "w", "scales", "biases", "ids", "rw", "res", "dims")
 ROUTE_INPUTS, ROUTE_OUTPUTS = ("logits", "dims"), ("ids", "w")
 MAX_ROUTE_EXPERTS = 32 * 64  # experts the routing kernel holds in registers (64 per lane)
@@ -63,6 +64,68 @@ def moe_gate_up(
         **gpu.output_init(),
     )
     return y
+
+
+def routed_gate_up(
+    x,
+    gate,
+    up,
+    logits,
+    top_k: int,
+    norm_topk_prob: bool = True,
+    *,
+    bits: int,
+    group_size: int,
+    backend: str = "auto",
+    norm=None,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """route() and moe_gate_up() together: x (..., D) (RMSNorm'd by norm when given), the router's
+    logits (..., E) -> (h (..., K, I) in x's dtype, ids (..., K) uint32, weights (..., K) in x's dtype).
+    On a GPU one launch: each threadgroup routes its token itself (moe_gate_up.inc's routed form)."""
+    experts = logits.shape[-1]
+    backend = fused_backend(backend)
+    if backend == "reference" or experts > MAX_ROUTE_EXPERTS or top_k > experts:
+        ids, weights = route(logits, top_k, norm_topk_prob, backend=backend, out_dtype=x.dtype)
+        h = moe_gate_up(x, gate, up, ids, bits=bits, group_size=group_size, backend=backend, norm=norm)
+        return h, ids, weights
+    gw, gs, gb = gate
+    uw, us, ub = up
+    out_dim, in_dim = gw.shape[-2], x.shape[-1]
+    tokens = logits.size // experts
+    p = gpu.plan(out_dim, in_dim, bits, slots=2, rps=1, kind="gate_up")
+    dims = gpu.int_array(out_dim, in_dim, top_k, experts)
+    h, ids, weights = gpu.kernel(
+        backend,
+        "moe_gate_up.inc",
+        "flashmoe_moe_gate_up_routed",
+        ROUTED_INPUTS,
+        ROUTED_OUTPUTS,
+        ("FM_ROUTED",),
+    )(
+        inputs=[x, gw, gs, gb, uw, us, ub, logits, dims, *gpu.norm_inputs(norm)],
+        template=[
+            ("T", x.dtype),
+            ("BITS", bits),
+            ("GROUP_SIZE", group_size),
+            ("RPS", p.rps),
+            ("NORM", int(norm is not None)),
+            ("OUT_T", x.dtype),
+            ("EPL", -(-experts // 32)),
+            ("K", top_k),
+            ("RENORM", int(norm_topk_prob)),
+            *p.template(),
+        ],
+        grid=(tokens * top_k * p.simds * 32, math.ceil(out_dim / p.rows_per_group), 1),
+        threadgroup=(p.simds * 32, 1, 1),
+        output_shapes=[
+            (*logits.shape[:-1], top_k, out_dim),
+            (*logits.shape[:-1], top_k),
+            (*logits.shape[:-1], top_k),
+        ],
+        output_dtypes=[x.dtype, mx.uint32, x.dtype],
+        **gpu.output_init(),
+    )
+    return h, ids, weights
 
 
 def moe_down(
@@ -127,7 +190,7 @@ def route(
             ("OUT_T", out_dtype),
             ("EPL", -(-experts // 32)),
             ("K", top_k),
-            ("NORM", int(norm_topk_prob)),
+            ("RENORM", int(norm_topk_prob)),
         ],
         grid=(rows * 32, 1, 1),
         threadgroup=(32, 1, 1),

@@ -18,7 +18,7 @@ import mlx.core as mx
 
 from .. import kernels
 from ..errors import FlashMoeError
-from ..kernels.moe import moe_experts, route
+from ..kernels.moe import moe_down, moe_experts, route, routed_gate_up
 from ..timing import timer
 from .args import ModelArgs
 from .layers import Linear, Norm, Projections, silu
@@ -109,6 +109,25 @@ class ResidentExperts:
         self.gate_proj = store.experts(f"{prefix}.switch_mlp.gate_proj")  # (E, I, D)
         self.up_proj = store.experts(f"{prefix}.switch_mlp.up_proj")  # (E, I, D)
         self.down_proj = store.experts(f"{prefix}.switch_mlp.down_proj")  # (E, D, I)
+
+    def routes_itself(self, x: mx.array, k: int) -> bool:
+        """Whether `routed` runs for x (B, T, D): a few tokens for the fused kernels, on a GPU backend."""
+        return x.size // x.shape[-1] * k <= FUSED_MAX_SLOTS and _fusable(
+            self.gate_proj, self.up_proj, self.down_proj
+        )
+
+    def routed(
+        self, x: mx.array, logits: mx.array, k: int, renorm: bool, residual=None, norm: Norm | None = None
+    ) -> tuple[mx.array, mx.array, mx.array]:
+        """The router's logits (B, T, E) for x -> (y (B, T, D) (+ residual), ids and weights (B, T, K)):
+        routing, gate + up + SwiGLU in one launch (kernels.moe.routed_gate_up), down + weighted sum
+        (+ residual) in another. For `routes_itself` inputs."""
+        spec, backend = self.gate_proj.spec, self.gate_proj.backend
+        kw = dict(bits=spec.bits, group_size=spec.group_size, backend=backend)
+        h, ids, weights = routed_gate_up(
+            x, self.gate_proj.packed, self.up_proj.packed, logits, k, renorm, **kw, norm=norm
+        )
+        return moe_down(h, self.down_proj.packed, ids, weights, **kw, residual=residual), ids, weights
 
     def __call__(
         self, x: mx.array, experts: mx.array, weights: mx.array, residual=None, norm: Norm | None = None
@@ -209,14 +228,22 @@ class MoE:
         plain = isinstance(self.gate, Linear) and isinstance(self.experts, ResidentExperts)
         if norm is not None and (combine is not None or not plain):
             x, norm = kernels.rms_norm(x, norm), None
-        routing = self.last_routing = self.route(x, norm)
-        timer.mark("routing", routing.experts, routing.weights)
-        if residual is not None and self.shared_expert is None and combine is None:
-            y = self._experts(x, routing, residual, norm)  # (B, T, D)
-            timer.mark("experts", y)
-            return y
-        y = self._experts(x, routing, None, norm)  # (B, T, D)
+        last = self.shared_expert is None and combine is None  # nothing follows the routed experts
+        if plain and not timer.enabled and self.experts.routes_itself(x, self.k):
+            # a decode token on a GPU: the router's logits go to the experts' first kernel, which
+            # routes the token itself (no launch of the routing's own)
+            logits = self.gate(x, norm=norm)  # (B, T, E)
+            y, ids, weights = self.experts.routed(
+                x, logits, self.k, self.norm_topk_prob, residual if last else None, norm
+            )
+            self.last_routing = Routing(logits, ids, weights)
+        else:
+            routing = self.last_routing = self.route(x, norm)
+            timer.mark("routing", routing.experts, routing.weights)
+            y = self._experts(x, routing, residual if last else None, norm)  # (B, T, D)
         timer.mark("experts", y)
+        if last:
+            return y  # (+ residual, added by the experts)
         if combine is not None:  # the ranks' partial sums meet here
             y = combine(x, y, self.shared if self.shared_expert is not None else None)
             timer.mark("all_sum", y)
@@ -226,10 +253,14 @@ class MoE:
         return y if residual is None else residual + y
 
     def _experts(self, x: mx.array, routing: Routing, residual, norm: Norm | None) -> mx.array:
-        """The routed experts' weighted sum (B, T, D) (+ residual); norm only reaches resident experts."""
-        if norm is None:
-            return self.experts(x, routing.experts, routing.weights, residual)
-        return self.experts(x, routing.experts, routing.weights, residual, norm)
+        """The routed experts' weighted sum (B, T, D) (+ residual): residual only reaches experts nothing
+        follows (not the ranks' shards, which take neither), norm only resident ones."""
+        args = [x, routing.experts, routing.weights]
+        if residual is not None or norm is not None:
+            args.append(residual)
+        if norm is not None:
+            args.append(norm)
+        return self.experts(*args)
 
     def shared(self, x: mx.array, norm: Norm | None = None) -> mx.array:
         """The gated shared expert's output for x (B, T, D) (RMSNorm'd by `norm` when given)."""

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from flashmoe.kernels import gpu
-from tests.kernels.test_metal_source import KERNELS
+from tests.kernels.test_metal_source import KERNELS, compose_args
 
 HEADER = "#include <cstdint>\n#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n"
 
@@ -27,7 +27,7 @@ def test_cuda_kernel_sources_compile(body, bits, tmp_path):
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc is not installed")
     tparams, args, instances = KERNELS[body]
-    header, text = gpu.compose("cuda", body)
+    header, text = gpu.compose("cuda", *compose_args(body))
     assert gpu.CORE_MARKER not in text
     params = ", ".join(f"{cuda_type(t)} {n}" for n, t in args)
     types = ", ".join(cuda_type(t) for _, t in args)

@@ -110,6 +110,26 @@ def test_moe_gate_up_applies_the_rms_norm(seed):
     assert rel_err(h, ref) < 1e-5, f"seed {seed}"
 
 
+@pytest.mark.parametrize("renorm", [True, False])
+@pytest.mark.parametrize("norm", [False, True], ids=["", "rms_norm"])
+def test_routed_gate_up_routes_as_the_route_kernel(renorm, norm, seed):
+    """The routed form of moe_gate_up: each threadgroup routes its token itself; the ids, weights and
+    SwiGLU outputs are the route kernel's and the plain gate/up kernel's (same arithmetic), for two
+    tokens, 100 experts (not a multiple of 32)."""
+    experts, d, inter, k = 100, 128, 64, 4
+    gate, up = (mx.quantize(mx.random.normal((experts, inter, d)), group_size=64, bits=4) for _ in range(2))
+    x, logits = mx.random.normal((2, d)), 2.0 * mx.random.normal((2, experts))
+    rms = (mx.random.uniform(0.5, 1.5, (d,)), 1e-6) if norm else None
+    kw = dict(bits=4, group_size=64, backend="cuda")
+    h, ids, weights = moe.routed_gate_up(x, gate, up, logits, k, renorm, **kw, norm=rms)
+    want_ids, want_weights = moe.route(logits, k, renorm, backend="cuda", out_dtype=x.dtype)
+    assert ids.tolist() == want_ids.tolist(), f"seed {seed}"
+    assert mx.array_equal(weights, want_weights), f"seed {seed}"
+    assert rel_err(h, moe.moe_gate_up(x, gate, up, want_ids, **kw, norm=rms)) < 1e-6, f"seed {seed}"
+    ref_ids, _ = moe.route_reference(logits, k, renorm)
+    assert sorted(ids[0].tolist()) == sorted(ref_ids[0].tolist()), f"seed {seed}"
+
+
 def test_gathered_experts(seed):
     w = mx.random.normal((6, 24, 128))
     q, scales, biases = mx.quantize(w, group_size=64, bits=4)

@@ -137,3 +137,24 @@ def test_route_kernel_matches_reference(experts, k, norm, dtype, seed):
 def test_route_kernel_writes_the_requested_dtype(seed):
     ids, weights = moe.route(distinct_logits(1, 512, mx.bfloat16), 10, backend=BACKEND, out_dtype=mx.bfloat16)
     assert weights.dtype == mx.bfloat16 and abs(weights.astype(mx.float32).sum().item() - 1) < 1e-2
+
+
+@needs_cuda
+@pytest.mark.parametrize("experts, k", [(60, 4), (128, 8), (512, 10)])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_routed_gate_up_is_the_route_kernel_then_gate_up(experts, k, dtype, monkeypatch, seed):
+    """The routed form routes each token inside the gate/up kernel: the same ids, weights and SwiGLU
+    outputs as the route kernel followed by the plain gate/up kernel (outputs poisoned with NaN first,
+    so an unwritten id or weight shows)."""
+    from flashmoe.kernels import gpu
+
+    monkeypatch.setattr(gpu, "_poison", float("nan"))
+    gate, up = (stack(experts, 256, 512, 4, 64, dtype) for _ in range(2))
+    x, logits = mx.random.normal((3, 512)).astype(dtype), distinct_logits(3, experts, dtype)
+    norm = (mx.random.uniform(0.5, 1.5, (512,)).astype(dtype), 1e-6)
+    kw = dict(bits=4, group_size=64, backend=BACKEND)
+    h, ids, weights = moe.routed_gate_up(x, gate, up, logits, k, True, **kw, norm=norm)
+    want_ids, want_weights = moe.route(logits, k, True, backend=BACKEND, out_dtype=dtype)
+    assert ids.tolist() == want_ids.tolist(), f"seed {seed}"
+    assert mx.array_equal(weights, want_weights), f"seed {seed}"
+    assert mx.array_equal(h, moe.moe_gate_up(x, gate, up, want_ids, **kw, norm=norm)), f"seed {seed}"

@@ -37,7 +37,9 @@ OUT_U = "device uint32_t*"
 def arguments(inputs, outputs) -> list[tuple[str, str]]:
     """(name, MSL type) of a kernel's parameters, inputs in the launcher's order, then outputs."""
     kind = {**{n: IN_U for n in UINT_INPUTS}, "dims": IN_I, "length": IN_I, "pos": IN_I}
-    return [(n, kind.get(n, IN_F)) for n in inputs] + [(n, OUT_U if n == "ids" else OUT_F) for n in outputs]
+    return [(n, kind.get(n, IN_F)) for n in inputs] + [
+        (n, OUT_U if n in ("ids", "rid") else OUT_F) for n in outputs
+    ]
 
 
 KERNELS = {
@@ -56,6 +58,15 @@ KERNELS = {
         "int XD",
         arguments(moe.GATE_UP_INPUTS, ["y"]),
         ["float, {bits}, 64, 1, 1, 8, 32, 4, 2, 2048, 0", "float, {bits}, 64, 1, 0, 8, 32, 4, 2, 2048, 1"],
+    ),
+    "moe_gate_up.inc FM_ROUTED": (  # the routed form: moe_route.inc's core, then the gate/up kernel
+        "typename T, int BITS, int GROUP_SIZE, int RPS, int NORM, typename OUT_T, int EPL, int K, int RENORM, "
+        "int SIMDS, int LPR, int VEC, int U, int TILE, int XD",
+        arguments(moe.ROUTED_INPUTS, moe.ROUTED_OUTPUTS),
+        [
+            "float, {bits}, 64, 1, 1, float, 16, 10, 1, 8, 32, 4, 2, 2048, 0",
+            "float, {bits}, 64, 1, 0, float, 4, 8, 0, 8, 32, 4, 2, 2048, 1",
+        ],
     ),
     "moe_down.inc": (
         "typename T, int BITS, int GROUP_SIZE, int K, int RES, int SIMDS, int LPR, int VEC, int U, int TILE, int XD",
@@ -97,11 +108,17 @@ KERNELS = {
         ["float, {bits}, 64, 2048, 151936, 256, 1", "float, {bits}, 128, 512, 100, 256, 0"],
     ),
     "moe_route.inc": (
-        "typename T, typename OUT_T, int EPL, int K, int NORM",
+        "typename T, typename OUT_T, int EPL, int K, int RENORM",
         arguments(moe.ROUTE_INPUTS, moe.ROUTE_OUTPUTS),
         ["float, float, 16, 10, 1", "float, float, 2, 4, 0"],
     ),
 }
+
+
+def compose_args(key: str) -> tuple[str, tuple[str, ...]]:
+    """A KERNELS key as gpu.compose's arguments: "body.inc" or "body.inc DEFINE ..." (a body's #if form)."""
+    body, *defines = key.split()
+    return body, tuple(defines)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -110,7 +127,7 @@ def test_metal_kernel_sources_parse(body, bits, tmp_path):
     if shutil.which("g++") is None:
         pytest.skip("g++ is not installed")
     tparams, args, instances = KERNELS[body]
-    header, text = gpu.compose("metal", body)
+    header, text = gpu.compose("metal", *compose_args(body))
     assert gpu.CORE_MARKER not in text
     params = ", ".join(f"{t} {n}" for n, t in args) + ", " + ATTRS
     types = ", ".join(t for _, t in args) + ", uint, uint, uint, uint3"
