@@ -19,8 +19,9 @@ import argparse
 import json
 
 import mlx.core as mx
+from matvec_sweep import with_override
 
-import kernels as kernel_bench
+import kernels as kernel_bench  # benchmarks/kernels.py, beside this script
 from flashmoe import kernels
 from flashmoe.kernels import gpu, moe
 
@@ -31,15 +32,6 @@ GS, BITS = 64, 4
 def stack(experts: int, out_dim: int, in_dim: int) -> tuple:
     w = (mx.random.normal((experts, out_dim, in_dim)) / in_dim**0.5).astype(mx.bfloat16)
     return mx.quantize(w, group_size=GS, bits=BITS)
-
-
-def with_shape(shape: dict, fn):
-    gpu._override.clear()
-    gpu._override.update(shape)
-    try:
-        return fn()
-    finally:
-        gpu._override.clear()
 
 
 def main() -> None:
@@ -68,7 +60,9 @@ def main() -> None:
         }
         for launch, (inp, matrices, fn) in cases.items():
             for shape in [{}] + gpu.MOE_GRID:
-                us = with_shape(shape, lambda: kernel_bench.device_seconds(fn, inp, sets, args.calls)) * 1e6
+                us = (
+                    with_override(shape, lambda: kernel_bench.device_seconds(fn, inp, sets, args.calls)) * 1e6
+                )
                 nbytes = matrices * k * per_expert
                 rows.append(dict(what=what, launch=launch, shape=shape, us=us, gbps=nbytes / us / 1e3))
                 print(f"{what:<5} {launch:<10} {json.dumps(shape):<22} {us:8.2f} {nbytes / us / 1e3:8.0f}")

@@ -49,14 +49,7 @@ def moe_gate_up(
     p = gpu.plan(out_dim, in_dim, bits, slots=2, rps=1, kind="gate_up")
     (y,) = gpu.kernel(backend, "moe_gate_up.inc", "flashmoe_moe_gate_up", GATE_UP_INPUTS)(
         inputs=[x, gw, gs, gb, uw, us, ub, idx, gpu.int_array(out_dim, in_dim, k), *gpu.norm_inputs(norm)],
-        template=[
-            ("T", x.dtype),
-            ("BITS", bits),
-            ("GROUP_SIZE", group_size),
-            ("RPS", p.rps),
-            ("NORM", int(norm is not None)),
-            *p.template(),
-        ],
+        template=_gate_up_template(x, bits, group_size, p, norm),
         grid=(pairs * p.simds * 32, math.ceil(out_dim / p.rows_per_group), 1),
         threadgroup=(p.simds * 32, 1, 1),
         output_shapes=[(*ids.shape, out_dim)],
@@ -104,11 +97,7 @@ def routed_gate_up(
     )(
         inputs=[x, gw, gs, gb, uw, us, ub, logits, dims, *gpu.norm_inputs(norm)],
         template=[
-            ("T", x.dtype),
-            ("BITS", bits),
-            ("GROUP_SIZE", group_size),
-            ("RPS", p.rps),
-            ("NORM", int(norm is not None)),
+            *_gate_up_template(x, bits, group_size, p, norm)[:5],
             ("OUT_T", x.dtype),
             ("EPL", -(-experts // 32)),
             ("K", top_k),
@@ -126,6 +115,12 @@ def routed_gate_up(
         **gpu.output_init(),
     )
     return h, ids, weights
+
+
+def _gate_up_template(x, bits: int, group_size: int, p: gpu.Plan, norm) -> list:
+    """moe_gate_up.inc's template values: T, BITS, GROUP_SIZE, RPS, NORM, then the launch shape's."""
+    head = [("T", x.dtype), ("BITS", bits), ("GROUP_SIZE", group_size), ("RPS", p.rps)]
+    return [*head, ("NORM", int(norm is not None)), *p.template()]
 
 
 def moe_down(
