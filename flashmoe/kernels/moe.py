@@ -6,6 +6,11 @@
         sum_k weights[k] * down[ids[k]] @ h[k] (+ residual), one launch, no atomics
     route(logits, top_k, norm_topk_prob, backend=)              -> ids (..., K) uint32, weights (..., K)
         softmax, top-K and renormalisation of the router's logits, one launch on a GPU
+    routed_gate_up(x, gate, up, logits, top_k, norm_topk_prob, ...) -> h, ids, weights
+        route and moe_gate_up in one launch (each threadgroup routes its token itself): with moe_down,
+        a decode token's routing and experts in two launches
+
+Each kernel reading x can also RMSNorm it as it reads it (norm=(weight, eps)).
 
 gate, up, down are mlx-lm's switch_mlp stacks (w, scales, biases): w (E, out, in * bits / 32)
 uint32, scales / biases (E, out, in / group_size). Streamed experts work the same: a buffer
