@@ -103,6 +103,7 @@ def dequant_matvec(
     """
     _check_shapes(x, w, scales, biases, bits, group_size, mode)
     backend = resolve_backend(backend)
+    # the GPU backends by name: tests add "reference" to GPU_BACKENDS to run the fused paths' plumbing
     if _own_kernel(bits, mode) and backend in ("metal", "cuda"):
         return gpu.matvec(
             backend, x, w, scales, biases, bits=bits, group_size=group_size, residual=residual, norm=norm

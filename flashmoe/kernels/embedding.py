@@ -6,8 +6,8 @@
 `reference`, MLX's ops, gathers the rows of the weight, scales and biases (three Gathers), casts the
 scales and biases to the compute dtype and dequantizes them (a Quantize): five or more graph nodes
 before the first layer of a decode step, each ~14 us of host time on an NVIDIA GPU. The kernel
-(src/embed_rows.inc) is one, and rounds as mx.dequantize does on the default device, so its rows are
-bit-identical to the reference's. It serves affine 2/4/8-bit tables on "metal" / "cuda" for up to
+(src/embed_rows.inc) is one, and rounds as mx.dequantize does on a GPU (scale * q + bias rounded once),
+so there its rows are bit-identical to the reference's. It serves affine 2/4/8-bit tables on "metal" / "cuda" for up to
 MAX_TOKENS tokens (decode); anything else (prefill, other formats, other backends) takes `reference`.
 """
 
@@ -52,7 +52,6 @@ def embed_rows(
             ("D", dim),
             ("V", rows),
             ("THREADS", THREADS),
-            ("FUSED", int(gpu_rounding())),
         ],
         grid=(math.ceil(words / THREADS) * THREADS, tokens.size, 1),
         threadgroup=(THREADS, 1, 1),
@@ -61,12 +60,6 @@ def embed_rows(
         **gpu.output_init(),
     )
     return y
-
-
-def gpu_rounding() -> bool:
-    """Whether mx.dequantize rounds here as MLX's GPU kernel does (scale * q + bias rounded once) rather
-    than as its CPU fallback (the product rounded, then the sum): whether the default device is a GPU."""
-    return mx.default_device() == mx.gpu
 
 
 def reference(tokens, w, scales, biases, *, bits, group_size, mode="affine", dtype=mx.float32) -> mx.array:

@@ -206,8 +206,8 @@ def _kernel(backend: str):
     return build(backend, "dequant_matvec.inc", "flashmoe_dequant_matvec", tuple(INPUT_NAMES))
 
 
-# Parameter arrays hold at least this many values (32 bytes). MLX's CUDA backend puts arrays of a few
-# bytes in a shared pool of managed memory, where the host also writes (each step's position) and
+# Parameter arrays hold at least this many values (32 bytes). MLX's CUDA backend puts arrays of 8 bytes
+# or fewer in a shared pool of managed memory, where the host also writes (each step's position) and
 # reads (each step's token): a kernel reading a parameter from that pool stalls on page faults (the
 # kernels that read one, measured on the H200, took 14-21 us longer each). Padded, the array gets a
 # buffer of its own, written once by the host and then only read by the GPU.

@@ -186,7 +186,7 @@ class Model:
 
     def _position(self, offset: int) -> mx.array:
         """offset as a (1,) int32 array (so the compiled step's trace does not depend on it): a view
-        into positions the device wrote once. An array the host made each step would be a few bytes
+        into positions the device wrote once. An array the host made each step would be 4 bytes
         in MLX CUDA's shared pool of managed memory, which every kernel reading it waits for (page faults)."""
         if self._positions is None or offset >= self._positions.size:
             self._positions = mx.arange(-(-(offset + 1) // POSITIONS) * POSITIONS, dtype=mx.int32)

@@ -10,8 +10,7 @@ import subprocess
 
 import pytest
 
-from flashmoe.kernels import gpu
-from tests.kernels.test_metal_source import KERNELS, compose_args
+from tests.kernels.test_metal_source import KERNELS, translation_unit
 
 HEADER = "#include <cstdint>\n#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n"
 
@@ -26,18 +25,15 @@ def cuda_type(msl: str) -> str:
 def test_cuda_kernel_sources_compile(body, bits, tmp_path):
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc is not installed")
-    tparams, args, instances = KERNELS[body]
-    header, text = gpu.compose("cuda", *compose_args(body))
-    assert gpu.CORE_MARKER not in text
-    params = ", ".join(f"{cuda_type(t)} {n}" for n, t in args)
-    types = ", ".join(cuda_type(t) for _, t in args)
-    lines = [HEADER, header, f"template <{tparams}>\n__global__ void kern({params}) {{\n{text}\n}}"]
-    lines += [f"template __global__ void kern<{inst.format(bits=bits)}>({types});" for inst in instances]
+    extra = []
     if body in ("dequant_matvec.inc", "embed_rows.inc"):  # bf16, as a checkpoint computes on a GPU
-        inst = instances[0].format(bits=bits).replace("float", "__nv_bfloat16", 1)
-        lines.append(f"template __global__ void kern<{inst}>({types});")
+        extra.append(KERNELS[body][2][0].format(bits=bits).replace("float", "__nv_bfloat16", 1))
     unit = tmp_path / "kernel.cu"
-    unit.write_text("\n".join(lines) + "\n")
+    unit.write_text(
+        translation_unit(
+            "cuda", body, bits, opening=HEADER, qualifier="__global__ ", type_of=cuda_type, extra=extra
+        )
+    )
     run = subprocess.run(
         [
             "nvcc",

@@ -103,9 +103,9 @@ KERNELS = {
         ["float, 1024", "float, 256"],
     ),
     "embed_rows.inc": (
-        "typename T, int BITS, int GROUP_SIZE, int D, int V, int THREADS, int FUSED",
+        "typename T, int BITS, int GROUP_SIZE, int D, int V, int THREADS",
         [("tokens", IN_I), ("w", IN_U), ("scales", IN_F), ("biases", IN_F), ("y", OUT_F)],
-        ["float, {bits}, 64, 2048, 151936, 256, 1", "float, {bits}, 128, 512, 100, 256, 0"],
+        ["float, {bits}, 64, 2048, 151936, 256", "float, {bits}, 128, 512, 100, 256"],
     ),
     "moe_route.inc": (
         "typename T, typename OUT_T, int EPL, int K, int RENORM",
@@ -121,24 +121,40 @@ def compose_args(key: str) -> tuple[str, tuple[str, ...]]:
     return body, tuple(defines)
 
 
+def translation_unit(
+    backend: str, key: str, bits: int, *, opening: str, qualifier="", type_of=str, attrs=("", ""), extra=()
+) -> str:
+    """KERNELS[key]'s body as `backend`'s launcher composes it, wrapped in a template function kern
+    (`qualifier` kern, parameters typed by type_of(MSL type) plus attrs[0]) instantiated for each of its
+    instances at `bits` and for the `extra` ones, after `opening` (the includes)."""
+    tparams, args, instances = KERNELS[key]
+    header, text = gpu.compose(backend, *compose_args(key))
+    assert gpu.CORE_MARKER not in text
+    params = ", ".join(f"{type_of(t)} {n}" for n, t in args) + attrs[0]
+    types = ", ".join(type_of(t) for _, t in args) + attrs[1]
+    lines = [opening, header, f"template <{tparams}>\n{qualifier}void kern({params}) {{\n{text}\n}}"]
+    lines += [
+        f"template {qualifier}void kern<{i}>({types});"
+        for i in [*(i.format(bits=bits) for i in instances), *extra]
+    ]
+    return "\n".join(lines) + "\n"
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("body", sorted(KERNELS))
 def test_metal_kernel_sources_parse(body, bits, tmp_path):
     if shutil.which("g++") is None:
         pytest.skip("g++ is not installed")
-    tparams, args, instances = KERNELS[body]
-    header, text = gpu.compose("metal", *compose_args(body))
-    assert gpu.CORE_MARKER not in text
-    params = ", ".join(f"{t} {n}" for n, t in args) + ", " + ATTRS
-    types = ", ".join(t for _, t in args) + ", uint, uint, uint, uint3"
-    lines = [
-        f'#include "{SHIM}"',
-        header,
-        f"template <{tparams}>\nvoid kern({params}) {{\n{text}\n}}",
-    ]
-    lines += [f"template void kern<{inst.format(bits=bits)}>({types});" for inst in instances]
     unit = tmp_path / "kernel.cpp"
-    unit.write_text("\n".join(lines) + "\n")
+    unit.write_text(
+        translation_unit(
+            "metal",
+            body,
+            bits,
+            opening=f'#include "{SHIM}"',
+            attrs=(", " + ATTRS, ", uint, uint, uint, uint3"),
+        )
+    )
     run = subprocess.run(
         ["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-Werror", str(unit)],
         capture_output=True,

@@ -64,8 +64,6 @@ inline uint32_t __float_as_uint(float f) {
   return u;
 }
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
-inline float __fmul_rn(float a, float b) { return a * b; }  // (g++ builds without FMA: never fused)
-inline float __fadd_rn(float a, float b) { return a + b; }
 using std::max;
 using std::min;
 

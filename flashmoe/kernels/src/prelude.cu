@@ -13,8 +13,6 @@ __device__ __forceinline__ float fm_warp_sum(float v) {
 #define FM_BARRIER() __syncthreads()
 #define FM_SIMD_SUM(v) fm_warp_sum(v)
 #define FM_FMA(a, b, c) fmaf(a, b, c)
-#define FM_MUL_RN(a, b) __fmul_rn(a, b)  // rounded on its own: never contracted into an FMA
-#define FM_ADD_RN(a, b) __fadd_rn(a, b)
 #define FM_FLOAT4(a, b, c, d) make_float4(a, b, c, d)
 #define FM_GMEM                                   // address space of kernel buffers (Metal: device)
 #define FM_LOAD4(p) (*reinterpret_cast<const uint4*>(p))  // 128-bit load of 4 words, 16-byte aligned

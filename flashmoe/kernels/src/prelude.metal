@@ -7,8 +7,6 @@
 #define FM_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define FM_SIMD_SUM(v) simd_sum(v)
 #define FM_FMA(a, b, c) fma(a, b, c)
-#define FM_MUL_RN(a, b) ((a) * (b))  // (CUDA: never contracted; read only by CPU-rounding paths,
-#define FM_ADD_RN(a, b) ((a) + (b))  // which Metal, a GPU, never takes)
 #define FM_FLOAT4(a, b, c, d) float4(a, b, c, d)
 #define FM_GMEM device                            // address space of kernel buffers
 #define FM_LOAD4(p) (*((const device uint4*)(p)))  // 128-bit load of 4 words, 16-byte aligned
