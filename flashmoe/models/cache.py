@@ -27,16 +27,6 @@ class KVCache:
         self.kv: mx.array | None = None  # (2, B, H_kv, capacity, hd)
         self.offset = 0  # positions seen (filled)
 
-    @property
-    def keys(self) -> mx.array | None:
-        """(B, H_kv, capacity, hd), a read-only view of kv[0] (assigning into it changes nothing here)."""
-        return None if self.kv is None else self.kv[0]
-
-    @property
-    def values(self) -> mx.array | None:
-        """(B, H_kv, capacity, hd), a read-only view of kv[1]."""
-        return None if self.kv is None else self.kv[1]
-
     def reserve(self, n: int, batch: int, kv_heads: int, head_dim: int, dtype: mx.Dtype) -> None:
         """Room for n positions: the buffer grows to the next multiple of STEP when it is short."""
         capacity = 0 if self.kv is None else self.kv.shape[3]
