@@ -1,8 +1,9 @@
 """Peak memory of expert streaming: non-expert weights + read buffers, whatever the depth.
 
 Measured on synthetic checkpoints at Qwen3-30B-A3B's real widths (128 experts of 2.65 MB per
-layer, 340 MB of experts per layer) with 2 and 6 layers, each run in a fresh subprocess whose
-peak RSS its parent reads with getrusage(RUSAGE_CHILDREN). The bound must be able to fail:
+layer, 340 MB of experts per layer) with 2 and 6 layers, each run in a fresh subprocess on MLX's CPU
+device (host memory is the subject; on a GPU the weights would leave RSS) whose peak RSS its parent
+reads with getrusage(RUSAGE_CHILDREN). The bound must be able to fail:
 resident loading of the 6-layer checkpoint holds 2 GB of experts and exceeds it.
 """
 
@@ -22,6 +23,7 @@ PRESET, K, PROMPT = "qwen3-30b-a3b", 8, 8
 CHILD = """
 import sys
 import mlx.core as mx
+mx.set_default_device(mx.cpu)  # host memory is what this measures: on a GPU the weights leave RSS
 from flashmoe.loader import load_model
 if sys.argv[1] != "none":
     model = load_model(sys.argv[2], stream_experts=sys.argv[1] == "stream")
