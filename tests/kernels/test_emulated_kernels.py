@@ -130,6 +130,92 @@ def test_routed_gate_up_routes_as_the_route_kernel(renorm, norm, seed):
     assert sorted(ids[0].tolist()) == sorted(ref_ids[0].tolist()), f"seed {seed}"
 
 
+def shared_expert_case(tokens: int, experts: int, d: int, inter: int, dtype=mx.float32):
+    """Fresh experts and a shared expert (gate and up stacked as Projections stacks them), quantized by
+    MLX, with their dequantized float32 weights for an independent expectation."""
+    stacks = [quantized((experts, o, i), 4, 64, dtype) for o, i in ((inter, d), (inter, d), (d, inter))]
+    shared_gate_up, shared_down = quantized((2 * inter, d), 4, 64, dtype), quantized((d, inter), 4, 64, dtype)
+    x = mx.random.normal((tokens, d)).astype(dtype)
+    return stacks, shared_gate_up, shared_down, x
+
+
+def expected_layer(x, stacks, shared_gate_up, shared_down, ids, weights, logit):
+    """sum_k w_k down_k(silu(gate_k x) * up_k x) + sigmoid(logit) * shared(x), float32, from MLX's
+    own dequantized weights: (tokens, d)."""
+    (*_, g), (*_, u), (*_, dn) = stacks
+    silu = lambda v: v * mx.sigmoid(v)  # noqa: E731
+    x = x.astype(mx.float32)
+    rows = []
+    for t in range(x.shape[0]):
+        e = ids[t].tolist()
+        h = silu(exact_matmul(g[e], x[t][:, None])[..., 0]) * exact_matmul(u[e], x[t][:, None])[..., 0]
+        y = (exact_matmul(dn[e], h[..., None])[..., 0] * weights[t].astype(mx.float32)[:, None]).sum(0)
+        sg, su = mx.split(exact_matmul(shared_gate_up[3], x[t][:, None])[:, 0], 2)
+        shared = exact_matmul(shared_down[3], (silu(sg) * su)[:, None])[:, 0]
+        rows.append(y + mx.sigmoid(logit[t].astype(mx.float32)) * shared)
+    return mx.stack(rows)
+
+
+def test_shared_expert_rides_as_slot_k(seed):
+    """moe_gate_up and moe_down's shared forms: slot K is the shared expert, added with its sigmoid
+    gate (read at a column of a wider logits row), two tokens, against MLX's dequantized weights."""
+    experts, d, inter, k = 6, 128, 64, 3
+    stacks, shared_gate_up, shared_down, x = shared_expert_case(2, experts, d, inter)
+    ids = mx.array([[3, 0, 5], [1, 4, 2]], dtype=mx.uint32)
+    weights = mx.softmax(mx.random.normal((2, k)), axis=-1)
+    logits = mx.random.normal((2, experts + 1))  # the router's rows, then the shared gate's
+    kw = dict(bits=4, group_size=64, backend="cuda")
+    h = moe.moe_gate_up(x, stacks[0][:3], stacks[1][:3], ids, **kw, shared=shared_gate_up[:3])
+    assert h.shape == (2, k + 1, inter)
+    gate = moe.SharedGate(logits, experts)
+    y = moe.moe_down(
+        h, stacks[2][:3], ids, weights, **kw, residual=x, shared=shared_down[:3], shared_gate=gate
+    )
+    want = x + expected_layer(x, stacks, shared_gate_up, shared_down, ids, weights, logits[:, experts])
+    assert rel_err(y, want) < 1e-5, f"seed {seed}"
+
+
+def test_routed_gate_up_takes_the_shared_expert(seed):
+    """The routed form with the shared expert: the router's logits carry the shared gate as a last
+    column the routing must not see; ids, weights and h as the plain shared form gives them."""
+    experts, d, inter, k = 40, 128, 64, 4
+    stacks, shared_gate_up, _, x = shared_expert_case(2, experts, d, inter)
+    logits = 2.0 * mx.random.normal((2, experts + 1))
+    logits[:, experts] = 50.0  # were it routed, the shared gate's column would win every top-K
+    kw = dict(bits=4, group_size=64, backend="cuda")
+    gate_up = (stacks[0][:3], stacks[1][:3])
+    h, ids, weights = moe.routed_gate_up(
+        x, *gate_up, logits, k, **kw, shared=shared_gate_up[:3], experts=experts
+    )
+    want_ids, want_weights = moe.route(logits[:, :experts], k, backend="cuda", out_dtype=x.dtype)
+    assert ids.tolist() == want_ids.tolist(), f"seed {seed}"
+    assert mx.array_equal(weights, want_weights), f"seed {seed}"
+    plain = moe.moe_gate_up(x, *gate_up, want_ids, **kw, shared=shared_gate_up[:3])
+    assert rel_err(h, plain) < 1e-6, f"seed {seed}"
+
+
+def test_shared_expert_rounds_as_mlx_lm_blocks_do(seed):
+    """bf16: the down kernel's shared form rounds the routed sum, the gate, the shared output and
+    each op after them to bf16, as `y + sigmoid(g) * shared` in MLX's ops rounds them. The gate is
+    taken correctly rounded (float64): MLX's CPU sigmoid is an approximation that lands on the other
+    side of a bf16 boundary for some logits, which would move every row at once. With it, 30 seeds
+    gave 0 differing rows of 128; leaving the gate or the shared output unrounded gave up to 48."""
+    experts, d, inter, k = 6, 128, 64, 3
+    stacks, _, shared_down, _ = shared_expert_case(1, experts, d, inter, mx.bfloat16)
+    ids = mx.array([[2, 5, 0]], dtype=mx.uint32)
+    weights = mx.softmax(mx.random.normal((1, k)), axis=-1).astype(mx.bfloat16)
+    gate = moe.SharedGate(mx.random.normal((1, 1)).astype(mx.bfloat16), 0)
+    h = (0.5 * mx.random.normal((1, k + 1, inter))).astype(mx.bfloat16)
+    kw = dict(bits=4, group_size=64, shared=shared_down[:3], shared_gate=gate)
+    y = moe.moe_down(h, stacks[2][:3], ids, weights, **kw, backend="cuda")
+    routed = moe.moe_down_reference(h, stacks[2][:3], ids, weights, bits=4, group_size=64)
+    shared = kernels.dequant_matvec(h[:, k], *shared_down[:3], bits=4, group_size=64, backend="reference")
+    sigmoid = 1.0 / (1.0 + np.exp(-np.array(gate.logits.astype(mx.float32), dtype=np.float64)))
+    want = routed + mx.array(sigmoid.astype(np.float32)).astype(mx.bfloat16) * shared  # bf16 ops
+    assert y.dtype == mx.bfloat16
+    assert (y.astype(mx.float32) != want.astype(mx.float32)).sum().item() <= 2, f"seed {seed}"
+
+
 def test_gathered_experts(seed):
     w = mx.random.normal((6, 24, 128))
     q, scales, biases = mx.quantize(w, group_size=64, bits=4)

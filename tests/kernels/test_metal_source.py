@@ -28,6 +28,7 @@ UINT_INPUTS = {
     "w",
     "gw",
     "uw",
+    "sw",
     "idx",
     "ids",
 }  # packed words and expert ids; dims, length int32; the rest float
@@ -68,9 +69,29 @@ KERNELS = {
             "float, {bits}, 64, 1, 0, float, 4, 8, 0, 8, 32, 4, 2, 2048, 1",
         ],
     ),
+    "moe_gate_up.inc FM_SHARED_EXPERT": (  # slot K: the shared expert
+        "typename T, int BITS, int GROUP_SIZE, int RPS, int NORM, int SIMDS, int LPR, int VEC, int U, int TILE, "
+        "int XD",
+        arguments(moe.GATE_UP_SHARED_INPUTS, ["y"]),
+        ["float, {bits}, 64, 1, 1, 8, 32, 4, 2, 2048, 0", "float, {bits}, 64, 1, 0, 8, 32, 4, 2, 2048, 1"],
+    ),
+    "moe_gate_up.inc FM_ROUTED FM_SHARED_EXPERT": (
+        "typename T, int BITS, int GROUP_SIZE, int RPS, int NORM, typename OUT_T, int EPL, int K, int RENORM, "
+        "int SIMDS, int LPR, int VEC, int U, int TILE, int XD",
+        arguments(moe.ROUTED_SHARED_INPUTS, moe.ROUTED_OUTPUTS),
+        [
+            "float, {bits}, 64, 1, 1, float, 16, 10, 1, 8, 32, 4, 2, 2048, 0",
+            "float, {bits}, 64, 1, 0, float, 4, 8, 0, 8, 32, 4, 2, 2048, 1",
+        ],
+    ),
     "moe_down.inc": (
         "typename T, int BITS, int GROUP_SIZE, int K, int RES, int SIMDS, int LPR, int VEC, int U, int TILE, int XD",
         arguments(moe.DOWN_INPUTS, ["y"]),
+        ["float, {bits}, 64, 10, 0, 8, 16, 4, 1, 768, 0", "float, {bits}, 64, 10, 1, 8, 16, 4, 1, 768, 1"],
+    ),
+    "moe_down.inc FM_SHARED_EXPERT": (
+        "typename T, int BITS, int GROUP_SIZE, int K, int RES, int SIMDS, int LPR, int VEC, int U, int TILE, int XD",
+        arguments(moe.DOWN_SHARED_INPUTS, ["y"]),
         ["float, {bits}, 64, 10, 0, 8, 16, 4, 1, 768, 0", "float, {bits}, 64, 10, 1, 8, 16, 4, 1, 768, 1"],
     ),
     "gated_delta_step.inc": (
