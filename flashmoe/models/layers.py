@@ -81,7 +81,7 @@ class Projections:
 
     def __init__(self, *layers: Linear):
         self.ends = list(itertools.accumulate(layer.out_features for layer in layers))[:-1]  # split points
-        self.fused = _stacked(layers)
+        self.fused = stacked(layers)
         self.layers = layers if self.fused is None else None  # the separate matrices are dropped
 
     def __call__(self, x: mx.array, norm: Norm | None = None) -> list[mx.array]:
@@ -98,8 +98,9 @@ class Projections:
         return tuple(layer(x, norm=norm) for layer in self.layers)
 
 
-def _stacked(layers: tuple[Linear, ...]) -> Linear | None:
-    """The layers as one Linear with their output rows stacked, or None unless quantized alike."""
+def stacked(layers: tuple[Linear, ...]) -> Linear | None:
+    """The layers as one Linear with their output rows stacked (a copy: the layers stay as they are),
+    or None unless quantized alike."""
     first = layers[0]
     alike = all(
         layer.spec is not None

@@ -18,10 +18,10 @@ import mlx.core as mx
 
 from .. import kernels
 from ..errors import FlashMoeError
-from ..kernels.moe import moe_down, moe_experts, route, routed_gate_up
+from ..kernels.moe import MAX_DOWN_K, SharedGate, moe_down, moe_experts, route, routed_gate_up
 from ..timing import timer
 from .args import ModelArgs
-from .layers import Linear, Norm, Projections, silu
+from .layers import Linear, Norm, Projections, silu, stacked
 from .store import TensorStore
 
 
@@ -117,17 +117,36 @@ class ResidentExperts:
         )
 
     def routed(
-        self, x: mx.array, logits: mx.array, k: int, renorm: bool, residual=None, norm: Norm | None = None
+        self,
+        x: mx.array,
+        logits: mx.array,
+        k: int,
+        renorm: bool,
+        residual=None,
+        norm: Norm | None = None,
+        shared: tuple[SharedSlot, SharedGate] | None = None,
     ) -> tuple[mx.array, mx.array, mx.array]:
-        """The router's logits (B, T, E) for x -> (y (B, T, D) (+ residual), ids and weights (B, T, K)):
-        routing, gate + up + SwiGLU in one launch (kernels.moe.routed_gate_up), down + weighted sum
-        (+ residual) in another. For `routes_itself` inputs."""
+        """The router's logits (B, T, E), or (B, T, E + 1) with the shared gate's after them, for x ->
+        (y (B, T, D) (+ residual), ids and weights (B, T, K)): routing, gate + up + SwiGLU in one
+        launch (kernels.moe.routed_gate_up), down + weighted sum (+ residual) in another; `shared`,
+        the shared expert and its gate, as slot K of both. For `routes_itself` inputs."""
         spec, backend = self.gate_proj.spec, self.gate_proj.backend
         kw = dict(bits=spec.bits, group_size=spec.group_size, backend=backend)
+        slot, gate = shared if shared is not None else (None, None)
         h, ids, weights = routed_gate_up(
-            x, self.gate_proj.packed, self.up_proj.packed, logits, k, renorm, **kw, norm=norm
+            x,
+            self.gate_proj.packed,
+            self.up_proj.packed,
+            logits,
+            k,
+            renorm,
+            **kw,
+            norm=norm,
+            shared=None if slot is None else slot.gate_up,
+            experts=self.gate_proj.weight.shape[0],
         )
-        return moe_down(h, self.down_proj.packed, ids, weights, **kw, residual=residual), ids, weights
+        down = dict(residual=residual, shared=None if slot is None else slot.down, shared_gate=gate)
+        return moe_down(h, self.down_proj.packed, ids, weights, **kw, **down), ids, weights
 
     def __call__(
         self, x: mx.array, experts: mx.array, weights: mx.array, residual=None, norm: Norm | None = None
@@ -137,6 +156,50 @@ class ResidentExperts:
         return mixed_experts(
             self.gate_proj, self.up_proj, self.down_proj, x, experts, weights, residual, norm
         )
+
+
+@dataclass(frozen=True)
+class SharedSlot:
+    """A shared expert as the fused decode kernels take it, slot K beside the routed experts (one
+    launch each for gate/up and down, the shared one included), made at load where its weights are
+    quantized as the routed experts' and as wide.
+
+    router: the router's rows with the shared gate's row stacked under them (one matvec gives the
+    routing logits and the shared gate's logit) when the two are quantized alike, else None.
+    made_from: the (router, shared gate, shared expert) it was made from: the slot serves only while
+    the MoE block still holds these very objects (analysis may swap the router for another)."""
+
+    gate_up: tuple  # (w, scales, biases) of the stacked gate and up projections, (2I, D)
+    down: tuple  # (w, scales, biases), (D, I)
+    router: Linear | None
+    made_from: tuple
+
+
+def shared_slot(moe_gate: Linear, shared_gate: Linear, shared: MLP, experts: ResidentExperts, k: int):
+    """The SharedSlot of a resident MoE layer's shared expert, or None where the fused kernels cannot
+    take it (another quantization or width than the routed experts', a plain router, K + 1 over the
+    down kernel's slots, a CPU backend)."""
+    gate_up, down = shared.gate_up_proj.fused, shared.down_proj
+    routed = (experts.gate_proj, experts.up_proj, experts.down_proj)
+    inter, width = experts.gate_proj.weight.shape[-2], experts.gate_proj.weight.shape[-1]
+    fits = (
+        _fusable(*routed)
+        and k + 1 <= MAX_DOWN_K
+        and isinstance(moe_gate, Linear)
+        and isinstance(shared_gate, Linear)
+        and gate_up is not None
+        and all(
+            p.spec == routed[0].spec and p.bias is None and p.scales.dtype == routed[0].scales.dtype
+            for p in (gate_up, down)
+        )
+        and gate_up.weight.shape == (2 * inter, width)
+        and down.weight.shape == experts.down_proj.weight.shape[1:]
+    )
+    if not fits:
+        return None
+    return SharedSlot(
+        gate_up.packed, down.packed, stacked((moe_gate, shared_gate)), (moe_gate, shared_gate, shared)
+    )
 
 
 class ResidentSource:
@@ -200,6 +263,12 @@ class MoE:
         self.shared_expert = MLP(store, f"{prefix}.shared_expert") if has_shared else None
         self.shared_expert_gate = store.linear(f"{prefix}.shared_expert_gate") if has_shared else None
         self.last_routing: Routing | None = None
+        resident = isinstance(self.experts, ResidentExperts)
+        self.shared_slot = (
+            shared_slot(self.gate, self.shared_expert_gate, self.shared_expert, self.experts, self.k)
+            if has_shared and resident
+            else None
+        )
 
     def route(self, x: mx.array, norm: Norm | None = None) -> Routing:
         """The router's choice for x (B, T, D) (RMSNorm'd by `norm` when given): top-K experts and
@@ -232,6 +301,9 @@ class MoE:
         if plain and not timer.enabled and self.experts.routes_itself(x, self.k):
             # a decode token on a GPU: the router's logits go to the experts' first kernel, which
             # routes the token itself (no launch of the routing's own)
+            slot = self._live_shared_slot(combine)
+            if slot is not None:  # the shared expert rides in the experts' launches: nothing follows
+                return self._routed_with_shared(x, slot, residual, norm)
             logits = self.gate(x, norm=norm)  # (B, T, E)
             y, ids, weights = self.experts.routed(
                 x, logits, self.k, self.norm_topk_prob, residual if last else None, norm
@@ -251,6 +323,31 @@ class MoE:
             y = y + self.shared(x, norm)
             timer.mark("shared expert", y)
         return y if residual is None else residual + y
+
+    def _live_shared_slot(self, combine) -> SharedSlot | None:
+        """The shared slot, while the block still holds what it was made from (and no ranks combine)."""
+        slot = self.shared_slot
+        if slot is None or combine is not None:
+            return None
+        held = (self.gate, self.shared_expert_gate, self.shared_expert)
+        return slot if all(a is b for a, b in zip(slot.made_from, held)) else None
+
+    def _routed_with_shared(self, x: mx.array, slot: SharedSlot, residual, norm: Norm | None) -> mx.array:
+        """A decode token's whole block in the experts' two launches (and the router's one): routing,
+        the K experts and the gated shared expert, + residual, rounded as `residual + (y + shared)`."""
+        experts = self.gate.out_features
+        if slot.router is not None:
+            logits = slot.router(x, norm=norm)  # (B, T, E + 1): the router's logits, then the shared gate's
+            gate = SharedGate(logits, experts)
+        else:
+            logits = self.gate(x, norm=norm)
+            gate = SharedGate(self.shared_expert_gate(x, norm=norm), 0)
+        y, ids, weights = self.experts.routed(
+            x, logits, self.k, self.norm_topk_prob, residual, norm, shared=(slot, gate)
+        )
+        routing_logits = logits if logits.shape[-1] == experts else logits[..., :experts]
+        self.last_routing = Routing(routing_logits, ids, weights)
+        return y
 
     def _experts(self, x: mx.array, routing: Routing, residual, norm: Norm | None) -> mx.array:
         """The routed experts' weighted sum (B, T, D) (+ residual): residual only reaches experts nothing

@@ -6,6 +6,7 @@ are checked against the same references in tests/kernels."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import re
 import tempfile
 
@@ -16,6 +17,7 @@ from flashmoe import kernels
 from flashmoe.analysis.parity import forced_decode_logits
 from flashmoe.loader import load_model
 from flashmoe.models.cache import KVCache
+from flashmoe.models.moe import MoE
 from tests.helpers import CONFIGS, rel_err, write_checkpoint
 
 PROMPT, TOKENS = [3, 17, 42, 9, 77], [5, 61, 12, 250]
@@ -92,3 +94,37 @@ def test_a_decode_token_writes_each_kv_cache_once(model_type, tmp_path, monkeypa
         mx.export_to_dot(f.name, logits, *[a for c in cache for a in c.state])
         kinds = collections.Counter(re.findall(r'label ="([^"]+)"', f.read()))
     assert kinds["SliceUpdate"] == len(kv_caches), kinds
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_next"])
+def test_the_shared_expert_rides_in_the_experts_launches(model_type, tmp_path, monkeypatch):
+    """Where the shared expert is quantized as the routed experts, a decode token's shared expert is
+    slot K of the fused launches (MoE.shared never runs), with the router's matvec carrying the shared
+    gate's row or, unstacked, the gate on its own; a router swapped after load (as analysis swaps it)
+    turns the slot off rather than computing with the weights it was made from."""
+    directory = write_checkpoint(tmp_path / model_type, model_type)
+    load = dict(backend="reference", dtype=mx.float32)
+    gathered = forced_decode_logits(load_model(directory, **load), PROMPT, TOKENS)
+    monkeypatch.setattr(kernels, "GPU_BACKENDS", (*kernels.GPU_BACKENDS, "reference"))
+    model = load_model(directory, **load)
+    blocks = [model.layers[i].mlp for i in model.moe_layers]
+    assert all(b.shared_slot is not None and b.shared_slot.router is not None for b in blocks)
+    shared_calls = []
+    plain_shared = MoE.shared
+    monkeypatch.setattr(
+        MoE, "shared", lambda self, *a, **k: shared_calls.append(1) or plain_shared(self, *a, **k)
+    )
+
+    def decode() -> mx.array:
+        model._step = mx.compile(model._pure_step)  # traced anew: the blocks changed
+        return forced_decode_logits(model, PROMPT, TOKENS)
+
+    assert rel_err(decode(), gathered) < 1e-5 and not shared_calls  # (the 5-token prompt rides too)
+    experts = model.args.num_experts
+    assert all(r.logits.shape == (1, 1, experts) for r in model.routing().values())  # the router's alone
+    for b in blocks:
+        b.shared_slot = dataclasses.replace(b.shared_slot, router=None)
+    assert rel_err(decode(), gathered) < 1e-5 and not shared_calls
+    for b in blocks:
+        b.gate = dataclasses.replace(b.gate)  # an equal router, but not the one the slot was made from
+    assert rel_err(decode(), gathered) < 1e-5 and shared_calls  # the plain shared expert again
