@@ -12,10 +12,11 @@ paths alternate within one process; the table gives median and spread (min-max) 
 
 mlx path: quantized_matmul router, softmax/argpartition routing, gather_qmm gate, up, down,
 silu * up, weighted sum, shared expert (3 quantized_matmul) and its gate (mlx-lm's
-Qwen3NextSparseMoeBlock). fused path: one 8-bit matvec for the router and the shared gate
-(their rows stacked at load), compiled routing, and the shared expert stacked as expert 512,
-so moe_gate_up (11 experts) and moe_down (11 experts, weights with sigmoid(shared gate)) are
-two launches for all experts.
+Qwen3NextSparseMoeBlock). fused path, as flashmoe's MoE block runs a decode token (models.moe,
+SharedSlot): one 8-bit matvec for the router and the shared gate (their rows stacked at load),
+then routed_gate_up (routing, the 10 experts and the shared expert as slot K, one launch) and
+moe_down (the 10 experts, their weighted sum and the gated shared expert, one launch): three
+launches a layer.
 
 `--streamed` adds both paths as flashmoe's expert streaming runs them (streaming.experts,
 StreamedExperts): routing on the device, the chosen ids brought to the host (one sync per MoE layer,
@@ -24,8 +25,9 @@ the K experts just read, with local ids 0..K-1 (each id's rank among the chosen,
 gives them). Disk I/O is excluded: each layer has one buffer, made at load, that both paths read
 whichever ids came out, so the rows time the compute on experts that just arrived. mlx streamed:
 gather_qmm over the (K, I, D) / (K, D, I) buffer, the shared expert and its gate as above. fused
-streamed: the buffer has K + 1 slots, slot K the shared expert (as the resident fused path stacks
-it as expert 512), and moe_gate_up / moe_down run on it with ids (local..., K).
+streamed: the router matvec, moe.route, then moe_gate_up / moe_down on the buffer with the local
+ids and the shared expert as slot K (their shared forms). flashmoe's streamed MoE block does not
+take the shared slot yet (it runs the shared expert apart): this row is what the kernels offer.
 """
 
 from __future__ import annotations
@@ -60,20 +62,13 @@ def make_layer(streamed=False):
         s_up=q(n(I, D), 4),
         s_down=q(n(D, I), 4),
     )
-    # fused layout, made once at load: router + shared gate rows in one matrix; shared expert as expert E
+    # fused layout, made once at load: router + shared gate rows in one matrix (SharedSlot.router);
+    # the shared expert's gate and up rows in one matrix (models.layers.Projections)
     layer["router_plus"] = tuple(mx.concatenate([a, b]) for a, b in zip(layer["router"], layer["sgate"]))
-    for name, shared in (("gate", "s_gate"), ("up", "s_up"), ("down", "s_down")):
-        layer[name + "_plus"] = tuple(
-            mx.concatenate([a, b[None]]) for a, b in zip(layer[name], layer[shared])
-        )
-    if streamed:
-        # the buffer of the K experts just read (made once: I/O is not timed); fused: + the shared expert
+    layer["s_gate_up"] = tuple(mx.concatenate([a, b]) for a, b in zip(layer["s_gate"], layer["s_up"]))
+    if streamed:  # the buffer of the K experts just read (made once: I/O is not timed)
         layer["buf_gate"], layer["buf_up"] = q(n(K, I, D), 4), q(n(K, I, D), 4)
         layer["buf_down"] = q(n(K, D, I), 4)
-        for name, shared in (("gate", "s_gate"), ("up", "s_up"), ("down", "s_down")):
-            layer[f"buf_{name}_plus"] = tuple(
-                mx.concatenate([a, b[None]]) for a, b in zip(layer[f"buf_{name}"], layer[shared])
-            )
     mx.eval(layer)
     return layer
 
@@ -123,37 +118,26 @@ def mlx_streamed_layer(x, L):
     return mlx_experts(x, L["buf_gate"], L["buf_up"], L["buf_down"], local, scores, L)
 
 
-@mx.compile
-def _shared_weight(w, logits):
-    """The routed weights, then sigmoid(shared gate) for the shared expert (slot E, or K when streamed)."""
-    return mx.concatenate([w, mx.sigmoid(logits[..., E:].astype(mx.float32))], axis=-1)
-
-
-@mx.compile
-def _with_shared(ids, w, logits):
-    """The shared expert as expert E of the stacks, weighted by its gate."""
-    ids = mx.concatenate([ids, mx.full((*ids.shape[:-1], 1), E, dtype=mx.uint32)], axis=-1)
-    return ids, _shared_weight(w, logits)
-
-
 def fused_layer(x, L, backend):
+    """flashmoe's MoE block for a decode token: three launches."""
+    kw = dict(bits=4, group_size=G, backend=backend)
     logits = kernels.dequant_matvec(x, *L["router_plus"], bits=8, group_size=G, backend=backend)  # (1, E + 1)
-    ids, w = moe.route(logits[..., :E], K, True, backend=backend)  # one launch on a GPU
-    ids, w = _with_shared(ids, w, logits)
-    h = moe.moe_gate_up(x, L["gate_plus"], L["up_plus"], ids, bits=4, group_size=G, backend=backend)
-    return moe.moe_down(h, L["down_plus"], ids, w, bits=4, group_size=G, backend=backend)
+    h, ids, w = moe.routed_gate_up(
+        x, L["gate"], L["up"], logits, K, True, **kw, shared=L["s_gate_up"], experts=E
+    )  # (1, K + 1, I)
+    return moe.moe_down(h, L["down"], ids, w, **kw, shared=L["s_down"], shared_gate=moe.SharedGate(logits, E))
 
 
 def fused_streamed_layer(x, L, backend):
-    """fused_layer on a buffer of K + 1 slots, the K experts just read then the shared expert in slot K
-    (as fused_layer stacks it as expert E): routing, the ids to the host, ids (local..., K)."""
+    """The fused kernels on the buffer of the K experts just read: routing, the ids to the host,
+    moe_gate_up / moe_down with the local ids and the shared expert as slot K."""
+    kw = dict(bits=4, group_size=G, backend=backend)
     logits = kernels.dequant_matvec(x, *L["router_plus"], bits=8, group_size=G, backend=backend)  # (1, E + 1)
-    ids, w = moe.route(logits[..., :E], K, True, backend=backend)
-    local = local_ids(ids)
-    ids = mx.array(np.concatenate([local, np.full((*local.shape[:-1], 1), K, np.uint32)], axis=-1))
-    w = _shared_weight(w, logits)
-    h = moe.moe_gate_up(x, L["buf_gate_plus"], L["buf_up_plus"], ids, bits=4, group_size=G, backend=backend)
-    return moe.moe_down(h, L["buf_down_plus"], ids, w, bits=4, group_size=G, backend=backend)
+    ids, w = moe.route(logits[..., :E], K, True, backend=backend, out_dtype=x.dtype)
+    local = mx.array(local_ids(ids))
+    h = moe.moe_gate_up(x, L["buf_gate"], L["buf_up"], local, **kw, shared=L["s_gate_up"])
+    gate = moe.SharedGate(logits, E)
+    return moe.moe_down(h, L["buf_down"], local, w, **kw, shared=L["s_down"], shared_gate=gate)
 
 
 def main(argv=None):
@@ -216,7 +200,7 @@ def main(argv=None):
     )
     if args.streamed:
         print(
-            f"streamed: experts in a buffer of the {K} read (+ the shared expert for fused), ids synced "
+            f"streamed: experts in a buffer of the {K} read, ids synced "
             f"to the host every layer, no disk I/O; rel diff of outputs {err_streamed:.2e}"
         )
     print_speedups(samples, "mlx gather_qmm", "us/layer")
