@@ -158,3 +158,38 @@ def test_routed_gate_up_is_the_route_kernel_then_gate_up(experts, k, dtype, monk
     assert ids.tolist() == want_ids.tolist(), f"seed {seed}"
     assert mx.array_equal(weights, want_weights), f"seed {seed}"
     assert mx.array_equal(h, moe.moe_gate_up(x, gate, up, want_ids, **kw, norm=norm)), f"seed {seed}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_shared_expert_slot_matches_reference(bits, dtype, monkeypatch, seed):
+    """The shared forms at Qwen3-Coder-Next's widths (D 2048, 512 experts, K 10, I 512), two tokens:
+    routed_gate_up with the shared expert as slot K (the router's logits one column wider, the shared
+    gate's) against the route kernel and the references; moe_down's shared form against its reference
+    (outputs poisoned with NaN first)."""
+    from flashmoe.kernels import gpu
+
+    monkeypatch.setattr(gpu, "_poison", float("nan"))
+    experts, k, d, inter = 512, 10, 2048, 512
+    gate, up = (stack(experts, inter, d, bits, 64, dtype) for _ in range(2))
+    down = stack(experts, d, inter, bits, 64, dtype)
+    shared_gate_up = tuple(a[0] for a in stack(1, 2 * inter, d, bits, 64, dtype))
+    shared_down = tuple(a[0] for a in stack(1, d, inter, bits, 64, dtype))
+    x = (0.5 * mx.random.normal((2, d))).astype(dtype)
+    logits = mx.concatenate([distinct_logits(2, experts, dtype), mx.random.normal((2, 1)).astype(dtype)], -1)
+    kw = dict(bits=bits, group_size=64, backend=BACKEND)
+    h, ids, weights = moe.routed_gate_up(
+        x, gate, up, logits, k, True, **kw, shared=shared_gate_up, experts=experts
+    )
+    want_ids, want_weights = moe.route(logits[:, :experts], k, True, backend=BACKEND, out_dtype=dtype)
+    assert ids.tolist() == want_ids.tolist() and mx.array_equal(weights, want_weights), f"seed {seed}"
+    ref = dict(bits=bits, group_size=64, shared=shared_gate_up)
+    tol = 1e-5 if dtype == mx.float32 else 1e-2
+    assert rel_err(h, moe.moe_gate_up_reference(x, gate, up, want_ids, **ref)) < tol, f"seed {seed}"
+    shared_gate = moe.SharedGate(logits, experts)
+    y = moe.moe_down(h, down, ids, weights, **kw, residual=x, shared=shared_down, shared_gate=shared_gate)
+    want = x + moe.moe_down_reference(
+        h, down, ids, weights, bits=bits, group_size=64, shared=shared_down, shared_gate=shared_gate
+    )
+    assert not mx.isnan(y).any().item() and rel_err(y, want) < tol, f"seed {seed}"
