@@ -197,9 +197,12 @@ def shared_slot(moe_gate: Linear, shared_gate: Linear, shared: MLP, experts: Res
     )
     if not fits:
         return None
-    return SharedSlot(
-        gate_up.packed, down.packed, stacked((moe_gate, shared_gate)), (moe_gate, shared_gate, shared)
-    )
+    router = stacked((moe_gate, shared_gate))
+    if router is not None:
+        # read now: a prompt too long for the fused kernels never touches it, and the compiled decode
+        # step would otherwise take the stacking itself in (3 concatenations a layer, every token)
+        mx.eval(router.packed)
+    return SharedSlot(gate_up.packed, down.packed, router, (moe_gate, shared_gate, shared))
 
 
 class ResidentSource:
