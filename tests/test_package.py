@@ -16,11 +16,8 @@ from flashmoe.kernels import sources
 
 
 def _installed() -> bool:
-    try:
-        metadata.distribution("flashmoe")
-    except metadata.PackageNotFoundError:
-        return False
-    return True
+    """Whether an installed distribution (flashmoe-mlx, or an editable install) provides `flashmoe`."""
+    return bool(metadata.packages_distributions().get("flashmoe"))
 
 
 @pytest.mark.skipif(
