@@ -43,6 +43,25 @@ def arguments(inputs, outputs) -> list[tuple[str, str]]:
     ]
 
 
+GATE_UP_PARAMS = "typename T, int BITS, int GROUP_SIZE, int RPS, int NORM, int SIMDS, int LPR, int VEC, int U, int TILE, int XD"
+GATE_UP_INSTANCES = [
+    "float, {bits}, 64, 1, 1, 8, 32, 4, 2, 2048, 0",
+    "float, {bits}, 64, 1, 0, 8, 32, 4, 2, 2048, 1",
+]
+ROUTED_PARAMS = (
+    "typename T, int BITS, int GROUP_SIZE, int RPS, int NORM, typename OUT_T, int EPL, int K, int RENORM, "
+    "int SIMDS, int LPR, int VEC, int U, int TILE, int XD"
+)
+ROUTED_INSTANCES = [
+    "float, {bits}, 64, 1, 1, float, 16, 10, 1, 8, 32, 4, 2, 2048, 0",
+    "float, {bits}, 64, 1, 0, float, 4, 8, 0, 8, 32, 4, 2, 2048, 1",
+]
+DOWN_PARAMS = "typename T, int BITS, int GROUP_SIZE, int K, int RES, int SIMDS, int LPR, int VEC, int U, int TILE, int XD"
+DOWN_INSTANCES = [
+    "float, {bits}, 64, 10, 0, 8, 16, 4, 1, 768, 0",
+    "float, {bits}, 64, 10, 1, 8, 16, 4, 1, 768, 1",
+]
+
 KERNELS = {
     "dequant_matvec.inc": (
         "typename T, int BITS, int GROUP_SIZE, int SIMDS, int RPS, int UNROLL, int TILE, int RES, int NORM, "
@@ -54,46 +73,23 @@ KERNELS = {
             "float, {bits}, 64, 4, 4, 2 | 5 << 4 | 1 << 8 | 1 << 9, 2048, 1, 1, 512, 2048, 10, 1",
         ],
     ),
-    "moe_gate_up.inc": (
-        "typename T, int BITS, int GROUP_SIZE, int RPS, int NORM, int SIMDS, int LPR, int VEC, int U, int TILE, "
-        "int XD",
-        arguments(moe.GATE_UP_INPUTS, ["y"]),
-        ["float, {bits}, 64, 1, 1, 8, 32, 4, 2, 2048, 0", "float, {bits}, 64, 1, 0, 8, 32, 4, 2, 2048, 1"],
-    ),
-    "moe_gate_up.inc FM_ROUTED": (  # the routed form: moe_route.inc's core, then the gate/up kernel
-        "typename T, int BITS, int GROUP_SIZE, int RPS, int NORM, typename OUT_T, int EPL, int K, int RENORM, "
-        "int SIMDS, int LPR, int VEC, int U, int TILE, int XD",
-        arguments(moe.ROUTED_INPUTS, moe.ROUTED_OUTPUTS),
-        [
-            "float, {bits}, 64, 1, 1, float, 16, 10, 1, 8, 32, 4, 2, 2048, 0",
-            "float, {bits}, 64, 1, 0, float, 4, 8, 0, 8, 32, 4, 2, 2048, 1",
-        ],
-    ),
-    "moe_gate_up.inc FM_SHARED_EXPERT": (  # slot K: the shared expert
-        "typename T, int BITS, int GROUP_SIZE, int RPS, int NORM, int SIMDS, int LPR, int VEC, int U, int TILE, "
-        "int XD",
-        arguments(moe.GATE_UP_SHARED_INPUTS, ["y"]),
-        ["float, {bits}, 64, 1, 1, 8, 32, 4, 2, 2048, 0", "float, {bits}, 64, 1, 0, 8, 32, 4, 2, 2048, 1"],
-    ),
-    "moe_gate_up.inc FM_ROUTED FM_SHARED_EXPERT": (
-        "typename T, int BITS, int GROUP_SIZE, int RPS, int NORM, typename OUT_T, int EPL, int K, int RENORM, "
-        "int SIMDS, int LPR, int VEC, int U, int TILE, int XD",
-        arguments(moe.ROUTED_SHARED_INPUTS, moe.ROUTED_OUTPUTS),
-        [
-            "float, {bits}, 64, 1, 1, float, 16, 10, 1, 8, 32, 4, 2, 2048, 0",
-            "float, {bits}, 64, 1, 0, float, 4, 8, 0, 8, 32, 4, 2, 2048, 1",
-        ],
-    ),
-    "moe_down.inc": (
-        "typename T, int BITS, int GROUP_SIZE, int K, int RES, int SIMDS, int LPR, int VEC, int U, int TILE, int XD",
-        arguments(moe.DOWN_INPUTS, ["y"]),
-        ["float, {bits}, 64, 10, 0, 8, 16, 4, 1, 768, 0", "float, {bits}, 64, 10, 1, 8, 16, 4, 1, 768, 1"],
-    ),
-    "moe_down.inc FM_SHARED_EXPERT": (
-        "typename T, int BITS, int GROUP_SIZE, int K, int RES, int SIMDS, int LPR, int VEC, int U, int TILE, int XD",
-        arguments(moe.DOWN_SHARED_INPUTS, ["y"]),
-        ["float, {bits}, 64, 10, 0, 8, 16, 4, 1, 768, 0", "float, {bits}, 64, 10, 1, 8, 16, 4, 1, 768, 1"],
-    ),
+    # the MoE bodies' forms share template parameters and instances; each form has its own inputs
+    **{
+        "moe_gate_up.inc" + form: (GATE_UP_PARAMS, arguments(inputs, ["y"]), GATE_UP_INSTANCES)
+        for form, inputs in (("", moe.GATE_UP_INPUTS), (" FM_SHARED_EXPERT", moe.GATE_UP_SHARED_INPUTS))
+    },
+    **{  # the routed form: moe_route.inc's core, then the gate/up kernel
+        "moe_gate_up.inc FM_ROUTED" + form: (
+            ROUTED_PARAMS,
+            arguments(inputs, moe.ROUTED_OUTPUTS),
+            ROUTED_INSTANCES,
+        )
+        for form, inputs in (("", moe.ROUTED_INPUTS), (" FM_SHARED_EXPERT", moe.ROUTED_SHARED_INPUTS))
+    },
+    **{
+        "moe_down.inc" + form: (DOWN_PARAMS, arguments(inputs, ["y"]), DOWN_INSTANCES)
+        for form, inputs in (("", moe.DOWN_INPUTS), (" FM_SHARED_EXPERT", moe.DOWN_SHARED_INPUTS))
+    },
     "gated_delta_step.inc": (
         "typename T, int DK, int DV, int W, int HV, int HK, int SIMDS, int LAYOUT, "
         "int QKV_ROW, int QKV_OFF, int Z_ROW, int Z_OFF, int B_ROW, int B_OFF, int A_ROW, int A_OFF",
