@@ -290,7 +290,8 @@ class MoE:
         """x (B, T, D) -> the block's output (B, T, D), plus `residual` when given: when nothing comes
         after the routed experts (no shared expert, no ranks to combine) they add it themselves (the
         GPU kernels as they write y), otherwise it is added last; either way in the order of
-        additions of `residual + block(x)`.
+        additions of `residual + block(x)`. A decode token on a GPU whose shared expert has a
+        SharedSlot takes the shared expert into the experts' two launches, residual included.
 
         norm: the RMSNorm before the block (the layer's post-attention norm), when the caller leaves
         it to the block: the router, expert and shared-expert kernels each apply it as they read x
