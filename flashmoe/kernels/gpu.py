@@ -226,10 +226,15 @@ def float_array(*values: float) -> mx.array:
     return mx.array([*values, *[0.0] * (PARAM_VALUES - len(values))], dtype=mx.float32)
 
 
+# The placeholders below are arrays made from data (mx.array), not ops (mx.zeros): these helpers are
+# first called while mx.compile traces the decode step, and an op would be traced into the step and
+# run every token (a Broadcast and a Full node each, one fill launch each, seen on the H200).
+
+
 @functools.cache
 def _no_ids() -> mx.array:
     """What the matvec's `idx` input gets for one matrix (GATHER = 0): one unread id."""
-    return mx.zeros((1,), dtype=mx.uint32)
+    return mx.array([0], dtype=mx.uint32)
 
 
 def norm_inputs(norm) -> list[mx.array]:
@@ -244,7 +249,7 @@ def norm_inputs(norm) -> list[mx.array]:
 @functools.lru_cache(maxsize=8)
 def no_residual(dtype: mx.Dtype) -> mx.array:
     """What a kernel's `res` input gets when it adds no residual (RES = 0): one unread value."""
-    return mx.zeros((1,), dtype=dtype)
+    return mx.array([0], dtype=dtype)
 
 
 def gathered_matvec(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import mlx.core as mx
 import pytest
 
@@ -131,3 +133,25 @@ def test_kernel_names_change_with_their_source():
     assert name == gpu.versioned_name("flashmoe_dequant_matvec", header, body)
     assert name != gpu.versioned_name("flashmoe_dequant_matvec", header, body + "\n// edited")
     assert name != gpu.versioned_name("flashmoe_dequant_matvec", header + " ", body)
+
+
+def test_placeholder_inputs_made_inside_a_trace_are_data_not_ops():
+    """The unread placeholder inputs (no ids, no residual) are first made while mx.compile traces the
+    decode step: made by an op they would join the step's graph and run every token (a fill launch
+    each on a GPU). Made inside a trace here, they must hold data, with no op behind them."""
+    gpu._no_ids.cache_clear()
+    gpu.no_residual.cache_clear()
+    made = []
+
+    @mx.compile
+    def step(x):
+        made.extend([gpu._no_ids(), gpu.no_residual(mx.bfloat16)])
+        return x + 1
+
+    mx.eval(step(mx.ones((2,))))
+    for array in made:
+        with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
+            mx.export_to_dot(f.name, array)
+            assert "label" not in f.read(), f"an op made the placeholder {array.dtype} {array.shape}"
+    gpu._no_ids.cache_clear()
+    gpu.no_residual.cache_clear()
