@@ -7,6 +7,7 @@
     shared=...                                                  (..., K + 1, I), and into (..., D)
         both (and routed_gate_up) can take the model's shared expert as slot K, added by moe_down
         with its sigmoid gate: a Qwen3-Next / Qwen2-MoE layer's experts, shared one included, in two
+        launches
     route(logits, top_k, norm_topk_prob, backend=)              -> ids (..., K) uint32, weights (..., K)
         softmax, top-K and renormalisation of the router's logits, one launch on a GPU
     routed_gate_up(x, gate, up, logits, top_k, norm_topk_prob, ...) -> h, ids, weights
@@ -48,7 +49,7 @@ MAX_DOWN_K = 16  # experts per token the fused down kernel takes (one register s
 
 @dataclass(frozen=True)
 class SharedGate:
-    """Where the shared expert's gate logit lies: `logits` (..., G) in x's dtype, one row per token,
+    """Where the shared expert's gate logit lies: `logits` (..., G), one row per token,
     the logit at `column` (the router's matvec carries it as its last row when the two are stacked,
     so one launch gives both)."""
 
