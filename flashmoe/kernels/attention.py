@@ -31,25 +31,40 @@ import mlx.core as mx
 
 from . import fused_backend, gpu
 
-INPUTS = ("q", "kv", "kv_new", "pos", "dims", "scale")
+INPUTS = ("q", "kv", "kv_new", "pos", "dims", "scale", "gate")
 NORM_ROPE_INPUTS = ("q", "k", "v", "q_w", "k_w", "pos", "params")
 NORM_ROPE_OUTPUTS = ("q_out", "kv_out")
 SIMDS = 8  # SIMD groups per (sequence, head): each takes every 8th cached position
 
 
 def decode_attention(
-    q, kv, kv_new, pos, *, scale: float, flat: bool = False, backend: str = "auto"
+    q, kv, kv_new, pos, *, scale: float, flat: bool = False, backend: str = "auto", gate=None
 ) -> mx.array:
+    """gate: None, or (array, offset) for the gated variants (Qwen3-Next): the array (B, 1, row) that
+    holds q_proj's output from column `offset` on, each head's queries then its output gate (hd
+    each); the result is multiplied by sigmoid(gate), in the kernel on a GPU."""
     B, H, T, hd = q.shape
     backend = fused_backend(backend)
     if backend == "reference" or T != 1 or hd % 32:
-        y = reference(q, kv, kv_new, pos, scale=scale)
+        y = reference(q, kv, kv_new, pos, scale=scale)  # (B, H, T, hd)
+        if gate is not None:  # one token
+            y = y * mx.sigmoid(gate_values(gate, H, hd)).reshape(B, 1, H, hd).transpose(0, 2, 1, 3)
         return y.transpose(0, 2, 1, 3).reshape(B, T, H * hd) if flat else y
     _, _, n_kv, cap, _ = kv.shape
+    gate_array, offset = gate if gate is not None else (gpu.no_residual(q.dtype), 0)
+    row = gate_array.shape[-1] if gate is not None else 0
     # kv whole: the kernel finds the values B * H_kv * cap * hd in (kv[1] would be a slice node)
     (y,) = gpu.kernel(backend, "attention_decode.inc", "flashmoe_attention_decode", INPUTS)(
-        inputs=[q, kv, kv_new, pos, gpu.int_array(H, n_kv, cap, B), gpu.float_array(scale)],
-        template=[("T", q.dtype), ("HD", hd), ("SIMDS", SIMDS)],
+        inputs=[
+            q,
+            kv,
+            kv_new,
+            pos,
+            gpu.int_array(H, n_kv, cap, B, row, offset),
+            gpu.float_array(scale),
+            gate_array,
+        ],
+        template=[("T", q.dtype), ("HD", hd), ("SIMDS", SIMDS), ("GATED", int(gate is not None))],
         grid=(B * H * SIMDS * 32, 1, 1),
         threadgroup=(SIMDS * 32, 1, 1),
         output_shapes=[(B, 1, H * hd) if flat else q.shape],  # one token: the same memory either way
@@ -57,6 +72,14 @@ def decode_attention(
         **gpu.output_init(),
     )
     return y
+
+
+def gate_values(gate, heads: int, head_dim: int) -> mx.array:
+    """The output gate (B, 1, H * hd) from decode_attention's `gate` (array (B, 1, row), offset)."""
+    array, offset = gate
+    B = array.shape[0]
+    per_head = array[..., offset : offset + heads * 2 * head_dim].reshape(B, 1, heads, 2, head_dim)
+    return per_head[..., 1, :].reshape(B, 1, heads * head_dim)
 
 
 def reference(q, kv, kv_new, pos, *, scale: float) -> mx.array:

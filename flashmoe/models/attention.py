@@ -117,12 +117,12 @@ class Attention:
             scale=self.rope_scale,
             backend=self.o_proj.backend,
         )  # (B, H, 1, hd), (2, B, H_kv, 1, hd)
+        # the gated variants' output gate sits in q_proj's output (in the stacked array from column 0):
+        # the attention kernel applies it as it writes
+        gate = ((qkv if isinstance(qkv, mx.array) else qkv[0]), 0) if self.gated else None
         out = decode_attention(
-            queries, kv, kv_new, pos, scale=self.scale, flat=True, backend=self.o_proj.backend
+            queries, kv, kv_new, pos, scale=self.scale, flat=True, backend=self.o_proj.backend, gate=gate
         )  # (B, 1, H * hd)
-        if self.gated:
-            q = qkv[..., : self.n_heads * 2 * self.head_dim] if isinstance(qkv, mx.array) else qkv[0]
-            out = out * mx.sigmoid(self._queries(q)[1])
         return [self.o_proj(out, residual), kv_new]
 
     def _heads(self, x: mx.array, offset: int | mx.array) -> tuple:

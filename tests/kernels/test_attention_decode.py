@@ -56,6 +56,23 @@ def test_kernel_bfloat16_within_rounding(seed):
     assert y.dtype == mx.bfloat16 and rel_err(y, ref) < 1e-2, f"seed {seed}"
 
 
+@needs_cuda
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_gated_kernel_matches_reference(dtype, seed):
+    """Qwen3-Next's full attention (16 heads of 256, 2 key/value heads): the output gate read from a
+    stacked q/k/v row, applied by the kernel, against the reference's attention then mx.sigmoid."""
+    B, H, hd, pos = 2, 16, 256, 37
+    q, kv, kv_new = case(B, H, 2, hd, 64, dtype)
+    row = mx.random.normal((B, 1, H * 2 * hd + 2 * 2 * hd)).astype(dtype)  # q_proj's output, then k, v
+    at = mx.array([pos], dtype=mx.int32)
+    kw = dict(scale=hd**-0.5, flat=True, gate=(row, 0))
+    y = attention.decode_attention(q, kv, kv_new, at, **kw, backend="cuda")
+    ref = attention.decode_attention(q, kv, kv_new, at, **kw, backend="reference")
+    assert y.shape == (B, 1, H * hd) and rel_err(y, ref) < (1e-5 if dtype == mx.float32 else 1e-2), (
+        f"seed {seed}"
+    )
+
+
 # --- q/k RMSNorm + rotary embedding ----------------------------------------------------------------
 
 

@@ -313,6 +313,25 @@ def test_decode_attention(pos, seed):
     assert rel_err(y, ref) < 1e-5, f"seed {seed}"
 
 
+@pytest.mark.parametrize("flat", [False, True])
+def test_decode_attention_applies_the_output_gate(flat, seed):
+    """Qwen3-Next's gated attention: the result times sigmoid of each head's gate, which sits after that
+    head's queries in q_proj's output, here inside a wider array (a stacked q/k/v row) from column 17."""
+    from tests.kernels.test_attention_decode import case
+
+    B, H, hd, offset = 2, 4, 32, 17
+    q, kv, kv_new = case(B, H, 2, hd, 10)
+    at = mx.array([6], dtype=mx.int32)
+    row = mx.random.normal((B, 1, offset + H * 2 * hd + 40))
+    y = attention.decode_attention(
+        q, kv, kv_new, at, scale=0.2, flat=flat, backend="cuda", gate=(row, offset)
+    )
+    g = np.array(row)[:, 0, offset : offset + H * 2 * hd].reshape(B, H, 2, hd)[:, :, 1]  # (B, H, hd)
+    want = np.array(attention.reference(q, kv, kv_new, at, scale=0.2))[:, :, 0] / (1 + np.exp(-g))
+    want = want.reshape(B, 1, H * hd) if flat else want[:, :, None]
+    assert y.shape == want.shape and rel_err(y, mx.array(want)) < 1e-5, f"seed {seed}"
+
+
 @pytest.mark.parametrize("traditional", [False, True])
 @pytest.mark.parametrize("gated, stacked", [(False, True), (True, True), (True, False)])
 def test_qk_norm_rope(traditional, gated, stacked, seed):

@@ -100,9 +100,9 @@ KERNELS = {
         ],
     ),
     "attention_decode.inc": (
-        "typename T, int HD, int SIMDS",
+        "typename T, int HD, int SIMDS, int GATED",
         arguments(attention.INPUTS, ["y"]),
-        ["float, 128, 4", "float, 64, 8"],
+        ["float, 128, 4, 0", "float, 64, 8, 1"],
     ),
     "qk_norm_rope.inc": (
         "typename T, int HD, int QW, int ROPE_DIMS, int TRADITIONAL, int NORM, int NQ, int NK, int BATCH, "
