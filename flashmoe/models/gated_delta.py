@@ -184,7 +184,11 @@ class GatedDeltaNet:
                 f"{store.source}: '{name}' has shape {tuple(weight.shape)}; expected {expected} "
                 f"(mlx-lm's sanitized layout: channels, kernel width, 1)"
             )
-        return weight[:, :, 0].T  # (W, C)
+        # row-contiguous, made now: a transposed view would be copied by every decode step's kernel launch
+        # (a copy launch per layer and token, seen on the H200) and a lazy copy traced into the step
+        conv = mx.contiguous(weight[:, :, 0].T)  # (W, C)
+        mx.eval(conv)
+        return conv
 
 
 def _softplus(x: mx.array) -> mx.array:

@@ -148,3 +148,38 @@ def test_what_the_compiled_step_reads_is_evaluated_before_it_is_traced(model_typ
             with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
                 mx.export_to_dot(f.name, array)
                 assert "label" not in f.read(), f"layer {i}: an unevaluated array {array.shape}"
+
+
+def arrays_held(obj, seen=None) -> list:
+    """Every mx.array reachable from obj's attributes (lists, tuples, dicts and dataclasses included)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, (str, int, float, bool, type(None))):
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, mx.array):
+        return [obj]
+    if isinstance(obj, dict):
+        items = list(obj.values())
+    elif isinstance(obj, (list, tuple)):
+        items = list(obj)
+    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("flashmoe"):
+        items = list(vars(obj).values())
+    else:
+        return []
+    return [a for item in items for a in arrays_held(item, seen)]
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_every_array_a_model_holds_is_row_contiguous(model_type, tmp_path, monkeypatch):
+    """A GPU kernel copies an input that is not row-contiguous, in every launch: a weight kept as a
+    transposed view costs a copy launch per layer and token (Gated DeltaNet's conv kernel did, seen on
+    the H200). Every array a loaded model holds (the GPU layout: fused paths on) is row-contiguous."""
+    monkeypatch.setattr(kernels, "GPU_BACKENDS", (*kernels.GPU_BACKENDS, "reference"))
+    model = load_model(
+        write_checkpoint(tmp_path / model_type, model_type), backend="reference", dtype=mx.float32
+    )
+    held = [a for a in arrays_held(model) if a.size > 1]
+    mx.eval(held)
+    assert held and all(memoryview(a).c_contiguous for a in held), [
+        a.shape for a in held if not memoryview(a).c_contiguous
+    ]
