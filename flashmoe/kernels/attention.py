@@ -5,8 +5,9 @@
         -> queries (B, H, 1, hd), kv_new (2, B, H_kv, 1, hd) (keys in [0], values in [1]): the new
            token's per-head RMSNorm and rotary embedding of queries and keys, and its values, in one
            launch, read straight from the projections' output (one stacked array or three)
-    decode_attention(q, kv, kv_new, pos, scale=, flat=, backend=)
-        -> (B, H, 1, hd), or (B, 1, H * hd) with flat=True (heads side by side, as o_proj takes them)
+    decode_attention(q, kv, kv_new, pos, scale=, flat=, backend=, gate=)
+        -> (B, H, 1, hd), or (B, 1, H * hd) with flat=True (heads side by side, as o_proj takes them),
+           times sigmoid of the output gate for the gated variants (gate: where q_proj's output holds it)
 
 pos is the new token's position as an int32 array of shape (1,), so a compiled decode step keeps
 its shapes (and its trace) while the cache fills. decode_attention attends the new token's
