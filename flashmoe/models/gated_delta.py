@@ -184,11 +184,10 @@ class GatedDeltaNet:
                 f"{store.source}: '{name}' has shape {tuple(weight.shape)}; expected {expected} "
                 f"(mlx-lm's sanitized layout: channels, kernel width, 1)"
             )
-        # row-contiguous, made now: a transposed view would be copied by every decode step's kernel launch
-        # (a copy launch per layer and token, seen on the H200) and a lazy copy traced into the step
-        conv = mx.contiguous(weight[:, :, 0].T)  # (W, C)
-        mx.eval(conv)
-        return conv
+        # row-contiguous: a transposed view would be copied by every decode step's kernel launch (a copy
+        # launch per layer and token, seen on the H200). (A prompt's first pass reads it, so the
+        # compiled decode step finds it evaluated.)
+        return mx.contiguous(weight[:, :, 0].T)  # (W, C)
 
 
 def _softplus(x: mx.array) -> mx.array:

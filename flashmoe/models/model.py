@@ -144,6 +144,7 @@ class Model:
         self.compiled = all(layer.compiled for layer in self.layers)
         self._step = mx.compile(self._pure_step)
         self._positions: mx.array | None = None  # 0, 1, 2, ... on the device (_position)
+        self._constants_ready = False  # MoE.decode_constants evaluated (_decode)
 
     def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
         """tokens (B, T) int32 -> logits (B, T, vocab); caches are updated in place."""
@@ -178,6 +179,9 @@ class Model:
     def _decode(self, tokens: mx.array, cache: list) -> mx.array:
         """One decode token through the compiled step: the whole stack, embedding to logits, in one
         mx.compile'd call (traced again only when the KV buffers grow), then the caches updated."""
+        if not self._constants_ready:  # before the first trace: the step closes over data, not over ops
+            mx.eval([a for i in self.moe_layers for a in self.layers[i].mlp.decode_constants()])
+            self._constants_ready = True
         inputs = [a for layer, c in zip(self.layers, cache) for a in layer.step_inputs(c)]
         logits, *outputs = self._step(tokens, self._position(cache[0].offset), *inputs)
         for layer, c in zip(self.layers, cache):

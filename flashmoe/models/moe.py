@@ -197,12 +197,9 @@ def shared_slot(moe_gate: Linear, shared_gate: Linear, shared: MLP, experts: Res
     )
     if not fits:
         return None
-    router = stacked((moe_gate, shared_gate))
-    if router is not None:
-        # read now: a prompt too long for the fused kernels never touches it, and the compiled decode
-        # step would otherwise take the stacking itself in (3 concatenations a layer, every token)
-        mx.eval(router.packed)
-    return SharedSlot(gate_up.packed, down.packed, router, (moe_gate, shared_gate, shared))
+    return SharedSlot(
+        gate_up.packed, down.packed, stacked((moe_gate, shared_gate)), (moe_gate, shared_gate, shared)
+    )
 
 
 class ResidentSource:
@@ -327,6 +324,15 @@ class MoE:
             y = y + self.shared(x, norm)
             timer.mark("shared expert", y)
         return y if residual is None else residual + y
+
+    def decode_constants(self) -> list[mx.array]:
+        """Arrays made at load that only the decode kernels read (the stacked router): Model evaluates
+        them before its compiled step is first traced. A prompt too long for the fused kernels never
+        reads them, and the trace would otherwise take the stacking in and redo it every token (3
+        concatenations a layer, seen on the H200). Not at load: a model is also built inside
+        training's compiled gradient, where nothing may be evaluated."""
+        slot = self.shared_slot
+        return [] if slot is None or slot.router is None else list(slot.router.packed)
 
     def _live_shared_slot(self, combine) -> SharedSlot | None:
         """The shared slot, while the block still holds what it was made from (and no ranks combine)."""

@@ -133,8 +133,9 @@ def test_the_shared_expert_rides_in_the_experts_launches(model_type, tmp_path, m
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_next"])
 def test_what_the_compiled_step_reads_is_evaluated_before_it_is_traced(model_type, tmp_path, monkeypatch):
     """After a prompt too long for the fused kernels (the plain path), every array the shared slot
-    gives the kernels holds its data: an unevaluated one (a lazy stacking) would be traced into the
-    compiled step and recomputed every token (seen on the H200: 24 Concatenate nodes a step)."""
+    gives the kernels holds its data by the time the compiled step is called: an unevaluated one (a
+    lazy stacking) would be traced into the step and recomputed every token (seen on the H200: 24
+    Concatenate nodes a step)."""
     monkeypatch.setattr(kernels, "GPU_BACKENDS", (*kernels.GPU_BACKENDS, "reference"))
     model = load_model(
         write_checkpoint(tmp_path / model_type, model_type), backend="reference", dtype=mx.float32
@@ -142,12 +143,20 @@ def test_what_the_compiled_step_reads_is_evaluated_before_it_is_traced(model_typ
     cache = model.make_cache()
     long_prompt = list(range(3, 3 + 70))  # 70 tokens x K > FUSED_MAX_SLOTS: no shared slot in the prompt
     mx.eval(model(mx.array([long_prompt]), cache))
-    for i in model.moe_layers:
-        slot = model.layers[i].mlp.shared_slot
-        for array in (*slot.router.packed, *slot.gate_up, *slot.down):
-            with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
-                mx.export_to_dot(f.name, array)
-                assert "label" not in f.read(), f"layer {i}: an unevaluated array {array.shape}"
+    unevaluated, step = [], model._step
+
+    def checked(*inputs):
+        for i in model.moe_layers:
+            slot = model.layers[i].mlp.shared_slot
+            for array in (*slot.router.packed, *slot.gate_up, *slot.down):
+                with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
+                    mx.export_to_dot(f.name, array)
+                    unevaluated.extend([(i, array.shape)] if "label" in f.read() else [])
+        return step(*inputs)
+
+    monkeypatch.setattr(model, "_step", checked)
+    mx.eval(model(mx.array([[5]]), cache))
+    assert not unevaluated, unevaluated
 
 
 def arrays_held(obj, seen=None) -> list:
