@@ -52,7 +52,7 @@ def decode_attention(
             y = y * mx.sigmoid(gate_values(gate, H, hd)).reshape(B, 1, H, hd).transpose(0, 2, 1, 3)
         return y.transpose(0, 2, 1, 3).reshape(B, T, H * hd) if flat else y
     _, _, n_kv, cap, _ = kv.shape
-    gate_array, offset = gate if gate is not None else (gpu.no_residual(q.dtype), 0)
+    gate_array, offset = gate if gate is not None else (gpu.unread(q.dtype), 0)
     row = gate_array.shape[-1] if gate is not None else 0
     # kv whole: the kernel finds the values B * H_kv * cap * hd in (kv[1] would be a slice node)
     (y,) = gpu.kernel(backend, "attention_decode.inc", "flashmoe_attention_decode", INPUTS)(

@@ -247,8 +247,9 @@ def norm_inputs(norm) -> list[mx.array]:
 
 
 @functools.lru_cache(maxsize=8)
-def no_residual(dtype: mx.Dtype) -> mx.array:
-    """What a kernel's `res` input gets when it adds no residual (RES = 0): one unread value."""
+def unread(dtype: mx.Dtype) -> mx.array:
+    """One unread value of `dtype`: what an input gets that its kernel's template leaves unread (a
+    matvec's `res` with RES = 0, the attention's `gate` with GATED = 0)."""
     return mx.array([0], dtype=dtype)
 
 
@@ -278,7 +279,7 @@ def gathered_matvec(
         norm is not None,
         tuple(_override.items()),
     )
-    res = no_residual(x.dtype) if residual is None else residual
+    res = unread(x.dtype) if residual is None else residual
     (y,) = _kernel(backend)(
         inputs=[x, w, scales, biases, _no_ids() if idx is None else idx, res, *norm_inputs(norm)],
         template=launch.template,

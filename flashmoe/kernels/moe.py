@@ -225,7 +225,7 @@ def moe_down(
     tokens = ids.size // k
     idx = ids if ids.dtype == mx.uint32 else ids.astype(mx.uint32)
     p = gpu.plan(out_dim, in_dim, bits, slots=slots, x_slots=slots, rps=1, kind="down")
-    res = gpu.no_residual(h.dtype) if residual is None else residual
+    res = gpu.unread(h.dtype) if residual is None else residual
     if shared is None:
         kernel = gpu.kernel(backend, "moe_down.inc", "flashmoe_moe_down", DOWN_INPUTS)
         dims, extra = gpu.int_array(out_dim, in_dim), []

@@ -185,8 +185,7 @@ class GatedDeltaNet:
                 f"(mlx-lm's sanitized layout: channels, kernel width, 1)"
             )
         # row-contiguous: a transposed view would be copied by every decode step's kernel launch (a copy
-        # launch per layer and token, seen on the H200). (A prompt's first pass reads it, so the
-        # compiled decode step finds it evaluated.)
+        # launch per layer and token, seen on the H200)
         return mx.contiguous(weight[:, :, 0].T)  # (W, C)
 
 

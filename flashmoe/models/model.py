@@ -22,6 +22,26 @@ from .store import TensorStore
 POSITIONS = 4096  # decode positions made on the device at a time
 
 
+def held_arrays(obj, seen: set | None = None) -> list[mx.array]:
+    """Every mx.array a flashmoe object holds, through its attributes, lists, tuples, dicts and
+    dataclasses (the weights, and what was derived from them at load)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, mx.array):
+        return [obj]
+    if isinstance(obj, dict):
+        items = list(obj.values())
+    elif isinstance(obj, (list, tuple)):
+        items = list(obj)
+    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("flashmoe"):
+        items = list(vars(obj).values())
+    else:
+        return []
+    return [a for item in items for a in held_arrays(item, seen)]
+
+
 class DecoderLayer:
     """One transformer block: a token mixer and a feed-forward, each with a pre-norm and a residual.
 
@@ -144,7 +164,7 @@ class Model:
         self.compiled = all(layer.compiled for layer in self.layers)
         self._step = mx.compile(self._pure_step)
         self._positions: mx.array | None = None  # 0, 1, 2, ... on the device (_position)
-        self._constants_ready = False  # MoE.decode_constants evaluated (_decode)
+        self._held_ready = False  # held_arrays(self) evaluated before the first trace (_decode)
 
     def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
         """tokens (B, T) int32 -> logits (B, T, vocab); caches are updated in place."""
@@ -179,9 +199,13 @@ class Model:
     def _decode(self, tokens: mx.array, cache: list) -> mx.array:
         """One decode token through the compiled step: the whole stack, embedding to logits, in one
         mx.compile'd call (traced again only when the KV buffers grow), then the caches updated."""
-        if not self._constants_ready:  # before the first trace: the step closes over data, not over ops
-            mx.eval([a for i in self.moe_layers for a in self.layers[i].mlp.decode_constants()])
-            self._constants_ready = True
+        if not self._held_ready:
+            # Arrays derived at load (stacked projections and routers, a contiguous conv kernel) are lazy
+            # until something reads them; the compiled step must close over their data, or its trace
+            # would take the derivation in and redo it every token (24 concatenations a cn8 step,
+            # seen on the H200). Not at load: training builds a model inside its compiled gradient.
+            mx.eval(held_arrays(self))
+            self._held_ready = True
         inputs = [a for layer, c in zip(self.layers, cache) for a in layer.step_inputs(c)]
         logits, *outputs = self._step(tokens, self._position(cache[0].offset), *inputs)
         for layer, c in zip(self.layers, cache):

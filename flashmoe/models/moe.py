@@ -177,16 +177,15 @@ class SharedSlot:
 
 def shared_slot(moe_gate: Linear, shared_gate: Linear, shared: MLP, experts: ResidentExperts, k: int):
     """The SharedSlot of a resident MoE layer's shared expert, or None where the fused kernels cannot
-    take it (another quantization or width than the routed experts', a plain router, K + 1 over the
-    down kernel's slots, a CPU backend)."""
+    take it (another quantization or width than the routed experts', K + 1 over the down kernel's
+    slots, a CPU backend). A router or shared gate that cannot be stacked (quantized otherwise, or
+    plain) leaves the slot's router None: the gate then runs as its own matvec."""
     gate_up, down = shared.gate_up_proj.fused, shared.down_proj
     routed = (experts.gate_proj, experts.up_proj, experts.down_proj)
     inter, width = experts.gate_proj.weight.shape[-2], experts.gate_proj.weight.shape[-1]
     fits = (
         _fusable(*routed)
         and k + 1 <= MAX_DOWN_K
-        and isinstance(moe_gate, Linear)
-        and isinstance(shared_gate, Linear)
         and gate_up is not None
         and all(
             p.spec == routed[0].spec and p.bias is None and p.scales.dtype == routed[0].scales.dtype
@@ -324,15 +323,6 @@ class MoE:
             y = y + self.shared(x, norm)
             timer.mark("shared expert", y)
         return y if residual is None else residual + y
-
-    def decode_constants(self) -> list[mx.array]:
-        """Arrays made at load that only the decode kernels read (the stacked router): Model evaluates
-        them before its compiled step is first traced. A prompt too long for the fused kernels never
-        reads them, and the trace would otherwise take the stacking in and redo it every token (3
-        concatenations a layer, seen on the H200). Not at load: a model is also built inside
-        training's compiled gradient, where nothing may be evaluated."""
-        slot = self.shared_slot
-        return [] if slot is None or slot.router is None else list(slot.router.packed)
 
     def _live_shared_slot(self, combine) -> SharedSlot | None:
         """The shared slot, while the block still holds what it was made from (and no ranks combine)."""

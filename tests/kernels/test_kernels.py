@@ -136,16 +136,16 @@ def test_kernel_names_change_with_their_source():
 
 
 def test_placeholder_inputs_made_inside_a_trace_are_data_not_ops():
-    """The unread placeholder inputs (no ids, no residual) are first made while mx.compile traces the
+    """The unread placeholder inputs (no ids, an unread value) are first made while mx.compile traces the
     decode step: made by an op they would join the step's graph and run every token (a fill launch
     each on a GPU). Made inside a trace here, they must hold data, with no op behind them."""
     gpu._no_ids.cache_clear()
-    gpu.no_residual.cache_clear()
+    gpu.unread.cache_clear()
     made = []
 
     @mx.compile
     def step(x):
-        made.extend([gpu._no_ids(), gpu.no_residual(mx.bfloat16)])
+        made.extend([gpu._no_ids(), gpu.unread(mx.bfloat16)])
         return x + 1
 
     mx.eval(step(mx.ones((2,))))
@@ -154,4 +154,4 @@ def test_placeholder_inputs_made_inside_a_trace_are_data_not_ops():
             mx.export_to_dot(f.name, array)
             assert "label" not in f.read(), f"an op made the placeholder {array.dtype} {array.shape}"
     gpu._no_ids.cache_clear()
-    gpu.no_residual.cache_clear()
+    gpu.unread.cache_clear()

@@ -17,6 +17,7 @@ from flashmoe import kernels
 from flashmoe.analysis.parity import forced_decode_logits
 from flashmoe.loader import load_model
 from flashmoe.models.cache import KVCache
+from flashmoe.models.model import held_arrays
 from flashmoe.models.moe import MoE
 from tests.helpers import CONFIGS, rel_err, write_checkpoint
 
@@ -130,12 +131,22 @@ def test_the_shared_expert_rides_in_the_experts_launches(model_type, tmp_path, m
     assert rel_err(decode(), gathered) < 1e-5 and shared_calls  # the plain shared expert again
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_next"])
+def unevaluated(arrays) -> list:
+    """The shapes of those arrays that are still an op to run, not data."""
+    shapes = []
+    for array in arrays:
+        with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
+            mx.export_to_dot(f.name, array)
+            shapes += [array.shape] if "label" in f.read() else []
+    return shapes
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
 def test_what_the_compiled_step_reads_is_evaluated_before_it_is_traced(model_type, tmp_path, monkeypatch):
-    """After a prompt too long for the fused kernels (the plain path), every array the shared slot
-    gives the kernels holds its data by the time the compiled step is called: an unevaluated one (a
-    lazy stacking) would be traced into the step and recomputed every token (seen on the H200: 24
-    Concatenate nodes a step)."""
+    """After a prompt too long for the fused kernels (the plain path), every array the model holds is
+    data by the time the compiled step is first called: an unevaluated one (a lazy stacking, such as
+    the shared slot's router, which only decode reads) would be traced into the step and recomputed
+    every token (seen on the H200: 24 Concatenate nodes a step)."""
     monkeypatch.setattr(kernels, "GPU_BACKENDS", (*kernels.GPU_BACKENDS, "reference"))
     model = load_model(
         write_checkpoint(tmp_path / model_type, model_type), backend="reference", dtype=mx.float32
@@ -143,39 +154,15 @@ def test_what_the_compiled_step_reads_is_evaluated_before_it_is_traced(model_typ
     cache = model.make_cache()
     long_prompt = list(range(3, 3 + 70))  # 70 tokens x K > FUSED_MAX_SLOTS: no shared slot in the prompt
     mx.eval(model(mx.array([long_prompt]), cache))
-    unevaluated, step = [], model._step
+    found, step = [], model._step
 
     def checked(*inputs):
-        for i in model.moe_layers:
-            slot = model.layers[i].mlp.shared_slot
-            for array in (*slot.router.packed, *slot.gate_up, *slot.down):
-                with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
-                    mx.export_to_dot(f.name, array)
-                    unevaluated.extend([(i, array.shape)] if "label" in f.read() else [])
+        found.extend(unevaluated(held_arrays(model.layers)))
         return step(*inputs)
 
     monkeypatch.setattr(model, "_step", checked)
     mx.eval(model(mx.array([[5]]), cache))
-    assert not unevaluated, unevaluated
-
-
-def arrays_held(obj, seen=None) -> list:
-    """Every mx.array reachable from obj's attributes (lists, tuples, dicts and dataclasses included)."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen or isinstance(obj, (str, int, float, bool, type(None))):
-        return []
-    seen.add(id(obj))
-    if isinstance(obj, mx.array):
-        return [obj]
-    if isinstance(obj, dict):
-        items = list(obj.values())
-    elif isinstance(obj, (list, tuple)):
-        items = list(obj)
-    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("flashmoe"):
-        items = list(vars(obj).values())
-    else:
-        return []
-    return [a for item in items for a in arrays_held(item, seen)]
+    assert not found, found
 
 
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
@@ -187,7 +174,7 @@ def test_every_array_a_model_holds_is_row_contiguous(model_type, tmp_path, monke
     model = load_model(
         write_checkpoint(tmp_path / model_type, model_type), backend="reference", dtype=mx.float32
     )
-    held = [a for a in arrays_held(model) if a.size > 1]
+    held = [a for a in held_arrays(model) if a.size > 1]
     mx.eval(held)
     assert held and all(memoryview(a).c_contiguous for a in held), [
         a.shape for a in held if not memoryview(a).c_contiguous

@@ -59,7 +59,8 @@ def test_bfloat16_logits_no_farther_from_float32_than_mlx_lm(model_type, tmp_pat
     farther from float32 logits (the reference backend) than mlx-lm's bf16 logits are.
 
     Open: on the H200 this fails for qwen3_next, 0.2747 against mlx-lm's 0.2677 (the tree of
-    2026-12-01 before the compiled-step changes gives the same two numbers). On a CPU, over five
+    2026-12-01 before the compiled-step changes gives the same two numbers; 0.2712 with the shared
+    expert inside the expert kernels, session 8). On a CPU, over five
     checkpoint seeds, which engine lands nearer float32 changes with the seed (benchmarks/RESULTS.md,
     session 6): one random hybrid checkpoint may not be enough to decide this."""
     directory = write_checkpoint(tmp_path / model_type, model_type)
