@@ -21,13 +21,16 @@ launches a layer.
 `--streamed` adds both paths as flashmoe's expert streaming runs them (streaming.experts,
 StreamedExperts): routing on the device, the chosen ids brought to the host (one sync per MoE layer,
 inherent to streaming, so these paths run uncompiled), then the experts computed on a buffer of
-the K experts just read, with local ids 0..K-1 (each id's rank among the chosen, as np.unique
-gives them). Disk I/O is excluded: each layer has one buffer, made at load, that both paths read
-whichever ids came out, so the rows time the compute on experts that just arrived. mlx streamed:
-gather_qmm over the (K, I, D) / (K, D, I) buffer, the shared expert and its gate as above. fused
-streamed: the router matvec, moe.route, then moe_gate_up / moe_down on the buffer with the local
-ids and the shared expert as slot K (their shared forms). flashmoe's streamed MoE block does not
-take the shared slot yet (it runs the shared expert apart): this row is what the kernels offer.
+the K experts just read. A decode token's K ids are all different and StreamedExperts reads them in
+routing order, so slot k's expert is row k of the buffer and the local ids are 0..K-1, one array
+held (until session 8 the ids went through np.unique and a fresh array was sent every layer:
+benchmarks/stream_sync.py times both). Disk I/O is excluded: each layer has one buffer, made at
+load, that both paths read whichever ids came out, so the rows time the compute on experts that
+just arrived. mlx streamed: gather_qmm over the (K, I, D) / (K, D, I) buffer with the same local
+ids, the shared expert and its gate as above. fused streamed: the router matvec, moe.route, then
+moe_gate_up / moe_down on the buffer and the shared expert as slot K (their shared forms).
+flashmoe's streamed MoE block does not take the shared slot yet (it runs the shared expert apart):
+this row is what the kernels offer.
 """
 
 from __future__ import annotations
@@ -104,18 +107,19 @@ def mlx_layer(x, L):
     return mlx_experts(x, L["gate"], L["up"], L["down"], inds, scores, L)
 
 
-def local_ids(ids):
-    """The routed ids (host sync: one per MoE layer when streaming) as positions in the buffer of the
-    experts read, which holds them in id order (StreamedExperts' np.unique): uint32, ids' shape."""
-    ids = np.array(ids)
-    return np.unique(ids.reshape(-1), return_inverse=True)[1].reshape(ids.shape).astype(np.uint32)
+SLOT_ORDER = mx.array(np.arange(K, dtype=np.uint32)[None])  # (1, K): buffer row k holds slot k's expert
+
+
+def to_host(ids: mx.array) -> np.ndarray:
+    """The routed ids on the host, as the expert reader needs them: one sync per MoE layer."""
+    return np.array(ids)
 
 
 def mlx_streamed_layer(x, L):
     """mlx_layer with the experts in a buffer of the K just read: routing, the ids to the host, gather_qmm."""
     inds, scores = mlx_route(x, L)
-    local = mx.array(local_ids(inds))
-    return mlx_experts(x, L["buf_gate"], L["buf_up"], L["buf_down"], local, scores, L)
+    to_host(inds)
+    return mlx_experts(x, L["buf_gate"], L["buf_up"], L["buf_down"], SLOT_ORDER, scores, L)
 
 
 def fused_layer(x, L, backend):
@@ -128,13 +132,15 @@ def fused_layer(x, L, backend):
     return moe.moe_down(h, L["down"], ids, w, **kw, shared=L["s_down"], shared_gate=moe.SharedGate(logits, E))
 
 
-def fused_streamed_layer(x, L, backend):
+def fused_streamed_layer(x, L, backend, local=None, sync=True):
     """The fused kernels on the buffer of the K experts just read: routing, the ids to the host,
-    moe_gate_up / moe_down with the local ids and the shared expert as slot K."""
+    moe_gate_up / moe_down with the local ids (the held slot order unless `local` makes them from
+    the host's ids) and the shared expert as slot K. sync=False: no ids to the host (for comparison)."""
     kw = dict(bits=4, group_size=G, backend=backend)
     logits = kernels.dequant_matvec(x, *L["router_plus"], bits=8, group_size=G, backend=backend)  # (1, E + 1)
     ids, w = moe.route(logits[..., :E], K, True, backend=backend, out_dtype=x.dtype)
-    local = mx.array(local_ids(ids))
+    host_ids = to_host(ids) if sync else None
+    local = SLOT_ORDER if local is None else local(host_ids)
     h = moe.moe_gate_up(x, L["buf_gate"], L["buf_up"], local, **kw, shared=L["s_gate_up"])
     gate = moe.SharedGate(logits, E)
     return moe.moe_down(h, L["buf_down"], local, w, **kw, shared=L["s_down"], shared_gate=gate)

@@ -8,6 +8,9 @@ stack of just the experts read:
 
     experts (B, T, K) ids -> unique U ids, local (B, T, K) in 0..U-1 -> W (U, out, words) -> (B, T, K, D)
 
+A decode token's K ids are all different: they are read in routing order, so the local ids are
+0..K-1, the same array every layer (nothing sent to the device but the experts).
+
 Prefill reads the union of the experts its tokens chose, in groups of at most `buffer_mb`
 so memory stays bounded whatever the prompt. Numerics equal resident mode's: the same
 kernel computes each (token, expert) product from the same bytes.
@@ -145,6 +148,7 @@ class StreamedExperts:
         self.layer, self.reader, self.stats = layer, reader, stats
         self.specs, self.backend, self.dtype = specs, backend, dtype
         self.group_experts = max(1, group_experts)  # most experts read at once
+        self._slot_orders: dict[tuple[int, ...], mx.array] = {}  # local ids of a read in slot order
 
     def __call__(self, x: mx.array, experts: mx.array, weights: mx.array, residual=None) -> mx.array:
         """x (B, T, D), experts and weights (B, T, K) -> (B, T, D) (+ residual), as resident experts give."""
@@ -152,12 +156,26 @@ class StreamedExperts:
         # inherent to streaming (the forward pass cannot be one lazy graph across layers).
         ids = np.array(experts)  # (B, T, K)
         unique, local = np.unique(ids.reshape(-1), return_inverse=True)  # U ids; each slot's index into them
-        if len(unique) <= self.group_experts:  # decode always (K <= the group): one read, one kernel call
+        if len(unique) == ids.size <= self.group_experts:  # every slot its own expert: a decode token
+            # read in slot order: slot i's expert is row i of what was read, so the local ids are a
+            # constant (0..N-1) made once, not a fresh array sent to the device every layer
+            projections = self._load(ids.reshape(-1), ids, first=True)
+            return mixed_experts(*projections, x, self._slot_order(ids.shape), weights, residual)
+        if len(unique) <= self.group_experts:  # a few tokens (K <= the group): one read, one kernel call
             projections = self._load(unique, ids, first=True)
             local_ids = mx.array(local.reshape(ids.shape).astype(np.uint32))  # into the U experts read
             return mixed_experts(*projections, x, local_ids, weights, residual)
         y = weighted_sum(self._grouped(x, ids, unique), weights)
         return y if residual is None else residual + y
+
+    def _slot_order(self, shape: tuple[int, ...]) -> mx.array:
+        """0..N-1 uint32 in `shape`, made from data once per shape (an upload saved per MoE layer: H200,
+        session 9, benchmarks/stream_sync.py: ~200 us a layer for np.unique's ids sent each time)."""
+        if shape not in self._slot_orders:
+            self._slot_orders[shape] = mx.array(
+                np.arange(int(np.prod(shape)), dtype=np.uint32).reshape(shape)
+            )
+        return self._slot_orders[shape]
 
     def _grouped(self, x: mx.array, ids: np.ndarray, unique: np.ndarray) -> mx.array:
         """The union read `group_experts` at a time; each group computes the (token, expert) slots it serves."""

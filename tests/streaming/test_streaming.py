@@ -116,6 +116,34 @@ def test_decode_reads_k_experts_per_layer(checkpoint, layout, reads_per_expert):
     assert "decode" in format_stream_stats(model.report.stream_stats)
 
 
+def test_decode_reads_in_routing_order_and_reuses_its_local_ids(checkpoint, monkeypatch):
+    """A decode token's experts are read in the order routing chose them, so the kernel's local ids
+    are 0..K-1: one array made once per layer, not a fresh one sent to the device every token."""
+    from flashmoe.streaming import experts as streaming
+
+    _, directories, resident = checkpoint
+    model = streamed(directories["repacked"])
+    cache = model.make_cache()
+    model(mx.array([[5, 6]]), cache)  # the prompt: a union read in id order
+    reads, local_ids = [], []
+    read, mixed = streaming.ExpertReader.read, streaming.mixed_experts
+    monkeypatch.setattr(
+        streaming.ExpertReader,
+        "read",
+        lambda self, layer, ids: reads.append(ids.copy()) or read(self, layer, ids),
+    )
+    monkeypatch.setattr(streaming, "mixed_experts", lambda *a: local_ids.append(a[4]) or mixed(*a))
+    for t in range(3):
+        model(mx.array([[t + 1]]), cache)
+    routed = [np.array(r.experts).reshape(-1) for r in model.routing().values()]  # the last token's
+    k = resident.args.num_experts_per_tok
+    assert len(reads) == 3 * len(model.moe_layers) and all(len(r) == k for r in reads)
+    assert all(np.array_equal(r, want) for r, want in zip(reads[-len(routed) :], routed))
+    assert all(np.array_equal(np.array(ids).reshape(-1), np.arange(k)) for ids in local_ids)
+    per_layer = {id(ids) for ids in local_ids}
+    assert len(per_layer) == len(model.moe_layers), "a new local-id array per token"
+
+
 def test_prefill_reads_the_union_once(checkpoint):
     _, directories, resident = checkpoint
     model = streamed(directories["repacked"])
