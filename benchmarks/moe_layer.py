@@ -28,9 +28,8 @@ benchmarks/stream_sync.py times both). Disk I/O is excluded: each layer has one 
 load, that both paths read whichever ids came out, so the rows time the compute on experts that
 just arrived. mlx streamed: gather_qmm over the (K, I, D) / (K, D, I) buffer with the same local
 ids, the shared expert and its gate as above. fused streamed: the router matvec, moe.route, then
-moe_gate_up / moe_down on the buffer and the shared expert as slot K (their shared forms).
-flashmoe's streamed MoE block does not take the shared slot yet (it runs the shared expert apart):
-this row is what the kernels offer.
+moe_gate_up / moe_down on the buffer and the shared expert as slot K (their shared forms), as
+flashmoe's streamed MoE block runs a decode token since session 9 (MoE._streamed_with_shared).
 """
 
 from __future__ import annotations

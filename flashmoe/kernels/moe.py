@@ -348,10 +348,15 @@ def moe_experts(
     backend: str = "auto",
     residual=None,
     norm=None,
+    shared=None,
+    shared_gate: SharedGate | None = None,
 ) -> mx.array:
     """The routed experts of one MoE layer for x (..., D) (RMSNorm'd by norm when given) (+ residual):
-    two launches on a GPU."""
-    h = moe_gate_up(x, gate, up, ids, bits=bits, group_size=group_size, backend=backend, norm=norm)
+    two launches on a GPU. shared: (gate_up, down) of a shared expert, slot K of both launches, added
+    with its gate's sigmoid (`shared_gate`), as moe_gate_up's and moe_down's shared forms take them."""
+    gate_up_shared, down_shared = shared if shared is not None else (None, None)
+    kw = dict(bits=bits, group_size=group_size, backend=backend)
+    h = moe_gate_up(x, gate, up, ids, **kw, norm=norm, shared=gate_up_shared)
     return moe_down(
-        h, down, ids, weights, bits=bits, group_size=group_size, backend=backend, residual=residual
+        h, down, ids, weights, **kw, residual=residual, shared=down_shared, shared_gate=shared_gate
     )

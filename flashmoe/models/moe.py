@@ -19,6 +19,7 @@ import mlx.core as mx
 from .. import kernels
 from ..errors import FlashMoeError
 from ..kernels.moe import MAX_DOWN_K, SharedGate, moe_down, moe_experts, route, routed_gate_up
+from ..quant import QuantSpec
 from ..timing import timer
 from .args import ModelArgs
 from .layers import Linear, Norm, Projections, silu, stacked
@@ -62,16 +63,27 @@ FUSED_MAX_SLOTS = 64  # token x expert pairs up to which the fused decode kernel
 
 
 def mixed_experts(
-    gate_proj, up_proj, down_proj, x: mx.array, experts: mx.array, weights: mx.array, residual=None, norm=None
+    gate_proj,
+    up_proj,
+    down_proj,
+    x: mx.array,
+    experts: mx.array,
+    weights: mx.array,
+    residual=None,
+    norm=None,
+    shared: tuple[SharedSlot, SharedGate] | None = None,
 ) -> mx.array:
     """sum_k weights_k * expert_k(x) (+ residual) for x (B, T, D), experts and weights (B, T, K) -> (B, T, D);
     x through the RMSNorm `norm` first when given.
 
     A few tokens on a GPU backend take the fused kernels (kernels.moe: norm, gate+up+SwiGLU in one
     launch, down + the weighted sum + the residual in another); everything else the gathered path.
+    shared: a shared expert and its gate as slot K of the fused launches (a SharedSlot is made only
+    where they run: `fused_form`).
     """
     spec = gate_proj.spec
     if experts.size <= FUSED_MAX_SLOTS and _fusable(gate_proj, up_proj, down_proj):
+        slot, gate = shared if shared is not None else (None, None)
         return moe_experts(
             x,
             gate_proj.packed,
@@ -84,7 +96,11 @@ def mixed_experts(
             backend=gate_proj.backend,
             residual=residual,
             norm=norm,
+            shared=None if slot is None else (slot.gate_up, slot.down),
+            shared_gate=gate,
         )
+    if shared is not None:
+        raise FlashMoeError(f"a shared slot for {experts.size} slots, which the fused kernels do not run")
     x = kernels.rms_norm(x, norm)
     y = weighted_sum(switch_mlp(gate_proj, up_proj, down_proj, x, experts), weights)
     return y if residual is None else residual + y
@@ -92,14 +108,30 @@ def mixed_experts(
 
 def _fusable(*projections) -> bool:
     """One affine spec the GPU kernels cover, on a GPU backend, for all three projections."""
-    first = projections[0]
+    return fusable(projections[0].backend, [p.spec for p in projections])
+
+
+def fusable(backend: str, specs) -> bool:
+    """Whether experts quantized per `specs` (gate, up, down) run through the fused kernels on `backend`."""
+    first = specs[0]
     return (
-        first.backend in kernels.GPU_BACKENDS
-        and first.spec is not None
-        and first.spec.mode == "affine"
-        and first.spec.bits in kernels.KERNEL_BITS
-        and all(p.spec == first.spec for p in projections)
+        backend in kernels.GPU_BACKENDS
+        and first is not None
+        and first.mode == "affine"
+        and first.bits in kernels.KERNEL_BITS
+        and all(s == first for s in specs)
     )
+
+
+@dataclass(frozen=True)
+class FusedForm:
+    """A layer's routed experts as the fused decode kernels take them (what a SharedSlot must match):
+    their one spec, one expert's gate (= up) and down weights' packed shapes, their scales' dtype."""
+
+    spec: QuantSpec
+    gate: tuple[int, ...]  # (I, D words)
+    down: tuple[int, ...]  # (D, I words)
+    scales_dtype: mx.Dtype
 
 
 class ResidentExperts:
@@ -109,6 +141,13 @@ class ResidentExperts:
         self.gate_proj = store.experts(f"{prefix}.switch_mlp.gate_proj")  # (E, I, D)
         self.up_proj = store.experts(f"{prefix}.switch_mlp.up_proj")  # (E, I, D)
         self.down_proj = store.experts(f"{prefix}.switch_mlp.down_proj")  # (E, D, I)
+
+    def fused_form(self, k: int) -> FusedForm | None:
+        """How the fused kernels take these experts for a decode token's K, or None where they do not."""
+        gate, down = self.gate_proj, self.down_proj
+        if not _fusable(gate, self.up_proj, down):
+            return None
+        return FusedForm(gate.spec, gate.weight.shape[1:], down.weight.shape[1:], gate.scales.dtype)
 
     def routes_itself(self, x: mx.array, k: int) -> bool:
         """Whether `routed` runs for x (B, T, D): a few tokens for the fused kernels, on a GPU backend."""
@@ -175,24 +214,25 @@ class SharedSlot:
     made_from: tuple
 
 
-def shared_slot(moe_gate: Linear, shared_gate: Linear, shared: MLP, experts: ResidentExperts, k: int):
-    """The SharedSlot of a resident MoE layer's shared expert, or None where the fused kernels cannot
-    take it (another quantization or width than the routed experts', K + 1 over the down kernel's
-    slots, a CPU backend). A router or shared gate that cannot be stacked (quantized otherwise, or
-    plain) leaves the slot's router None: the gate then runs as its own matvec."""
+def shared_slot(
+    moe_gate: Linear, shared_gate: Linear, shared: MLP, form: FusedForm | None, k: int
+) -> SharedSlot | None:
+    """The SharedSlot of an MoE layer's shared expert, or None where the fused kernels cannot take it
+    (routed experts they do not run: `form` None; a shared expert quantized otherwise or another
+    width; K + 1 over the down kernel's slots). A router or shared gate that cannot be stacked
+    (quantized otherwise, or plain) leaves the slot's router None: the gate then runs as its own
+    matvec."""
     gate_up, down = shared.gate_up_proj.fused, shared.down_proj
-    routed = (experts.gate_proj, experts.up_proj, experts.down_proj)
-    inter, width = experts.gate_proj.weight.shape[-2], experts.gate_proj.weight.shape[-1]
     fits = (
-        _fusable(*routed)
+        form is not None
         and k + 1 <= MAX_DOWN_K
         and gate_up is not None
         and all(
-            p.spec == routed[0].spec and p.bias is None and p.scales.dtype == routed[0].scales.dtype
+            p.spec == form.spec and p.bias is None and p.scales.dtype == form.scales_dtype
             for p in (gate_up, down)
         )
-        and gate_up.weight.shape == (2 * inter, width)
-        and down.weight.shape == experts.down_proj.weight.shape[1:]
+        and gate_up.weight.shape == (2 * form.gate[0], form.gate[1])
+        and down.weight.shape == form.down
     )
     if not fits:
         return None
@@ -262,10 +302,12 @@ class MoE:
         self.shared_expert = MLP(store, f"{prefix}.shared_expert") if has_shared else None
         self.shared_expert_gate = store.linear(f"{prefix}.shared_expert_gate") if has_shared else None
         self.last_routing: Routing | None = None
-        resident = isinstance(self.experts, ResidentExperts)
+        # resident or streamed experts the fused kernels run (expert-parallel shards have no form)
+        fused_form = getattr(self.experts, "fused_form", None)
+        form = fused_form(self.k) if has_shared and fused_form is not None else None
         self.shared_slot = (
-            shared_slot(self.gate, self.shared_expert_gate, self.shared_expert, self.experts, self.k)
-            if has_shared and resident
+            shared_slot(self.gate, self.shared_expert_gate, self.shared_expert, form, self.k)
+            if form
             else None
         )
 
@@ -309,6 +351,9 @@ class MoE:
                 x, logits, self.k, self.norm_topk_prob, residual if last else None, norm
             )
             self.last_routing = Routing(logits, ids, weights)
+        elif not timer.enabled and x.size == x.shape[-1] and self._live_shared_slot(combine) is not None:
+            # a decode token whose experts are streamed (norm applied above): the same three launches
+            return self._streamed_with_shared(x, self.shared_slot, residual)
         else:
             routing = self.last_routing = self.route(x, norm)
             timer.mark("routing", routing.experts, routing.weights)
@@ -335,19 +380,37 @@ class MoE:
     def _routed_with_shared(self, x: mx.array, slot: SharedSlot, residual, norm: Norm | None) -> mx.array:
         """A decode token's whole block in the experts' two launches (and the router's one): routing,
         the K experts and the gated shared expert, + residual, rounded as `residual + (y + shared)`."""
-        experts = self.gate.out_features
-        if slot.router is not None:
-            logits = slot.router(x, norm=norm)  # (B, T, E + 1): the router's logits, then the shared gate's
-            gate = SharedGate(logits, experts)
-        else:
-            logits = self.gate(x, norm=norm)
-            gate = SharedGate(self.shared_expert_gate(x, norm=norm), 0)
+        logits, gate = self._logits_and_shared_gate(x, slot, norm)
         y, ids, weights = self.experts.routed(
             x, logits, self.k, self.norm_topk_prob, residual, norm, shared=(slot, gate)
         )
-        routing_logits = logits if logits.shape[-1] == experts else logits[..., :experts]
-        self.last_routing = Routing(routing_logits, ids, weights)
+        self.last_routing = Routing(self._routing_logits(logits), ids, weights)
         return y
+
+    def _streamed_with_shared(self, x: mx.array, slot: SharedSlot, residual) -> mx.array:
+        """_routed_with_shared for streamed experts: the routing's own launch (its ids go to the host,
+        which reads those experts), then the K experts read and the gated shared expert in the two
+        expert launches, + residual."""
+        logits, gate = self._logits_and_shared_gate(x, slot, None)
+        routing_logits = self._routing_logits(logits)
+        ids, weights = route(
+            routing_logits, self.k, self.norm_topk_prob, backend=self.gate.backend, out_dtype=x.dtype
+        )
+        self.last_routing = Routing(routing_logits, ids, weights)
+        return self.experts(x, ids, weights, residual, shared=(slot, gate))
+
+    def _logits_and_shared_gate(self, x: mx.array, slot: SharedSlot, norm: Norm | None):
+        """The router's logits (B, T, E), or (B, T, E + 1) with the shared gate's after them from the
+        slot's stacked router (one matvec), and the shared gate as the kernels read it."""
+        if slot.router is not None:
+            logits = slot.router(x, norm=norm)
+            return logits, SharedGate(logits, self.gate.out_features)
+        return self.gate(x, norm=norm), SharedGate(self.shared_expert_gate(x, norm=norm), 0)
+
+    def _routing_logits(self, logits: mx.array) -> mx.array:
+        """The router's own logits (B, T, E) of what _logits_and_shared_gate gives."""
+        experts = self.gate.out_features
+        return logits if logits.shape[-1] == experts else logits[..., :experts]
 
     def _experts(self, x: mx.array, routing: Routing, residual, norm: Norm | None) -> mx.array:
         """The routed experts' weighted sum (B, T, D) (+ residual): residual only reaches experts nothing

@@ -27,9 +27,10 @@ import numpy as np
 from ..errors import FlashMoeError
 from ..models.args import ModelArgs
 from ..models.layers import ExpertLinear
-from ..models.moe import mixed_experts, switch_mlp, weighted_sum
+from ..models.moe import FusedForm, fusable, mixed_experts, switch_mlp, weighted_sum
 from ..models.store import TensorStore
 from ..quant import QuantSpec, TensorInfo
+from ..safetensors import MLX_DTYPES
 from ..timing import timer
 from .layout import ExpertLayout, LayerExperts, is_expert_tensor, open_layout
 from .reader import NUMPY_DTYPES, ExpertReader
@@ -150,8 +151,27 @@ class StreamedExperts:
         self.group_experts = max(1, group_experts)  # most experts read at once
         self._slot_orders: dict[tuple[int, ...], mx.array] = {}  # local ids of a read in slot order
 
-    def __call__(self, x: mx.array, experts: mx.array, weights: mx.array, residual=None) -> mx.array:
-        """x (B, T, D), experts and weights (B, T, K) -> (B, T, D) (+ residual), as resident experts give."""
+    def fused_form(self, k: int) -> FusedForm | None:
+        """How the fused kernels take these experts for a decode token's K (read at once), or None."""
+        pieces = {p.part: p for p in self.layer.pieces}
+        if (
+            not fusable(self.backend, self.specs)
+            or k > self.group_experts
+            or "gate_proj.scales" not in pieces
+        ):
+            return None
+        stored = {name: dtype for dtype, name in MLX_DTYPES.items()}[pieces["gate_proj.scales"].dtype]
+        scales_dtype = self.dtype if mx.issubdtype(stored, mx.floating) else stored  # as _load gives them
+        return FusedForm(
+            self.specs[0], pieces["gate_proj.weight"].shape, pieces["down_proj.weight"].shape, scales_dtype
+        )
+
+    def __call__(
+        self, x: mx.array, experts: mx.array, weights: mx.array, residual=None, shared=None
+    ) -> mx.array:
+        """x (B, T, D), experts and weights (B, T, K) -> (B, T, D) (+ residual), as resident experts give;
+        shared: (SharedSlot, SharedGate), the shared expert as slot K of the fused launches (a decode
+        token, where `fused_form` says they run)."""
         # Routing decides what to read, so the ids must be on the host: one sync per MoE layer,
         # inherent to streaming (the forward pass cannot be one lazy graph across layers).
         ids = np.array(experts)  # (B, T, K)
@@ -160,11 +180,16 @@ class StreamedExperts:
             # read in slot order: slot i's expert is row i of what was read, so the local ids are a
             # constant (0..N-1) made once, not a fresh array sent to the device every layer
             projections = self._load(ids.reshape(-1), ids, first=True)
-            return mixed_experts(*projections, x, self._slot_order(ids.shape), weights, residual)
+            local_ids = self._slot_order(ids.shape)
+            return mixed_experts(*projections, x, local_ids, weights, residual, shared=shared)
         if len(unique) <= self.group_experts:  # a few tokens (K <= the group): one read, one kernel call
             projections = self._load(unique, ids, first=True)
             local_ids = mx.array(local.reshape(ids.shape).astype(np.uint32))  # into the U experts read
-            return mixed_experts(*projections, x, local_ids, weights, residual)
+            return mixed_experts(*projections, x, local_ids, weights, residual, shared=shared)
+        if shared is not None:
+            raise FlashMoeError(
+                f"{self.layer.prefix}: a shared slot for {len(unique)} experts read in groups"
+            )
         y = weighted_sum(self._grouped(x, ids, unique), weights)
         return y if residual is None else residual + y
 
@@ -221,14 +246,17 @@ class StreamedExperts:
             if spec is None and mx.issubdtype(weight.dtype, mx.floating):
                 # plain experts in the compute dtype, as TensorStore.take does
                 weight = weight.astype(self.dtype)
-            linears.append(
-                ExpertLinear(
-                    weight,
-                    arrays.get(f"{proj}.scales"),
-                    arrays.get(f"{proj}.biases"),
-                    None,
-                    spec,
-                    self.backend,
-                )
+            # scales and biases in the compute dtype, as TensorStore.linear holds a resident layer's
+            # (exact; no op where the checkpoint stores that dtype, as bf16 on a GPU)
+            scales, biases = (
+                _in_dtype(arrays.get(f"{proj}.{part}"), self.dtype) for part in ("scales", "biases")
             )
+            linears.append(ExpertLinear(weight, scales, biases, None, spec, self.backend))
         return linears
+
+
+def _in_dtype(value: mx.array | None, dtype: mx.Dtype) -> mx.array | None:
+    """A float array in `dtype` (others, and None, as they are)."""
+    if value is None or not mx.issubdtype(value.dtype, mx.floating):
+        return value
+    return value.astype(dtype)

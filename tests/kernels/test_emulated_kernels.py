@@ -420,3 +420,27 @@ def test_the_embedding_layer_takes_the_kernel_for_a_few_tokens(monkeypatch, seed
         got, want = layers["cuda"](tokens), layers["mlx"](tokens)
         assert mx.array_equal(got, want).item(), f"seed {seed}"
     assert launches == ["embed_rows.inc"]  # the decode token's
+
+
+def test_a_streamed_model_runs_the_shared_expert_in_the_expert_kernels(tmp_path, monkeypatch):
+    """Qwen3-Next with streamed experts on "cuda" (uncompiled, so the emulator runs every kernel): a
+    decode token's experts, read in routing order, and its shared expert in the experts' two launches
+    (MoE.shared runs for the prompt only), against the reference backend's float32 logits."""
+    from flashmoe.analysis.parity import forced_decode_logits
+    from flashmoe.loader import load_model
+    from flashmoe.models.moe import MoE
+    from tests.helpers import write_checkpoint
+
+    directory = write_checkpoint(tmp_path / "qwen3_next", "qwen3_next")
+    prompt, tokens = [3, 17, 42, 9, 77], [5, 61, 12]
+    want = forced_decode_logits(load_model(directory, backend="reference", dtype=mx.float32), prompt, tokens)
+    model = load_model(directory, backend="cuda", dtype=mx.float32, stream_experts=True)
+    assert all(model.layers[i].mlp.shared_slot is not None for i in model.moe_layers)
+    shared_tokens = []
+    plain = MoE.shared
+    monkeypatch.setattr(
+        MoE, "shared", lambda self, x, *a, **k: shared_tokens.append(x.shape[1]) or plain(self, x, *a, **k)
+    )
+    got = forced_decode_logits(model, prompt, tokens)
+    assert rel_err(got, want) < 1e-5
+    assert set(shared_tokens) == {len(prompt)}

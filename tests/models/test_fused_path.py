@@ -131,6 +131,31 @@ def test_the_shared_expert_rides_in_the_experts_launches(model_type, tmp_path, m
     assert rel_err(decode(), gathered) < 1e-5 and shared_calls  # the plain shared expert again
 
 
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_next", "qwen3_5_moe"])
+def test_streamed_experts_take_the_shared_expert_into_their_launches(model_type, tmp_path, monkeypatch):
+    """With streamed experts a decode token's shared expert is slot K of the fused launches on the
+    experts just read, as resident experts take it (MoE.shared never runs); the logits stay those of
+    the gathered path. A prompt (many tokens) runs the shared expert apart."""
+    directory = write_checkpoint(tmp_path / model_type, model_type)
+    load = dict(backend="reference", dtype=mx.float32)
+    gathered = forced_decode_logits(load_model(directory, **load), PROMPT, TOKENS)
+    monkeypatch.setattr(kernels, "GPU_BACKENDS", (*kernels.GPU_BACKENDS, "reference"))
+    model = load_model(directory, **load, stream_experts=True)
+    blocks = [model.layers[i].mlp for i in model.moe_layers]
+    assert all(b.shared_slot is not None for b in blocks)
+    tokens_seen = []
+    plain_shared = MoE.shared
+    monkeypatch.setattr(
+        MoE,
+        "shared",
+        lambda self, x, *a, **k: tokens_seen.append(x.shape[1]) or plain_shared(self, x, *a, **k),
+    )
+    assert rel_err(forced_decode_logits(model, PROMPT, TOKENS), gathered) < 1e-5
+    assert set(tokens_seen) == {len(PROMPT)}, "a decode token ran the shared expert apart"
+    experts = model.args.num_experts
+    assert all(r.logits.shape == (1, 1, experts) for r in model.routing().values())
+
+
 def unevaluated(arrays) -> list:
     """The shapes of those arrays that are still an op to run, not data."""
     shapes = []
