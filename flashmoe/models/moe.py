@@ -18,11 +18,11 @@ import mlx.core as mx
 
 from .. import kernels
 from ..errors import FlashMoeError
-from ..kernels.moe import MAX_DOWN_K, SharedGate, moe_down, moe_experts, route, routed_gate_up
-from ..quant import QuantSpec
+from ..kernels.moe import SharedGate, moe_down, moe_experts, route, routed_gate_up
 from ..timing import timer
 from .args import ModelArgs
-from .layers import Linear, Norm, Projections, silu, stacked
+from .fused import FusedForm, SharedSlot, fusable_projections, shared_slot
+from .layers import Linear, Norm, Projections, silu
 from .store import TensorStore
 
 
@@ -82,7 +82,7 @@ def mixed_experts(
     where they run: `fused_form`).
     """
     spec = gate_proj.spec
-    if experts.size <= FUSED_MAX_SLOTS and _fusable(gate_proj, up_proj, down_proj):
+    if experts.size <= FUSED_MAX_SLOTS and fusable_projections(gate_proj, up_proj, down_proj):
         slot, gate = shared if shared is not None else (None, None)
         return moe_experts(
             x,
@@ -106,34 +106,6 @@ def mixed_experts(
     return y if residual is None else residual + y
 
 
-def _fusable(*projections) -> bool:
-    """One affine spec the GPU kernels cover, on a GPU backend, for all three projections."""
-    return fusable(projections[0].backend, [p.spec for p in projections])
-
-
-def fusable(backend: str, specs) -> bool:
-    """Whether experts quantized per `specs` (gate, up, down) run through the fused kernels on `backend`."""
-    first = specs[0]
-    return (
-        backend in kernels.GPU_BACKENDS
-        and first is not None
-        and first.mode == "affine"
-        and first.bits in kernels.KERNEL_BITS
-        and all(s == first for s in specs)
-    )
-
-
-@dataclass(frozen=True)
-class FusedForm:
-    """A layer's routed experts as the fused decode kernels take them (what a SharedSlot must match):
-    their one spec, one expert's gate (= up) and down weights' packed shapes, their scales' dtype."""
-
-    spec: QuantSpec
-    gate: tuple[int, ...]  # (I, D words)
-    down: tuple[int, ...]  # (D, I words)
-    scales_dtype: mx.Dtype
-
-
 class ResidentExperts:
     """A layer's E experts stacked in memory (mlx-lm's switch_mlp): (x, ids, weights) -> (B, T, D)."""
 
@@ -145,13 +117,13 @@ class ResidentExperts:
     def fused_form(self, k: int) -> FusedForm | None:
         """How the fused kernels take these experts for a decode token's K, or None where they do not."""
         gate, down = self.gate_proj, self.down_proj
-        if not _fusable(gate, self.up_proj, down):
+        if not fusable_projections(gate, self.up_proj, down):
             return None
         return FusedForm(gate.spec, gate.weight.shape[1:], down.weight.shape[1:], gate.scales.dtype)
 
     def routes_itself(self, x: mx.array, k: int) -> bool:
         """Whether `routed` runs for x (B, T, D): a few tokens for the fused kernels, on a GPU backend."""
-        return x.size // x.shape[-1] * k <= FUSED_MAX_SLOTS and _fusable(
+        return x.size // x.shape[-1] * k <= FUSED_MAX_SLOTS and fusable_projections(
             self.gate_proj, self.up_proj, self.down_proj
         )
 
@@ -195,50 +167,6 @@ class ResidentExperts:
         return mixed_experts(
             self.gate_proj, self.up_proj, self.down_proj, x, experts, weights, residual, norm
         )
-
-
-@dataclass(frozen=True)
-class SharedSlot:
-    """A shared expert as the fused decode kernels take it, slot K beside the routed experts (one
-    launch each for gate/up and down, the shared one included), made at load where its weights are
-    quantized as the routed experts' and as wide.
-
-    router: the router's rows with the shared gate's row stacked under them (one matvec gives the
-    routing logits and the shared gate's logit) when the two are quantized alike, else None.
-    made_from: the (router, shared gate, shared expert) it was made from: the slot serves only while
-    the MoE block still holds these very objects (analysis may swap the router for another)."""
-
-    gate_up: tuple  # (w, scales, biases) of the stacked gate and up projections, (2I, D)
-    down: tuple  # (w, scales, biases), (D, I)
-    router: Linear | None
-    made_from: tuple
-
-
-def shared_slot(
-    moe_gate: Linear, shared_gate: Linear, shared: MLP, form: FusedForm | None, k: int
-) -> SharedSlot | None:
-    """The SharedSlot of an MoE layer's shared expert, or None where the fused kernels cannot take it
-    (routed experts they do not run: `form` None; a shared expert quantized otherwise or another
-    width; K + 1 over the down kernel's slots). A router or shared gate that cannot be stacked
-    (quantized otherwise, or plain) leaves the slot's router None: the gate then runs as its own
-    matvec."""
-    gate_up, down = shared.gate_up_proj.fused, shared.down_proj
-    fits = (
-        form is not None
-        and k + 1 <= MAX_DOWN_K
-        and gate_up is not None
-        and all(
-            p.spec == form.spec and p.bias is None and p.scales.dtype == form.scales_dtype
-            for p in (gate_up, down)
-        )
-        and gate_up.weight.shape == (2 * form.gate[0], form.gate[1])
-        and down.weight.shape == form.down
-    )
-    if not fits:
-        return None
-    return SharedSlot(
-        gate_up.packed, down.packed, stacked((moe_gate, shared_gate)), (moe_gate, shared_gate, shared)
-    )
 
 
 class ResidentSource:

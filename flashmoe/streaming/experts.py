@@ -26,8 +26,9 @@ import numpy as np
 
 from ..errors import FlashMoeError
 from ..models.args import ModelArgs
+from ..models.fused import FusedForm, fusable
 from ..models.layers import ExpertLinear
-from ..models.moe import FusedForm, fusable, mixed_experts, switch_mlp, weighted_sum
+from ..models.moe import mixed_experts, switch_mlp, weighted_sum
 from ..models.store import TensorStore
 from ..quant import QuantSpec, TensorInfo
 from ..safetensors import MLX_DTYPES
