@@ -145,6 +145,29 @@ def fused_streamed_layer(x, L, backend, local=None, sync=True):
     return moe.moe_down(h, L["buf_down"], local, w, **kw, shared=L["s_down"], shared_gate=gate)
 
 
+def chained(fn, layers: list, depth: int):
+    """x -> x after `depth` calls of x = x + fn(x, layer), cycling over `layers`, as a decode step
+    chains its layers (launch overhead counts)."""
+
+    def run(x):
+        for i in range(depth):
+            x = x + fn(x, layers[i % len(layers)])
+        return x
+
+    return run
+
+
+def microseconds_per_layer(runners: dict, x0, depth: int, repeats: int) -> dict[str, list]:
+    """Each chain's time per layer (us), the chains timed in turns (A, B, B, A...) after a warm-up."""
+    return interleaved(
+        {
+            name: lambda run=run: 1e6 * seconds_per_call(lambda: run(x0)) / depth
+            for name, run in runners.items()
+        },
+        repeats=repeats,
+    )
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32)
@@ -171,12 +194,7 @@ def main(argv=None):
         err_streamed = rel_err(b, a)
 
     def chain(fn):
-        def run(x):
-            for i in range(args.layers):
-                x = x + fn(x, layers[i % len(layers)])
-            return x
-
-        return run
+        return chained(fn, layers, args.layers)
 
     paths = {
         "mlx gather_qmm": mlx_layer,
@@ -191,14 +209,7 @@ def main(argv=None):
     }
     if args.streamed:  # uncompiled: the host sync in every layer splits the chain
         runners.update({name: chain(fn) for name, fn in streamed.items()})
-    # microseconds per layer, the paths timed in turns (A, B, B, A...) after a compiling warm-up
-    samples = interleaved(
-        {
-            name: lambda run=run: 1e6 * seconds_per_call(lambda: run(x0)) / args.layers
-            for name, run in runners.items()
-        },
-        repeats=args.repeats,
-    )
+    samples = microseconds_per_layer(runners, x0, args.layers, args.repeats)
     print(
         f"MoE layer D={D} E={E} K={K} I={I} + shared expert, experts 4-bit g64, router 8-bit, bf16; "
         f"{args.layers} layers per eval, {args.repeats} repeats; rel diff of outputs {err:.2e}"
