@@ -280,7 +280,8 @@ class MoE:
             )
             self.last_routing = Routing(logits, ids, weights)
         elif not timer.enabled and x.size == x.shape[-1] and self._live_shared_slot(combine) is not None:
-            # a decode token whose experts are streamed (norm applied above): the same three launches
+            # a decode token whose experts are streamed (norm applied above): the router's matvec, the
+            # routing's launch (the ids go to the host, which reads those experts), the two expert launches
             return self._streamed_with_shared(x, self.shared_slot, residual)
         else:
             routing = self.last_routing = self.route(x, norm)
