@@ -16,6 +16,9 @@
 #   decode   decode.py on the 8-layer Qwen3-30B and Coder-Next shapes and the bundled model (~3 min)
 #   timing   python -m flashmoe --timing on the Coder-Next shape (~1 min)
 #   profile  step_profile.py and kernel_timeline.py on both 8-layer shapes (~2 min)
+#   stream   stream_sync.py: the streamed MoE layer taken apart (~40 s)
+#   seeds    bf16_seeds.py: the bf16 distance test over 5 checkpoint seeds per architecture (~30 s);
+#            SEEDS_ARGS="--apart --models qwen3_next" swaps each kernel family for pure MLX in turn
 # The 8-layer checkpoints are written in the background by gpu_setup.sh; tasks needing them wait.
 export PYTHONUNBUFFERED=1
 source benchmarks/gpu_setup.sh
@@ -57,6 +60,11 @@ for task in "$@"; do
       timeout 120 python3 benchmarks/step_profile.py --model /tmp/q30 --model /tmp/cn8 2>&1 | tee $OUT/profile.txt
       timeout 90 python3 benchmarks/kernel_timeline.py --model /tmp/q30 --model /tmp/cn8 --top 14 \
         --json $OUT/timeline.json > $OUT/timeline.txt 2>&1; tail -30 $OUT/timeline.txt ;;
+    stream)
+      (cd benchmarks && timeout 120 python3 stream_sync.py --layers 24 --repeats 5 2>&1 | grep -v INFO | tee $OUT/stream_sync.txt) ;;
+    seeds)
+      timeout 300 python3 benchmarks/bf16_seeds.py --seeds 5 --backend cuda $SEEDS_ARGS 2>&1 | grep -v INFO \
+        | tee $OUT/bf16_seeds.txt ;;
     *) echo "unknown task $task (see the top of benchmarks/gpu.sh)"; exit 2 ;;
   esac
 done
