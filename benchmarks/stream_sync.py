@@ -20,10 +20,10 @@ import argparse
 
 import mlx.core as mx
 import numpy as np
-from moe_layer import D, fused_streamed_layer, make_layer
+from moe_layer import D, chained, fused_streamed_layer, make_layer, microseconds_per_layer
 
 from flashmoe import kernels
-from flashmoe.analysis.bench import interleaved, seconds_per_call, spread
+from flashmoe.analysis.bench import spread
 
 
 def unique_upload(host_ids: np.ndarray) -> mx.array:
@@ -46,14 +46,6 @@ def main(argv=None):
     x0 = mx.random.normal((1, D)).astype(mx.bfloat16)
     b = args.backend
 
-    def chain(fn):
-        def run(x):
-            for i in range(args.layers):
-                x = x + fn(x, layers[i % len(layers)])
-            return x
-
-        return run
-
     def round_trip(x, L):
         y = x + 1
         np.array(y[:, :1].astype(mx.float32))
@@ -65,13 +57,8 @@ def main(argv=None):
         "sync, upload": lambda x, L: fused_streamed_layer(x, L, b, local=unique_upload),
         "round trip only": round_trip,
     }
-    samples = interleaved(
-        {
-            name: lambda run=run: 1e6 * seconds_per_call(lambda: run(x0)) / args.layers
-            for name, run in {name: chain(fn) for name, fn in rows.items()}.items()
-        },
-        repeats=args.repeats,
-    )
+    runners = {name: chained(fn, layers, args.layers) for name, fn in rows.items()}
+    samples = microseconds_per_layer(runners, x0, args.layers, args.repeats)
     print(
         f"device {mx.default_device()}, backend {b}, bf16, {args.layers} layers per eval, {args.repeats} repeats"
     )

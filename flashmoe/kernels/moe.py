@@ -333,30 +333,3 @@ def moe_down_reference(
     out = reference.dequant_matvec(h[..., k, :].astype(mx.float32), *shared, bits=bits, group_size=group_size)
     gate = mx.sigmoid(shared_gate.logits[..., shared_gate.column : shared_gate.column + 1].astype(mx.float32))
     return y + gate.astype(h.dtype) * out.astype(h.dtype)  # each op rounded to h's dtype, as mlx-lm's
-
-
-def moe_experts(
-    x,
-    gate,
-    up,
-    down,
-    ids,
-    weights,
-    *,
-    bits: int,
-    group_size: int,
-    backend: str = "auto",
-    residual=None,
-    norm=None,
-    shared=None,
-    shared_gate: SharedGate | None = None,
-) -> mx.array:
-    """The routed experts of one MoE layer for x (..., D) (RMSNorm'd by norm when given) (+ residual):
-    two launches on a GPU. shared: (gate_up, down) of a shared expert, slot K of both launches, added
-    with its gate's sigmoid (`shared_gate`), as moe_gate_up's and moe_down's shared forms take them."""
-    gate_up_shared, down_shared = shared if shared is not None else (None, None)
-    kw = dict(bits=bits, group_size=group_size, backend=backend)
-    h = moe_gate_up(x, gate, up, ids, **kw, norm=norm, shared=gate_up_shared)
-    return moe_down(
-        h, down, ids, weights, **kw, residual=residual, shared=down_shared, shared_gate=shared_gate
-    )

@@ -18,7 +18,7 @@ import mlx.core as mx
 
 from .. import kernels
 from ..errors import FlashMoeError
-from ..kernels.moe import SharedGate, moe_down, moe_experts, route, routed_gate_up
+from ..kernels.moe import SharedGate, moe_down, moe_gate_up, route, routed_gate_up
 from ..timing import timer
 from .args import ModelArgs
 from .fused import FusedForm, SharedSlot, fusable_projections, shared_slot
@@ -83,22 +83,19 @@ def mixed_experts(
     """
     spec = gate_proj.spec
     if experts.size <= FUSED_MAX_SLOTS and fusable_projections(gate_proj, up_proj, down_proj):
+        kw = dict(bits=spec.bits, group_size=spec.group_size, backend=gate_proj.backend)
         slot, gate = shared if shared is not None else (None, None)
-        return moe_experts(
+        h = moe_gate_up(
             x,
             gate_proj.packed,
             up_proj.packed,
-            down_proj.packed,
             experts,
-            weights,
-            bits=spec.bits,
-            group_size=spec.group_size,
-            backend=gate_proj.backend,
-            residual=residual,
+            **kw,
             norm=norm,
-            shared=None if slot is None else (slot.gate_up, slot.down),
-            shared_gate=gate,
+            shared=None if slot is None else slot.gate_up,
         )
+        down = dict(residual=residual, shared=None if slot is None else slot.down, shared_gate=gate)
+        return moe_down(h, down_proj.packed, experts, weights, **kw, **down)
     if shared is not None:
         raise FlashMoeError(f"a shared slot for {experts.size} slots, which the fused kernels do not run")
     x = kernels.rms_norm(x, norm)
@@ -268,10 +265,10 @@ class MoE:
         if norm is not None and (combine is not None or not plain):
             x, norm = kernels.rms_norm(x, norm), None
         last = self.shared_expert is None and combine is None  # nothing follows the routed experts
+        slot = self._live_shared_slot(combine)
         if plain and not timer.enabled and self.experts.routes_itself(x, self.k):
             # a decode token on a GPU: the router's logits go to the experts' first kernel, which
             # routes the token itself (no launch of the routing's own)
-            slot = self._live_shared_slot(combine)
             if slot is not None:  # the shared expert rides in the experts' launches: nothing follows
                 return self._routed_with_shared(x, slot, residual, norm)
             logits = self.gate(x, norm=norm)  # (B, T, E)
@@ -279,10 +276,10 @@ class MoE:
                 x, logits, self.k, self.norm_topk_prob, residual if last else None, norm
             )
             self.last_routing = Routing(logits, ids, weights)
-        elif not timer.enabled and x.size == x.shape[-1] and self._live_shared_slot(combine) is not None:
+        elif slot is not None and not timer.enabled and x.size == x.shape[-1]:
             # a decode token whose experts are streamed (norm applied above): the router's matvec, the
             # routing's launch (the ids go to the host, which reads those experts), the two expert launches
-            return self._streamed_with_shared(x, self.shared_slot, residual)
+            return self._streamed_with_shared(x, slot, residual)
         else:
             routing = self.last_routing = self.route(x, norm)
             timer.mark("routing", routing.experts, routing.weights)

@@ -183,14 +183,14 @@ class StreamedExperts:
             projections = self._load(ids.reshape(-1), ids, first=True)
             local_ids = self._slot_order(ids.shape)
             return mixed_experts(*projections, x, local_ids, weights, residual, shared=shared)
+        if shared is not None:
+            raise FlashMoeError(
+                f"{self.layer.prefix}: a shared slot for {ids.size} slots of {len(unique)} experts"
+            )
         if len(unique) <= self.group_experts:  # a few tokens (K <= the group): one read, one kernel call
             projections = self._load(unique, ids, first=True)
             local_ids = mx.array(local.reshape(ids.shape).astype(np.uint32))  # into the U experts read
-            return mixed_experts(*projections, x, local_ids, weights, residual, shared=shared)
-        if shared is not None:
-            raise FlashMoeError(
-                f"{self.layer.prefix}: a shared slot for {len(unique)} experts read in groups"
-            )
+            return mixed_experts(*projections, x, local_ids, weights, residual)
         y = weighted_sum(self._grouped(x, ids, unique), weights)
         return y if residual is None else residual + y
 

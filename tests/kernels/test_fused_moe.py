@@ -16,6 +16,12 @@ def stack(experts, out_dim, in_dim, bits, group_size, dtype=mx.float32):
     return mx.quantize(w, group_size=group_size, bits=bits)
 
 
+def experts_layer(x, gate, up, down, ids, weights, *, bits, group_size, backend):
+    """A token's experts through the two fused launches: moe_gate_up, then moe_down."""
+    kw = dict(bits=bits, group_size=group_size, backend=backend)
+    return moe.moe_down(moe.moe_gate_up(x, gate, up, ids, **kw), down, ids, weights, **kw)
+
+
 def layer(bits, group_size, dtype, experts=8, d=256, inter=128):
     gate, up = (
         stack(experts, inter, d, bits, group_size, dtype),
@@ -55,8 +61,9 @@ def test_streamed_experts_packed_in_a_buffer(seed):
     x = mx.random.normal((256,))
     packed = [tuple(t[ids] for t in m) for m in (gate, up, down)]
     local = mx.arange(4, dtype=mx.uint32)
-    y = moe.moe_experts(x, *packed, local, weights, bits=4, group_size=64, backend=BACKEND)
-    ref = moe.moe_experts(x, gate, up, down, ids, weights, bits=4, group_size=64, backend="reference")
+    kw = dict(bits=4, group_size=64)
+    y = experts_layer(x, *packed, local, weights, **kw, backend=BACKEND)
+    ref = experts_layer(x, gate, up, down, ids, weights, **kw, backend="reference")
     assert rel_err(y, ref) < 1e-4, f"seed {seed}"
 
 
@@ -69,8 +76,8 @@ def test_bfloat16_coder_next_width(bits, seed):
     down = stack(64, 2048, 512, bits, 64, mx.bfloat16)
     x = mx.random.normal((2048,)).astype(mx.bfloat16)
     ids, weights = moe.route(mx.random.normal((64,)), 10)
-    y = moe.moe_experts(x, gate, up, down, ids, weights, bits=bits, group_size=64, backend=BACKEND)
-    ref = moe.moe_experts(
+    y = experts_layer(x, gate, up, down, ids, weights, bits=bits, group_size=64, backend=BACKEND)
+    ref = experts_layer(
         x.astype(mx.float32),
         gate,
         up,
@@ -96,7 +103,7 @@ def test_route_renormalises_top_k(seed):
 def test_reference_backend_runs_anywhere(seed):
     gate, up, down = layer(4, 64, mx.float32)
     ids = mx.array([0, 7], dtype=mx.uint32)
-    y = moe.moe_experts(
+    y = experts_layer(
         mx.random.normal((256,)),
         gate,
         up,
