@@ -46,7 +46,7 @@ FAMILIES = {
     "matvec": [(kernels, "dequant_matvec", "mlx")],
     "attention": [(attention, "decode_attention", "reference"), (attention, "qk_norm_rope", "reference")],
     "gated_delta": [(gated_delta, "gated_delta_step", "reference")],
-    "moe": [(moe, name, "reference") for name in ("moe_experts", "routed_gate_up", "moe_down", "route")],
+    "moe": [(moe, name, "reference") for name in ("moe_gate_up", "routed_gate_up", "moe_down", "route")],
 }
 
 

@@ -19,6 +19,7 @@
 #   stream   stream_sync.py: the streamed MoE layer taken apart (~40 s)
 #   seeds    bf16_seeds.py: the bf16 distance test over 5 checkpoint seeds per architecture (~30 s);
 #            SEEDS_ARGS="--apart --models qwen3_next" swaps each kernel family for pure MLX in turn
+#   positions bf16_positions.py: the same distances step by step, beside mlx-lm with its prompt fed 1x1
 # The 8-layer checkpoints are written in the background by gpu_setup.sh; tasks needing them wait.
 export PYTHONUNBUFFERED=1
 source benchmarks/gpu_setup.sh
@@ -65,6 +66,9 @@ for task in "$@"; do
     seeds)
       timeout 300 python3 benchmarks/bf16_seeds.py --seeds 5 --backend cuda $SEEDS_ARGS 2>&1 | grep -v INFO \
         | tee $OUT/bf16_seeds.txt ;;
+    positions)
+      timeout 300 python3 benchmarks/bf16_positions.py --seeds 5 --backend cuda 2>&1 | grep -v INFO \
+        | tee $OUT/bf16_positions.txt ;;
     *) echo "unknown task $task (see the top of benchmarks/gpu.sh)"; exit 2 ;;
   esac
 done
