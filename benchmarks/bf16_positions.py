@@ -11,8 +11,11 @@ amplified), the largest over the first 4, and the test's number over all 32, for
     mlx-lm 1x1     mlx-lm again with the prompt fed one token at a time: the same model, the same
                    dtype, only the prompt's matmuls rounded as matvecs; a bf16 path as valid as the first
     flashmoe       the GPU kernels (--backend), the prompt in one call, as the test
+    one rounding   float32 throughout (the reference backend, as the truth) but for one bf16 rounding
+                   of the embedding rows: how far a single rounding at the input carries
 
-How far apart the two mlx-lm rows land says how much of the test's comparison is rounding noise.
+How far apart the two mlx-lm rows land, and how far one rounding carries, say how much of the test's
+comparison is rounding noise grown through the steps.
 
     python benchmarks/bf16_positions.py [--seeds 5] [--backend cuda] [--models qwen3_next,qwen3_5_moe]
 """
@@ -40,7 +43,7 @@ from flashmoe.loader import load_model  # noqa: E402
 from tests.helpers import CONFIGS, write_checkpoint  # noqa: E402
 
 PROMPT = [1, 17, 42, 99, 3]  # as the test
-ROWS = ("mlx-lm", "mlx-lm 1x1", "flashmoe")
+ROWS = ("mlx-lm", "mlx-lm 1x1", "flashmoe", "one rounding")
 
 
 class PromptOneByOne(WithCache):
@@ -49,6 +52,20 @@ class PromptOneByOne(WithCache):
     def __call__(self, tokens: mx.array, cache: list) -> mx.array:
         outs = [self.model(tokens[:, t : t + 1], cache) for t in range(tokens.shape[1])]
         return mx.concatenate(outs, axis=1)
+
+
+class RoundedOnce:
+    """An embedding whose rows come out rounded to bf16 once (and back to the model's dtype)."""
+
+    def __init__(self, embedding):
+        self.embedding = embedding
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        rows = self.embedding(tokens)
+        return rows.astype(mx.bfloat16).astype(rows.dtype)
+
+    def __getattr__(self, name: str):
+        return getattr(self.embedding, name)
 
 
 def per_position(logits: mx.array, truth: mx.array) -> np.ndarray:
@@ -65,12 +82,15 @@ def distances(model_type: str, seed: int, backend: str) -> dict[str, np.ndarray]
         truth = forced_decode_logits(
             load_model(directory, backend="reference", dtype=mx.float32), PROMPT, fed
         )
+        rounded = load_model(directory, backend="reference", dtype=mx.float32)
+        rounded.embed_tokens = RoundedOnce(rounded.embed_tokens)
         return {
             "mlx-lm": per_position(forced_decode_logits(WithCache(reference), PROMPT, fed), truth),
             "mlx-lm 1x1": per_position(forced_decode_logits(PromptOneByOne(reference), PROMPT, fed), truth),
             "flashmoe": per_position(
                 forced_decode_logits(load_model(directory, backend=backend), PROMPT, fed), truth
             ),
+            "one rounding": per_position(forced_decode_logits(rounded, PROMPT, fed), truth),
         }
 
 
