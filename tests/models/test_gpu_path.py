@@ -67,9 +67,10 @@ def test_bfloat16_logits_no_farther_from_float32_than_mlx_lm(model_type, tmp_pat
     (benchmarks/bf16_positions.py, H200): mlx-lm itself, with only its prompt fed one token at a time,
     lands at 0.2694 on this checkpoint, and at 0.0620 for 0.0103 (qwen2_moe seed 4), 0.1137 for 0.0117
     (qwen3_moe seed 2); and one bf16 rounding of the embedding rows in an otherwise float32 model
-    lands at 0.3910 here (this CPU). This number carries rounding noise grown through the cache and the
-    recurrent state larger than the margins it decides. Kept as it is until the team decides (RESULTS.md, session 10);
-    tests/kernels/test_bf16_rounding.py checks the same intent per kernel, where no noise grows."""
+    lands at 0.3910 on this checkpoint (this CPU). This number carries rounding noise grown through the
+    cache and the recurrent state, larger than the margins it decides. Kept as it is until the team
+    decides (RESULTS.md, session 10); tests/kernels/test_bf16_rounding.py checks the same intent per
+    kernel, where no noise grows."""
     directory = write_checkpoint(tmp_path / model_type, model_type)
     reference = mlx_lm_model(directory, dtype=None)
     prompt = [1, 17, 42, 99, 3]
