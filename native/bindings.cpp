@@ -2,7 +2,9 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
+#include "gated_delta.h"
 #include "kernels.h"
 #include "mlx/version.h"
 #include "primitive.h"
@@ -16,7 +18,7 @@ using namespace nb::literals;
 
 NB_MODULE(_flashmoe_native, m) {
   nb::module_::import_("mlx.core");  // registers mlx's array/stream types with nanobind
-  m.doc() = "flashmoe's native CPU kernels: affine 2/4/8-bit dequantizing matvec as an MLX primitive";
+  m.doc() = "flashmoe's native CPU kernels: affine 2/4/8-bit dequantizing matvec and the Gated DeltaNet recurrence as MLX primitives";
   m.attr("mlx_version") =
       FLASHMOE_STR(MLX_VERSION_MAJOR) "." FLASHMOE_STR(MLX_VERSION_MINOR) "." FLASHMOE_STR(MLX_VERSION_PATCH);
   m.def("isa", [] { return std::string(flashmoe_native::best_isa().name); },
@@ -30,4 +32,8 @@ NB_MODULE(_flashmoe_native, m) {
         "indices"_a, "bits"_a, "group_size"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x (..., in) or (..., K, in) float32 against experts indices (..., K) of w (E, out, words) "
         "-> (..., K, out) float32.");
+  m.def("gated_delta_update", &flashmoe_native::gated_delta_update, "q"_a, "k"_a, "v"_a, "g"_a, "beta"_a, "state"_a,
+        nb::kw_only(), "stream"_a = nb::none(),
+        "The Gated DeltaNet recurrence over T tokens, float32 (mx.fast.gated_delta_update's math): q, k "
+        "(B, T, Hk, dk), v (B, T, Hv, dv), g, beta (B, T, Hv), state (B, Hv, dv, dk) -> [y (B, T, Hv, dv), state].");
 }

