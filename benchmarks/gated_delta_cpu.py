@@ -1,12 +1,13 @@
-"""The Gated DeltaNet recurrence on the CPU: the native kernel against mx.fast.gated_delta_update.
+"""The Gated DeltaNet on the CPU: the native recurrence and step against mx.fast.gated_delta_update.
 
     python benchmarks/gated_delta_cpu.py [--model DIR] [--repeats 7] [--tokens 32]
 
 1. The recurrence alone, one decode token at Qwen3-Coder-Next's heads (16 key, 32 value heads of
    128 x 128, float32 state of 2 MiB read and written): median ms per call, spread, GB/s of state.
 2. With --model (a hybrid checkpoint, e.g. `python -m flashmoe.tools.synth --preset qwen3-coder-next
-   --layers 4 --out /tmp/cn4`): greedy decode tok/s of the whole model on the native backend, its
-   linear-attention layers through the native recurrence or through MLX's op, runs interleaved.
+   --layers 4 --out /tmp/cn4`): greedy decode tok/s of the whole model on the native backend, a decode
+   token's linear attention through MLX's ops (mx.fast op), those ops with the native recurrence, or
+   the native step (conv to gated norm in one primitive), runs interleaved.
 """
 
 from __future__ import annotations
@@ -57,29 +58,37 @@ def recurrence_alone(repeats: int) -> None:
 def whole_model(directory: str, repeats: int, tokens: int) -> None:
     model = load_model(directory)
     print(f"\n{directory}: backend {model.report.backend}, {model.report.dtype}")
-    native_recurrence = model_gated_delta.recurrence
-
-    def with_recurrence(fn):
-        def run():
-            model_gated_delta.recurrence = fn
-            try:
-                return greedy_tokens_per_second(model, model.make_cache, [1, 17, 42, 99, 3], tokens)
-            finally:
-                model_gated_delta.recurrence = native_recurrence
-
-        return run
+    layer, native_recurrence = model_gated_delta.GatedDeltaNet, model_gated_delta.recurrence
+    step_runs = layer._native_step_runs
 
     def mlx_op(q, k, v, decay, beta, state, *, backend):
         return gated_delta.recurrence(q, k, v, decay, beta, state, backend="mlx")
 
+    def variant(recurrence, step: bool):
+        def run():
+            model_gated_delta.recurrence = recurrence
+            layer._native_step_runs = step_runs if step else (lambda self, x: False)
+            try:
+                return greedy_tokens_per_second(model, model.make_cache, [1, 17, 42, 99, 3], tokens)
+            finally:
+                model_gated_delta.recurrence, layer._native_step_runs = native_recurrence, step_runs
+
+        return run
+
     rates = interleaved(
-        {"mx.fast op": with_recurrence(mlx_op), "native": with_recurrence(native_recurrence)}, repeats
+        {
+            "mx.fast op": variant(mlx_op, step=False),
+            "native recurrence": variant(native_recurrence, step=False),
+            "native step": variant(native_recurrence, step=True),
+        },
+        repeats,
     )
+    base = sorted(rates["mx.fast op"])[repeats // 2]
     for name, values in rates.items():
         s = sorted(values)
-        print(f"{name:>10}: {s[len(s) // 2]:7.2f} tok/s (min {s[0]:.2f}, max {s[-1]:.2f})")
-    base = sorted(rates["mx.fast op"])[repeats // 2]
-    print(f"native / mx.fast op: {sorted(rates['native'])[repeats // 2] / base:.2f}x (medians)")
+        print(
+            f"{name:>17}: {s[len(s) // 2]:7.2f} tok/s (min {s[0]:.2f}, max {s[-1]:.2f})  {s[len(s) // 2] / base:.2f}x"
+        )
 
 
 def main() -> None:

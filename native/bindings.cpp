@@ -36,4 +36,9 @@ NB_MODULE(_flashmoe_native, m) {
         nb::kw_only(), "stream"_a = nb::none(),
         "The Gated DeltaNet recurrence over T tokens, float32 (mx.fast.gated_delta_update's math): q, k "
         "(B, T, Hk, dk), v (B, T, Hv, dv), g, beta (B, T, Hv), state (B, Hv, dv, dk) -> [y (B, T, Hv, dv), state].");
+  m.def("gated_delta_step", &flashmoe_native::gated_delta_step, "qkv"_a, "conv_state"_a, "conv_w"_a, "z"_a, "b"_a,
+        "a"_a, "A_log"_a, "dt_bias"_a, "norm_w"_a, "state"_a, "key_heads"_a, "qk_eps"_a, "rms_eps"_a, nb::kw_only(),
+        "stream"_a = nb::none(),
+        "One decode token of a Gated DeltaNet layer after its in-projections, float32 (conv, silu, q/k norms, "
+        "gates, the rule, gated RMSNorm) -> [out (B, Hv, dv), state, conv_state].");
 }

@@ -4,6 +4,8 @@
     dequant_matvec(x, w, scales, biases, *, bits, group_size)              x float32 (..., in) -> (..., out)
     gather_dequant_matvec(x, w, scales, biases, indices, *, bits, group_size) -> (..., K, out)
     gated_delta_update(q, k, v, g, beta, state) -> (y, state)      the Gated DeltaNet recurrence, float32
+    gated_delta_step(qkv, conv_state, ..., state, *, key_heads, qk_eps, rms_eps) -> (out, state, conv_state)
+                                            a decode token's Gated DeltaNet after its projections, float32
 
 The extension links against libmlx, whose C++ ABI changes between releases: it is refused
 (available() False, with the reason) unless the runtime mlx is the version it was built against.
@@ -93,3 +95,29 @@ def gated_delta_update(q, k, v, g, beta, state):
     q, k (B, T, Hk, dk), v (B, T, Hv, dv), g, beta (B, T, Hv), state (B, Hv, dv, dk) -> (y (B, T, Hv, dv), state)."""
     y, new_state = _require().gated_delta_update(q, k, v, g, beta, state, stream=mx.cpu)
     return y, new_state
+
+
+def gated_delta_step(
+    qkv, conv_state, conv_w, z, b, a, A_log, dt_bias, norm_w, state, *, key_heads, qk_eps, rms_eps
+):
+    """One decode token of a Gated DeltaNet layer after its in-projections, float32, in one primitive
+    (kernels.gated_delta.reference's math): qkv (B, C), conv_state (B, W-1, C), conv_w (W, C), z (B, H_v, d_v),
+    b, a (B, H_v), A_log, dt_bias (H_v,), norm_w (d_v,), state (B, H_v, d_v, d_k) -> (out (B, H_v, d_v), state,
+    conv_state)."""
+    out, new_state, conv = _require().gated_delta_step(
+        qkv,
+        conv_state,
+        conv_w,
+        z,
+        b,
+        a,
+        A_log,
+        dt_bias,
+        norm_w,
+        state,
+        key_heads,
+        qk_eps,
+        rms_eps,
+        stream=mx.cpu,
+    )
+    return out, new_state, conv

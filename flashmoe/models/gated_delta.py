@@ -18,6 +18,7 @@ import mlx.core as mx
 
 from .. import kernels
 from ..errors import FlashMoeError
+from ..kernels import native
 from ..kernels.gated_delta import QK_L2_EPS, gated_delta_step, recurrence, split_key_heads
 from .args import ModelArgs
 from .cache import LinearAttentionCache
@@ -67,6 +68,8 @@ class GatedDeltaNet:
         B, T, _ = x.shape
         if T == 1 and cache is not None and self.backend in kernels.GPU_BACKENDS:
             return self.out_proj(self._fused_step(x, cache, norm), residual)
+        if T == 1 and cache is not None and self._native_step_runs(x):
+            return self.out_proj(self._native_step(x, cache, norm), residual)
         x = kernels.rms_norm(x, norm)
         qkv, z, b, a = self._project(x)  # (B, T, C), (B, T, H_v, d_v), (B, T, H_v) x2
         conv = silu(self._conv(qkv, cache))  # (B, T, C)
@@ -136,6 +139,39 @@ class GatedDeltaNet:
         )
         cache.offset += 1
         return out  # (B, 1, H_v * d_v)
+
+    def _native_step_runs(self, x: mx.array) -> bool:
+        """The native backend computing in float32 with a build that has the step kernel."""
+        return self.backend == "native" and x.dtype == mx.float32 and native.has("gated_delta_step")
+
+    def _native_step(self, x: mx.array, cache: LinearAttentionCache, norm: Norm | None = None) -> mx.array:
+        """One decode token after the projections in one native CPU primitive (the same math as the lines
+        of __call__, kernels.gated_delta.reference's): (B, 1, D) -> (B, 1, H_v * d_v)."""
+        B = x.shape[0]
+        qkv, z, b, a = self._project(kernels.rms_norm(x, norm))  # (B, 1, C), (B, 1, H_v, d_v), (B, 1, H_v) x2
+        past = (
+            cache.conv if cache.conv is not None else mx.zeros((B, self.width - 1, self.conv_dim), mx.float32)
+        )
+        state = cache.state_
+        if state is None:
+            state = mx.zeros((B, self.n_v, self.d_v, self.d_k), dtype=mx.float32)
+        out, cache.state_, cache.conv = native.gated_delta_step(
+            qkv[:, 0],
+            past,
+            self.conv_weight,
+            z[:, 0],
+            b[:, 0],
+            a[:, 0],
+            self.A_log.astype(mx.float32),
+            self.dt_bias.astype(mx.float32),
+            self.norm,
+            state,
+            key_heads=self.n_k,
+            qk_eps=QK_L2_EPS,
+            rms_eps=self.eps,
+        )
+        cache.offset += 1
+        return out.reshape(B, 1, -1)
 
     def _project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
         """qkv in conv-channel order [q | k | v], z per value head, b and a per value head."""

@@ -1,5 +1,6 @@
-"""The native Gated DeltaNet recurrence (_flashmoe_native.gated_delta_update) against the rule in float64
-numpy and against mx.fast.gated_delta_update, the op it stands in for on the native backend."""
+"""The native Gated DeltaNet kernels: the recurrence (gated_delta_update) against the rule in float64 numpy
+and against mx.fast.gated_delta_update, the op it stands in for; the decode step (gated_delta_step)
+against kernels.gated_delta.reference, the model's pure-MLX lines."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from flashmoe.kernels import gated_delta, native
 from tests.helpers import rel_err
+from tests.kernels import test_gated_delta_kernel
 
 pytestmark = pytest.mark.skipif(
     not native.available(), reason=f"native CPU kernels not built here: {native.why_unavailable()}"
@@ -104,3 +106,34 @@ def test_bad_inputs_say_what_was_expected(change, message):
     args = dict(zip(("q", "k", "v", "g", "beta", "state"), case(1, 2, 2, 4, 32, 16)))
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         native.gated_delta_update(**change(args))
+
+
+# --- the whole decode step after the projections (native.gated_delta_step) -------------------------
+
+STEP_NAMES = ("qkv", "conv_state", "conv_w", "z", "b", "a", "A_log", "dt_bias", "norm_w", "state")
+
+
+@pytest.mark.parametrize(
+    "heads", [(1, 16, 32, 128, 128), (2, 2, 4, 64, 32), (3, 3, 3, 20, 8)], ids=["coder-next", "gqa", "odd"]
+)
+def test_step_matches_the_reference_step(heads, seed):
+    """conv, silu, q/k norms, gates, the rule and the gated RMSNorm in one primitive against
+    kernels.gated_delta.reference (the model's pure-MLX lines), two steps chained."""
+    B, n_k, n_v, d_k, d_v = heads
+    args = test_gated_delta_kernel.inputs(B, n_k, n_v, d_k, d_v, 4, mx.float32)
+    dims = dict(n_k=n_k, n_v=n_v, d_k=d_k, d_v=d_v, rms_eps=1e-6)
+    for _ in range(2):
+        got = native.gated_delta_step(
+            *(args[k] for k in STEP_NAMES), key_heads=n_k, qk_eps=gated_delta.QK_L2_EPS, rms_eps=1e-6
+        )
+        want = gated_delta.reference(**args, **dims)
+        errs = [rel_err(g, w) for g, w in zip(got, want)]
+        assert max(errs) < 1e-5, f"out / state / conv rel err {errs} (seed {seed})"
+        args = dict(args, state=got[1], conv_state=got[2], qkv=mx.random.normal(args["qkv"].shape))
+
+
+def test_step_names_the_input_that_does_not_fit():
+    args = test_gated_delta_kernel.inputs(1, 2, 4, 32, 16, 4, mx.float32)
+    args["z"] = args["z"][:, :3]
+    with pytest.raises(ValueError, match=r"gated_delta_step: z must be \(1, 4, 16\) .* got \(1, 3, 16\)"):
+        native.gated_delta_step(*(args[k] for k in STEP_NAMES), key_heads=2, qk_eps=1e-6, rms_eps=1e-6)
