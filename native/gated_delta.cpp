@@ -148,15 +148,22 @@ void step(const StepDims& d, const std::vector<mx::array>& in, float* out, float
   }
 }
 
-}  // namespace
-
-void GatedDeltaStep::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  auto& encoder = mx::cpu::get_command_encoder(stream());
+// The stream's CPU encoder with the inputs registered and the outputs allocated and registered.
+mx::cpu::CommandEncoder& encoder_for(mx::Stream stream, const std::vector<mx::array>& inputs,
+                                     std::vector<mx::array>& outputs) {
+  auto& encoder = mx::cpu::get_command_encoder(stream);
   for (const auto& a : inputs) encoder.set_input_array(a);
   for (auto& o : outputs) {
     o.set_data(mx::allocator::malloc(o.nbytes()));
     encoder.set_output_array(o);
   }
+  return encoder;
+}
+
+}  // namespace
+
+void GatedDeltaStep::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& encoder = encoder_for(stream(), inputs, outputs);
   const auto &qkv = inputs[0], &conv_w = inputs[2], &z = inputs[3];
   StepDims d{qkv.shape(0), conv_w.shape(0), qkv.shape(1), key_heads_, z.shape(1), 0, z.shape(2), qk_eps_, rms_eps_};
   d.dk = (d.C - d.Hv * d.dv) / (2 * d.Hk);
@@ -178,12 +185,7 @@ bool GatedDeltaStep::is_equivalent(const mx::Primitive& other) const {
 }
 
 void GatedDeltaUpdate::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (const auto& a : inputs) encoder.set_input_array(a);
-  for (auto& o : outputs) {
-    o.set_data(mx::allocator::malloc(o.nbytes()));
-    encoder.set_output_array(o);
-  }
+  auto& encoder = encoder_for(stream(), inputs, outputs);
   const auto& v = inputs[2];
   Dims d{v.shape(0), v.shape(1), inputs[0].shape(2), v.shape(2), inputs[0].shape(3), v.shape(3)};
   encoder.dispatch([d, inputs = std::vector<mx::array>(inputs), y = mx::array::unsafe_weak_copy(outputs[0]),
