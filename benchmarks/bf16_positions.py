@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -32,17 +31,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flashmoe.analysis.parity import (  # noqa: E402
-    WithCache,
-    forced_decode_logits,
-    greedy_tokens,
-    mlx_lm_cache,
-    mlx_lm_model,
-)
-from flashmoe.loader import load_model  # noqa: E402
-from tests.helpers import CONFIGS, write_checkpoint  # noqa: E402
+from bf16_seeds import PROMPT, checkpoint_case  # noqa: E402 (this directory, first on sys.path)
 
-PROMPT = [1, 17, 42, 99, 3]  # as the test
+from flashmoe.analysis.parity import WithCache, forced_decode_logits  # noqa: E402
+from flashmoe.loader import load_model  # noqa: E402
+from tests.helpers import CONFIGS  # noqa: E402
+
 ROWS = ("mlx-lm", "mlx-lm 1x1", "flashmoe", "one rounding")
 
 
@@ -75,13 +69,7 @@ def per_position(logits: mx.array, truth: mx.array) -> np.ndarray:
 
 
 def distances(model_type: str, seed: int, backend: str) -> dict[str, np.ndarray]:
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = write_checkpoint(Path(tmp) / model_type, model_type, seed=seed)
-        reference = mlx_lm_model(directory, dtype=None)
-        fed = greedy_tokens(reference, mlx_lm_cache(reference), PROMPT, 32)[:-1]
-        truth = forced_decode_logits(
-            load_model(directory, backend="reference", dtype=mx.float32), PROMPT, fed
-        )
+    with checkpoint_case(model_type, seed) as (directory, reference, fed, truth):
         rounded = load_model(directory, backend="reference", dtype=mx.float32)
         rounded.embed_tokens = RoundedOnce(rounded.embed_tokens)
         return {

@@ -72,9 +72,11 @@ def pure_mlx(family: str):
             setattr(module, name, fn)
 
 
-def distances(model_type: str, seed: int, backend: str, apart: bool = False) -> dict[str, float]:
-    """bf16 distances from float32 on the checkpoint of `seed`: mlx-lm's, flashmoe's, and with --apart
-    flashmoe's with each kernel family in its pure-MLX form."""
+@contextmanager
+def checkpoint_case(model_type: str, seed: int):
+    """The test's setup on the checkpoint of `seed` (deleted after): (directory, mlx-lm's model in the
+    checkpoint's bf16, mlx-lm's 31 greedy tokens fed after PROMPT, float32 logits of the reference
+    backend on them)."""
     with tempfile.TemporaryDirectory() as tmp:
         directory = write_checkpoint(Path(tmp) / model_type, model_type, seed=seed)
         reference = mlx_lm_model(directory, dtype=None)
@@ -82,6 +84,13 @@ def distances(model_type: str, seed: int, backend: str, apart: bool = False) -> 
         truth = forced_decode_logits(
             load_model(directory, backend="reference", dtype=mx.float32), PROMPT, fed
         )
+        yield directory, reference, fed, truth
+
+
+def distances(model_type: str, seed: int, backend: str, apart: bool = False) -> dict[str, float]:
+    """bf16 distances from float32 on the checkpoint of `seed`: mlx-lm's, flashmoe's, and with --apart
+    flashmoe's with each kernel family in its pure-MLX form."""
+    with checkpoint_case(model_type, seed) as (directory, reference, fed, truth):
         out = {"mlx-lm": rel_err(forced_decode_logits(WithCache(reference), PROMPT, fed), truth)}
         out["flashmoe"] = rel_err(
             forced_decode_logits(load_model(directory, backend=backend), PROMPT, fed), truth

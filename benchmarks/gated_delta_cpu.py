@@ -3,7 +3,8 @@
     python benchmarks/gated_delta_cpu.py [--model DIR] [--repeats 7] [--tokens 32]
 
 1. The recurrence alone, one decode token at Qwen3-Coder-Next's heads (16 key, 32 value heads of
-   128 x 128, float32 state of 2 MiB read and written): median ms per call, spread, GB/s of state.
+   128 x 128, float32 state of 2 MiB read and written): median ms per call, spread, GB/s of state;
+   then the whole decode step after the projections, native kernel against MLX's ops.
 2. With --model (a hybrid checkpoint, e.g. `python -m flashmoe.tools.synth --preset qwen3-coder-next
    --layers 4 --out /tmp/cn4`): greedy decode tok/s of the whole model on the native backend, a decode
    token's linear attention through MLX's ops (mx.fast op), those ops with the native recurrence, or
@@ -55,11 +56,42 @@ def recurrence_alone(repeats: int) -> None:
         print(f"  {name}: {state_bytes / (median * 1e-3) / 1e9:.1f} GB/s of state")
 
 
+def step_alone(repeats: int) -> None:
+    """A decode token's whole layer after its projections: the native kernel against the same math in
+    MLX's ops (kernels.gated_delta.reference, what the model's lines compute)."""
+    r, W, C = mx.random, 4, 2 * HK * DK + HV * DV
+    args = dict(
+        qkv=r.normal((B, C)),
+        conv_state=r.normal((B, W - 1, C)),
+        conv_w=0.5 * r.normal((W, C)),
+        z=r.normal((B, HV, DV)),
+        b=r.normal((B, HV)),
+        a=r.normal((B, HV)),
+        A_log=r.uniform(-1, 1, (HV,)),
+        dt_bias=r.normal((HV,)),
+        norm_w=1 + 0.1 * r.normal((DV,)),
+        state=0.1 * r.normal((B, HV, DV, DK)),
+    )
+    mx.eval(args)
+    dims = dict(n_k=HK, n_v=HV, d_k=DK, d_v=DV, rms_eps=1e-6)
+    step = dict(dims, backend="native")
+    samples = interleaved(
+        {
+            "MLX ops": lambda: seconds_per_call(lambda: gated_delta.reference(**args, **dims), number=20),
+            "native step": lambda: seconds_per_call(
+                lambda: gated_delta.gated_delta_step(**args, **step), number=20
+            ),
+        },
+        repeats=repeats,
+    )
+    print("\nthe decode step alone (conv to gated norm), same heads, float32:")
+    print_speedups({name: [1e3 * s for s in values] for name, values in samples.items()}, "MLX ops", "ms")
+
+
 def whole_model(directory: str, repeats: int, tokens: int) -> None:
     model = load_model(directory)
     print(f"\n{directory}: backend {model.report.backend}, {model.report.dtype}")
-    layer, native_recurrence = model_gated_delta.GatedDeltaNet, model_gated_delta.recurrence
-    step_runs = layer._native_step_runs
+    native_recurrence, step_runs = model_gated_delta.recurrence, model_gated_delta.native_step_runs
 
     def mlx_op(q, k, v, decay, beta, state, *, backend):
         return gated_delta.recurrence(q, k, v, decay, beta, state, backend="mlx")
@@ -67,11 +99,14 @@ def whole_model(directory: str, repeats: int, tokens: int) -> None:
     def variant(recurrence, step: bool):
         def run():
             model_gated_delta.recurrence = recurrence
-            layer._native_step_runs = step_runs if step else (lambda self, x: False)
+            model_gated_delta.native_step_runs = step_runs if step else (lambda backend, dtype: False)
             try:
                 return greedy_tokens_per_second(model, model.make_cache, [1, 17, 42, 99, 3], tokens)
             finally:
-                model_gated_delta.recurrence, layer._native_step_runs = native_recurrence, step_runs
+                model_gated_delta.recurrence, model_gated_delta.native_step_runs = (
+                    native_recurrence,
+                    step_runs,
+                )
 
         return run
 
@@ -101,6 +136,7 @@ def main() -> None:
         sys.exit(f"native kernels unavailable: {native.why_unavailable()}")
     print(f"mlx {mx.__version__}, {mx.default_device()}, native {native.info()}")
     recurrence_alone(args.repeats)
+    step_alone(args.repeats)
     if args.model:
         whole_model(args.model, args.repeats, args.tokens)
 

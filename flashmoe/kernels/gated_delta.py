@@ -16,6 +16,10 @@ below is that path in pure MLX.
 key_heads=True takes qwen3_next's projections as they come (split_key_heads' inputs): qkv = z =
 qkvz (B, n_k * (2 d_k + 2 r d_v)) and b = a = ba (B, n_k * 2 r), r = n_v / n_k; the kernel reads
 each value where it lies instead of copies splitting them first.
+
+Backends: metal and cuda run src/gated_delta_step.inc; native runs the C++ kernel of the
+_flashmoe_native extension (float32: native.gated_delta_step), and any other backend reference(),
+both on the inputs split as reference() takes them.
 """
 
 from __future__ import annotations
@@ -68,33 +72,25 @@ def gated_delta_step(
     where sequence b's values start (b * row + offset) in a larger array given as that input (the
     projections' stacked output, passed as all four: no slices made). flat: out as (B, 1, HV * DV),
     as out_proj takes it, instead of (B, HV, DV)."""
-    backend = fused_backend(backend)
-    if backend == "reference":
+    if native_step_runs(backend, qkv.dtype):
+        cpu_step = _native_step
+    else:
+        cpu_step = reference if fused_backend(backend) == "reference" else None
+    if cpu_step is not None:  # the inputs split as reference() takes them, then one CPU kernel or MLX's ops
         if layout is not None:
             qkv, z, b, a = _unstack(qkv, layout, n_k, n_v, d_k, d_v, key_heads)
         else:  # each its own array, maybe with a token axis (B, 1, ...): the shapes reference() takes
             B = conv_state.shape[0]
             qkv, b, a = (t.reshape(B, -1) for t in (qkv, b, a))
             z = z.reshape(B, -1) if key_heads else z.reshape(B, n_v, d_v)
-        out, new_state, new_conv = _reference_step(
-            qkv,
-            conv_state,
-            conv_w,
-            z,
-            b,
-            a,
-            A_log,
-            dt_bias,
-            norm_w,
-            state,
-            n_k,
-            n_v,
-            d_k,
-            d_v,
-            rms_eps,
-            key_heads,
+        if key_heads:  # qwen3_next's layout split first
+            qkv, z, b, a = (t[:, 0] for t in split_key_heads(qkv[:, None], b[:, None], n_k, n_v, d_k, d_v))
+        dims = dict(n_k=n_k, n_v=n_v, d_k=d_k, d_v=d_v, rms_eps=rms_eps)
+        out, new_state, new_conv = cpu_step(
+            qkv, conv_state, conv_w, z, b, a, A_log, dt_bias, norm_w, state, **dims
         )
         return (out.reshape(out.shape[0], 1, -1) if flat else out), new_state, new_conv
+    backend = fused_backend(backend)
     B = conv_state.shape[0]
     W = conv_w.shape[0]
     rows = layout or tuple((t.size // B, 0) for t in (qkv, z, b, a))
@@ -147,14 +143,31 @@ def _unstack(stacked, layout, n_k, n_v, d_k, d_v, key_heads) -> tuple:
     return tuple(parts)
 
 
-def _reference_step(
-    qkv, conv_state, conv_w, z, b, a, A_log, dt_bias, norm_w, state, n_k, n_v, d_k, d_v, rms_eps, key_heads
+def native_step_runs(backend: str, dtype: mx.Dtype) -> bool:
+    """Whether gated_delta_step runs on `backend` as the native CPU kernel: the native backend computing
+    in float32, with a build that has the kernel."""
+    return backend == "native" and dtype == mx.float32 and native.has("gated_delta_step")
+
+
+def _native_step(
+    qkv, conv_state, conv_w, z, b, a, A_log, dt_bias, norm_w, state, *, n_k, n_v, d_k, d_v, rms_eps
 ):
-    """reference() for gated_delta_step's arguments (key_heads: qwen3_next's layout split first)."""
-    if key_heads:
-        qkv, z, b, a = (t[:, 0] for t in split_key_heads(qkv[:, None], b[:, None], n_k, n_v, d_k, d_v))
-    dims = dict(n_k=n_k, n_v=n_v, d_k=d_k, d_v=d_v, rms_eps=rms_eps)
-    return reference(qkv, conv_state, conv_w, z, b, a, A_log, dt_bias, norm_w, state, **dims)
+    """reference()'s arguments through the native CPU kernel (float32; A_log, dt_bias as stored, cast)."""
+    return native.gated_delta_step(
+        qkv,
+        conv_state,
+        conv_w,
+        z,
+        b,
+        a,
+        A_log.astype(mx.float32),
+        dt_bias.astype(mx.float32),
+        norm_w,
+        state,
+        key_heads=n_k,
+        qk_eps=QK_L2_EPS,
+        rms_eps=rms_eps,
+    )
 
 
 def recurrence(q, k, v, decay, beta, state, *, backend: str):

@@ -18,8 +18,7 @@ import mlx.core as mx
 
 from .. import kernels
 from ..errors import FlashMoeError
-from ..kernels import native
-from ..kernels.gated_delta import QK_L2_EPS, gated_delta_step, recurrence, split_key_heads
+from ..kernels.gated_delta import QK_L2_EPS, gated_delta_step, native_step_runs, recurrence, split_key_heads
 from .args import ModelArgs
 from .cache import LinearAttentionCache
 from .layers import Norm, Projections, silu
@@ -41,7 +40,7 @@ class GatedDeltaNet:
         self.conv_dim = 2 * self.key_dim + self.value_dim  # C
         self.width = args.linear_conv_kernel_dim  # W
         self.eps = args.rms_norm_eps
-        self.backend = store.backend  # a GPU backend runs a decode token through one fused kernel
+        self.backend = store.backend  # a GPU (or native, float32) backend: a decode token in one kernel
 
         self.split = args.arch.split_in_proj
         names = ("qkv", "z", "b", "a") if self.split else ("qkvz", "ba")
@@ -66,10 +65,9 @@ class GatedDeltaNet:
         decode token's in_proj kernel applies as it reads x) -> the mixer's output (B, T, D), plus
         `residual` (added by out_proj) when given."""
         B, T, _ = x.shape
-        if T == 1 and cache is not None and self.backend in kernels.GPU_BACKENDS:
+        one_step = self.backend in kernels.GPU_BACKENDS or native_step_runs(self.backend, x.dtype)
+        if T == 1 and cache is not None and one_step:
             return self.out_proj(self._fused_step(x, cache, norm), residual)
-        if T == 1 and cache is not None and self._native_step_runs(x):
-            return self.out_proj(self._native_step(x, cache, norm), residual)
         x = kernels.rms_norm(x, norm)
         qkv, z, b, a = self._project(x)  # (B, T, C), (B, T, H_v, d_v), (B, T, H_v) x2
         conv = silu(self._conv(qkv, cache))  # (B, T, C)
@@ -93,7 +91,8 @@ class GatedDeltaNet:
         return self.out_proj(out.reshape(B, T, -1), residual)  # (B, T, H_v * d_v) -> (B, T, D)
 
     def _fused_step(self, x: mx.array, cache: LinearAttentionCache, norm: Norm | None = None) -> mx.array:
-        """One decode token in one launch (kernels.gated_delta): conv, gating, state update, gated norm.
+        """One decode token in one launch (kernels.gated_delta, a GPU's or the native CPU kernel): conv,
+        gating, state update, gated norm.
 
         The same math as the lines of __call__ (its reference is that path); returns (B, 1, H_v * d_v).
         The projections go in as they come out: their stacked output (one array the kernel reads at
@@ -139,39 +138,6 @@ class GatedDeltaNet:
         )
         cache.offset += 1
         return out  # (B, 1, H_v * d_v)
-
-    def _native_step_runs(self, x: mx.array) -> bool:
-        """The native backend computing in float32 with a build that has the step kernel."""
-        return self.backend == "native" and x.dtype == mx.float32 and native.has("gated_delta_step")
-
-    def _native_step(self, x: mx.array, cache: LinearAttentionCache, norm: Norm | None = None) -> mx.array:
-        """One decode token after the projections in one native CPU primitive (the same math as the lines
-        of __call__, kernels.gated_delta.reference's): (B, 1, D) -> (B, 1, H_v * d_v)."""
-        B = x.shape[0]
-        qkv, z, b, a = self._project(kernels.rms_norm(x, norm))  # (B, 1, C), (B, 1, H_v, d_v), (B, 1, H_v) x2
-        past = (
-            cache.conv if cache.conv is not None else mx.zeros((B, self.width - 1, self.conv_dim), mx.float32)
-        )
-        state = cache.state_
-        if state is None:
-            state = mx.zeros((B, self.n_v, self.d_v, self.d_k), dtype=mx.float32)
-        out, cache.state_, cache.conv = native.gated_delta_step(
-            qkv[:, 0],
-            past,
-            self.conv_weight,
-            z[:, 0],
-            b[:, 0],
-            a[:, 0],
-            self.A_log.astype(mx.float32),
-            self.dt_bias.astype(mx.float32),
-            self.norm,
-            state,
-            key_heads=self.n_k,
-            qk_eps=QK_L2_EPS,
-            rms_eps=self.eps,
-        )
-        cache.offset += 1
-        return out.reshape(B, 1, -1)
 
     def _project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
         """qkv in conv-channel order [q | k | v], z per value head, b and a per value head."""

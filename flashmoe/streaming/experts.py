@@ -31,7 +31,6 @@ from ..models.layers import ExpertLinear
 from ..models.moe import mixed_experts, switch_mlp, weighted_sum
 from ..models.store import TensorStore
 from ..quant import QuantSpec, TensorInfo
-from ..safetensors import MLX_DTYPES
 from ..timing import timer
 from .layout import ExpertLayout, LayerExperts, is_expert_tensor, open_layout
 from .reader import NUMPY_DTYPES, ExpertReader
@@ -161,10 +160,9 @@ class StreamedExperts:
             or "gate_proj.scales" not in pieces
         ):
             return None
-        stored = {name: dtype for dtype, name in MLX_DTYPES.items()}[pieces["gate_proj.scales"].dtype]
-        scales_dtype = self.dtype if mx.issubdtype(stored, mx.floating) else stored  # as _load gives them
+        # scales in the compute dtype: _load casts them so
         return FusedForm(
-            self.specs[0], pieces["gate_proj.weight"].shape, pieces["down_proj.weight"].shape, scales_dtype
+            self.specs[0], pieces["gate_proj.weight"].shape, pieces["down_proj.weight"].shape, self.dtype
         )
 
     def __call__(

@@ -137,3 +137,31 @@ def test_step_names_the_input_that_does_not_fit():
     args["z"] = args["z"][:, :3]
     with pytest.raises(ValueError, match=r"gated_delta_step: z must be \(1, 4, 16\) .* got \(1, 3, 16\)"):
         native.gated_delta_step(*(args[k] for k in STEP_NAMES), key_heads=2, qk_eps=1e-6, rms_eps=1e-6)
+
+
+@pytest.mark.parametrize("form", ["split", "key heads", "stacked"])
+def test_gated_delta_step_takes_the_native_kernel_in_every_input_form(form, monkeypatch, seed):
+    """kernels.gated_delta.gated_delta_step on the native backend: the inputs as the model gives them
+    (qwen3_5's split projections, qwen3_next's key-head layout, one stacked row read by layout) go
+    through the native kernel and give the reference backend's answer."""
+    n_k, n_v, d_k, d_v = 2, 4, 32, 16
+    args = test_gated_delta_kernel.inputs(2, n_k, n_v, d_k, d_v, 4, mx.float32)
+    dims = dict(n_k=n_k, n_v=n_v, d_k=d_k, d_v=d_v, rms_eps=1e-6)
+    extra = {}
+    if form == "key heads":
+        args = test_gated_delta_kernel.key_head_inputs(args, n_k, n_v, d_k, d_v)[0]
+        extra = dict(key_heads=True)
+    elif form == "stacked":
+        parts = [args["qkv"], args["z"].reshape(2, -1), args["b"], args["a"]]
+        row = mx.concatenate(parts, axis=-1)  # (B, C + H_v d_v + 2 H_v), as a stacked in_proj gives
+        starts = [0, *np.cumsum([p.shape[-1] for p in parts[:-1]]).tolist()]
+        args = dict(args, qkv=row, z=row, b=row, a=row)
+        extra = dict(layout=tuple((row.shape[-1], at) for at in starts))
+    calls = []
+    kernel = native.gated_delta_step
+    monkeypatch.setattr(native, "gated_delta_step", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    got = gated_delta.gated_delta_step(**args, **dims, **extra, backend="native")
+    want = gated_delta.gated_delta_step(**args, **dims, **extra, backend="reference")
+    assert calls == [1]
+    errs = [rel_err(g, w) for g, w in zip(got, want)]
+    assert max(errs) < 1e-5, f"out / state / conv rel err {errs} (seed {seed})"
